@@ -1,0 +1,30 @@
+# Two entry points: `make demo` and `make test`. Each does all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup fixtures clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first, so that nothing below pulls the CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+fixtures: $(STAMP)
+	$(BIN)/compress fixtures
+
+demo: fixtures
+	$(BIN)/compress run recipes/minilm-sentiment-int8-dynamic.yaml \
+		--model $${COMPRESS_HOME:-$$HOME/.cache/compress}/models/minilm-sentiment --out runs/demo
+
+test: fixtures
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

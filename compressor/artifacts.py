@@ -1,0 +1,78 @@
+"""The typed things that flow between stages: a torch (Hugging Face) model or an ONNX model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+ArtifactKind = Literal["torch", "onnx"]
+
+
+def digest_files(paths: list[Path]) -> str:
+    """sha256 over file names and contents, in name order, so equal folders give equal digests."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def files_size_mb(paths: list[Path]) -> float:
+    return sum(p.stat().st_size for p in paths) / 1e6
+
+
+@dataclass
+class TorchModel:
+    """A Hugging Face checkpoint folder, optionally with in-memory transforms applied on load.
+
+    `transforms` records deterministic, re-playable changes (e.g. torch dynamic int8) that cannot
+    be stored in safetensors; the saved folder carries them in `compress_transforms.json`.
+    """
+
+    kind: ClassVar[ArtifactKind] = "torch"
+    path: Path
+    task: str
+    transforms: list[dict] = field(default_factory=list)
+    module: Optional[Any] = None  # the loaded nn.Module when a stage produced it in memory
+
+    def weight_files(self) -> list[Path]:
+        return sorted(self.path.glob("*.safetensors"))
+
+    def digest(self) -> str:
+        files = self.weight_files() + [self.path / "config.json"]
+        if not self.transforms:
+            return digest_files(files)
+        transforms = json.dumps(self.transforms, sort_keys=True).encode()
+        return hashlib.sha256(digest_files(files).encode() + transforms).hexdigest()
+
+
+@dataclass
+class OnnxModel:
+    """An ONNX file plus the folder holding its tokenizer and config."""
+
+    kind: ClassVar[ArtifactKind] = "onnx"
+    path: Path
+    task: str
+    with_past: bool = False
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def files(self) -> list[Path]:
+        """The graph and its external-data files, if any."""
+        return [self.path] + sorted(self.folder.glob(self.path.name + "?data*"))
+
+    def digest(self) -> str:
+        return digest_files(self.files())
+
+    def size_mb(self) -> float:
+        return files_size_mb(self.files())
+
+
+Artifact = TorchModel | OnnxModel

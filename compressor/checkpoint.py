@@ -1,0 +1,103 @@
+"""Opening a Hugging Face checkpoint folder safely: checked files, safetensors only unless told otherwise."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .artifacts import TorchModel
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
+TRANSFORMS_FILE = "compress_transforms.json"
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header of each weight file, so a truncated or corrupt file is named before loading."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise UserError(f"{path}: not a readable safetensors file ({exc}); re-save or re-download it") from None
+
+
+def inspect_checkpoint(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Validate a checkpoint folder without loading it; return its resolved path."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise UserError(f"{folder}: checkpoint not found (give a local Hugging Face model folder with --model)")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: a checkpoint is a folder with config.json and *.safetensors, not a file")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(f"{config}: missing; is {folder} a Hugging Face model folder?")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    weights = sorted(folder.glob("*.safetensors"))
+    if weights:
+        for weight in weights:
+            _check_safetensors(weight)
+        return folder.resolve()
+    pickled = [folder / name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+    if pickled and not allow_pickle:
+        raise UserError(f"{pickled[0]}: pickle-based weights can run arbitrary code when loaded; convert the "
+                        "checkpoint to safetensors, or pass --allow-pickle if you trust its source")
+    if not pickled:
+        raise UserError(f"{folder}: no weights found (expected model.safetensors or sharded *.safetensors)")
+    log.warning("loading pickle-based weights from %s because --allow-pickle was given", pickled[0])
+    return folder.resolve()
+
+
+def model_class(task: str):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return {"text-classification": AutoModelForSequenceClassification,
+            "feature-extraction": AutoModel,
+            "text-generation": AutoModelForCausalLM}[task]
+
+
+def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Load (or reuse) the nn.Module for a TorchModel, in eval mode, with its transforms applied."""
+    if artifact.module is not None:
+        return artifact.module
+    import torch
+
+    inspect_checkpoint(artifact.path, allow_pickle)
+    use_safetensors = any(artifact.path.glob("*.safetensors"))
+    try:
+        module = model_class(artifact.task).from_pretrained(
+            artifact.path, dtype=torch.float32, use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{artifact.path}: transformers could not load it as a {artifact.task} model: {exc}") from None
+    module.eval()
+    transforms = list(artifact.transforms)
+    transforms_file = artifact.path / TRANSFORMS_FILE
+    if transforms_file.exists() and not transforms:
+        transforms = json.loads(transforms_file.read_text()).get("transforms", [])
+    for name in transforms:
+        from .stages.quantize import apply_torch_transform
+
+        module = apply_torch_transform(module, name)
+    artifact.module = module
+    artifact.transforms = transforms
+    return module
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder}: no usable tokenizer ({exc})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

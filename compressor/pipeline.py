@@ -1,0 +1,188 @@
+"""plan() checks a recipe's chain before heavy work; run() executes it, evaluates, benchmarks and gates."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .artifacts import Artifact, ArtifactKind, OnnxModel, TorchModel, files_size_mb
+from .errors import BackendMissing, UserError
+from .progress import Progress, Silent
+from .recipe import Recipe
+from .stages import REGISTRY, Stage, StageContext
+
+log = logging.getLogger(__name__)
+
+HINTS = {("torch", "onnx"): "add an export_onnx stage before it",
+         ("onnx", "torch"): "move it before export_onnx"}
+
+
+@dataclass
+class PlannedStage:
+    index: int
+    stage: Stage
+    config: Any
+    input_kind: ArtifactKind
+    output_kind: ArtifactKind
+
+
+def plan(recipe: Recipe) -> list[PlannedStage]:
+    """Check artifact kinds between stages, per-stage constraints and backends; no model is loaded."""
+    kind: ArtifactKind = "torch"
+    planned = []
+    for index, config in enumerate(recipe.stages):
+        stage = REGISTRY[config.type]
+        where = f"{recipe.where('stages', index)}: stages[{index}] ({config.type})"
+        if kind not in stage.accepts:
+            produced = "the checkpoint is" if index == 0 else f"stages[{index - 1}] outputs"
+            need = " or ".join(stage.accepts)
+            hint = HINTS.get((kind, stage.accepts[0]), "reorder the stages")
+            raise UserError(f"{where} needs a {need} model, but {produced} a {kind} model; {hint}")
+        problem = stage.check(config, kind, recipe.task)
+        if problem:
+            raise UserError(f"{where}: {problem}")
+        for module in stage.backends(config, kind):
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                raise BackendMissing(f"{where} needs the Python package {module.split('.')[0]!r}, "
+                                     "which is not installed here")
+        fixed = getattr(config, "static_axes", None) or {}
+        bench = recipe.benchmark
+        for axis, wanted in (("batch_size", bench.batch_size), ("sequence_length", bench.seq_len)):
+            if axis in fixed and fixed[axis] != wanted:
+                raise UserError(f"{where}: static_axes.{axis}={fixed[axis]} but the benchmark uses {wanted}; "
+                                "make them equal or leave the axis dynamic")
+        output = stage.output_kind(config, kind)
+        planned.append(PlannedStage(index, stage, config, kind, output))
+        kind = output
+    return planned
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    keep_intermediate: bool = False
+
+
+@dataclass
+class RunResult:
+    out: Path
+    report: dict
+    passed: bool
+    gate: list = field(default_factory=list)
+
+
+def size_mb(artifact: Artifact) -> float:
+    """Bytes a deployment has to ship: files on disk, or int8-packed tensors for in-memory transforms."""
+    if isinstance(artifact, OnnxModel):
+        return artifact.size_mb()
+    if artifact.transforms and artifact.module is not None:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(artifact.module.state_dict(), buffer)
+        return buffer.tell() / 1e6
+    return files_size_mb(artifact.weight_files())
+
+
+def _place(artifact: Artifact, folder: Path) -> Artifact:
+    """Move the final artifact into the run folder: model.onnx (with config and tokenizer) or model/."""
+    if isinstance(artifact, OnnxModel):
+        for item in artifact.folder.iterdir():
+            shutil.move(str(item), folder / item.name)
+        return OnnxModel(folder / artifact.path.name, artifact.task, with_past=artifact.with_past)
+    target = folder / "model"
+    shutil.copytree(artifact.path, target)
+    return TorchModel(target, artifact.task, transforms=artifact.transforms, module=artifact.module)
+
+
+def _commit(partial: Path, out: Path) -> None:
+    """Rename the finished run folder into place, replacing an earlier run folder at the same path."""
+    if out.exists():
+        if not (out / "manifest.json").exists():
+            raise UserError(f"{out}: exists and is not a compress run folder; choose another --out")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        partial.rename(out)
+
+
+def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
+    from . import report as reporting
+    from .bench import benchmark_feed, interleaved
+    from .checkpoint import inspect_checkpoint, load_tokenizer
+    from .data import load_samples
+    from .evaluate import evaluate
+    from .gate import check_goals
+    from .runners import make_runner
+
+    steps = plan(recipe)
+    checkpoint = inspect_checkpoint(model, options.allow_pickle)
+    out = options.out.resolve()
+    if out.exists() and not (out / "manifest.json").exists():
+        raise UserError(f"{out}: exists and is not a compress run folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    threads = recipe.benchmark.threads
+    try:
+        samples = load_samples(recipe.evaluation.data, recipe.task)  # fail on bad data before stages run
+        artifact: Artifact = TorchModel(checkpoint, recipe.task)
+        records = []
+        for step in steps:
+            progress.phase(f"stage {step.index + 1}/{len(steps)}: {step.config.type}")
+            ctx = StageContext(partial / "work" / f"{step.index:02d}-{step.config.type}", recipe.task, threads,
+                               options.allow_pickle, options.trust_remote_code)
+            ctx.workdir.mkdir(parents=True)
+            started = time.perf_counter()
+            artifact = step.stage.run(step.config, artifact, ctx)
+            seconds = time.perf_counter() - started
+            log.info("stage %s done in %.1fs", step.config.type, seconds)
+            records.append({"type": step.config.type, "seconds": round(seconds, 3), "cached": False,
+                            "output": artifact.kind, **ctx.details})
+        final = _place(artifact, partial)
+
+        progress.phase("evaluating baseline and result on the same samples")
+        tokenizer = load_tokenizer(checkpoint)
+        baseline_artifact = TorchModel(checkpoint, recipe.task)
+        runner_args = {"threads": threads, "allow_pickle": options.allow_pickle,
+                       "trust_remote_code": options.trust_remote_code}
+        base_runner = make_runner(baseline_artifact, "baseline", **runner_args)
+        result_runner = make_runner(final, "result", **runner_args)
+        base_eval = evaluate(recipe.task, base_runner, tokenizer, samples, recipe.evaluation, progress=progress)
+        result_eval = evaluate(recipe.task, result_runner, tokenizer, samples, recipe.evaluation,
+                               reference=base_eval, progress=progress)
+
+        progress.phase("benchmarking baseline and result, interleaved")
+        bench = recipe.benchmark
+        feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
+        latency = interleaved([base_runner, result_runner], feed, bench.warmup, bench.iterations, progress)
+
+        baseline = {"metrics": base_eval.metrics, "latency_ms": latency["baseline"].as_dict(),
+                    "size_mb": round(size_mb(baseline_artifact), 3), "backend": base_runner.backend}
+        result = {"metrics": result_eval.metrics, "latency_ms": latency["result"].as_dict(),
+                  "size_mb": round(size_mb(final), 3), "backend": result_runner.backend,
+                  "artifact": str(out / final.path.relative_to(partial))}
+        gate = check_goals(recipe.goals, baseline, result)
+        passed = all(g.passed for g in gate)
+        report = reporting.build_report(recipe, checkpoint, baseline, result, gate, records,
+                                        evaluated=base_eval.samples, data_source=samples.source)
+        if not options.keep_intermediate:
+            shutil.rmtree(partial / "work", ignore_errors=True)
+        reporting.write_all(partial, report, reporting.build_manifest(recipe, checkpoint, final, partial))
+        _commit(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return RunResult(out, report, passed, gate)

@@ -1,0 +1,212 @@
+"""Recipe schema (pydantic, extra fields forbidden) and a YAML loader whose errors name file:line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from .errors import UserError
+from .stages.export_onnx import ExportOnnxConfig
+from .stages.optimize_onnx import OptimizeOnnxConfig
+from .stages.quantize import QuantizeConfig
+
+Task = Literal["text-classification", "feature-extraction", "text-generation"]
+
+# Written out rather than generated from the registry so that the types stay visible to readers
+# and type checkers; tests check that it and the registry agree.
+StageConfig = Annotated[
+    Union[ExportOnnxConfig, OptimizeOnnxConfig, QuantizeConfig],
+    Field(discriminator="type"),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    """Where evaluation samples come from: a built-in set or a file."""
+
+    dataset: Optional[Literal["sentiment-test", "lee-background"]] = Field(
+        None, description="built-in set, built by `compress fixtures`")
+    path: Optional[str] = Field(None, description="a .jsonl file (one object per line) or a .txt file")
+    text_field: str = Field("text", description="JSONL field holding the text")
+    label_field: Optional[str] = Field("label", description="JSONL field holding an integer label, if any")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("give exactly one of `dataset` or `path`")
+        return self
+
+
+class EvaluationConfig(Strict):
+    data: DataConfig
+    max_samples: Optional[int] = Field(
+        None, gt=0, description="evaluate the first N samples (sentences, or token windows for text-generation)")
+    max_length: int = Field(128, gt=0, le=8192, description="truncate / window length in tokens")
+    batch_size: int = Field(32, gt=0)
+
+
+class BenchmarkConfig(Strict):
+    batch_size: int = Field(1, gt=0)
+    seq_len: int = Field(128, gt=0, le=8192)
+    threads: int = Field(2, gt=0, description="intra-op threads for every runner")
+    warmup: int = Field(10, ge=0, description="untimed calls per runner before timing")
+    iterations: int = Field(50, gt=0, description="timed calls per runner, interleaved A B A B")
+
+
+class AccuracyGoal(Strict):
+    metric: str = Field(description="a metric the task reports, e.g. accuracy, perplexity, cosine_min")
+    max_drop: Optional[float] = Field(
+        None, ge=0, description="largest allowed worsening vs baseline, in the metric's units")
+    max_drop_pct: Optional[float] = Field(
+        None, ge=0, description="largest allowed worsening vs baseline, in percent of the baseline")
+    min: Optional[float] = Field(None, description="absolute floor for the candidate's value")
+    max: Optional[float] = Field(None, description="absolute ceiling for the candidate's value")
+
+    @model_validator(mode="after")
+    def _has_threshold(self) -> "AccuracyGoal":
+        if all(v is None for v in (self.max_drop, self.max_drop_pct, self.min, self.max)):
+            raise ValueError("an accuracy goal needs one of max_drop, max_drop_pct, min, max")
+        return self
+
+
+class LatencyGoals(Strict):
+    min_speedup: Optional[float] = Field(None, gt=0, description="baseline p50 / candidate p50 must be at least this")
+    max_p95_ms: Optional[float] = Field(None, gt=0, description="candidate p95 latency ceiling in milliseconds")
+
+
+class SizeGoals(Strict):
+    max_ratio: Optional[float] = Field(None, gt=0, description="candidate size / baseline size must be at most this")
+
+
+class Goals(Strict):
+    accuracy: list[AccuracyGoal] = Field(default_factory=list)
+    latency: LatencyGoals = Field(default_factory=LatencyGoals)
+    size: SizeGoals = Field(default_factory=SizeGoals)
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    task: Task
+    stages: list[StageConfig] = Field(min_length=1)
+    evaluation: EvaluationConfig
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    goals: Goals = Field(default_factory=Goals)
+
+    @model_validator(mode="after")
+    def _has_goals(self) -> "Recipe":
+        goals = self.goals
+        if not goals.accuracy and goals.latency.min_speedup is None and goals.latency.max_p95_ms is None \
+                and goals.size.max_ratio is None:
+            raise ValueError("goals: a recipe needs at least one goal (accuracy, latency or size) to gate on")
+        return self
+
+    _source: str = PrivateAttr("<recipe>")
+    _lines: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def where(self, *path) -> str:
+        """`file:line` of a field path such as ("stages", 2), for errors found after parsing."""
+        line = next((self._lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in self._lines), None)
+        return f"{self._source}:{line}" if line else self._source
+
+
+def _line_index(node: yaml.Node, path: tuple = (), index: dict | None = None) -> dict[tuple, int]:
+    """Map each field path in the YAML document to its 1-based line number."""
+    index = {} if index is None else index
+    index[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = path + (key.value,)
+            index[child] = key.start_mark.line + 1
+            _line_index(value, child, index)
+            index[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_index(item, path + (i,), index)
+    return index
+
+
+def _data_path(loc: tuple, data) -> tuple:
+    """Drop the tags pydantic inserts into a location (e.g. the union member name)."""
+    path, cursor = [], data
+    for part in loc:
+        if isinstance(cursor, dict) and part in cursor:
+            cursor = cursor[part]
+        elif isinstance(cursor, list) and isinstance(part, int) and part < len(cursor):
+            cursor = cursor[part]
+        elif isinstance(cursor, (dict, list)) and part not in ("function-after",) and not _is_tag(part, cursor):
+            path.append(part)  # a missing or extra key: keep it, it names the field
+            break
+        else:
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _is_tag(part, cursor) -> bool:
+    return isinstance(cursor, dict) and part == cursor.get("type")
+
+
+def format_path(path: tuple) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _explain(error: dict, data, lines: dict[tuple, int], source: str) -> str:
+    path = _data_path(error["loc"], data)
+    line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
+    where = f"{source}:{line}" if line else source
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field (check the spelling; `compress stages` lists every option)"
+    elif error["type"] == "union_tag_invalid":
+        message = f"unknown stage type {error.get('input', {}).get('type')!r}; `compress stages` lists them"
+    elif error["type"] == "missing":
+        message = "field required"
+    if "input" in error and error["type"] not in ("missing", "extra_forbidden", "union_tag_invalid") \
+            and not isinstance(error["input"], (dict, list)):
+        message += f", got {error['input']!r}"
+    return f"{where}: {format_path(path)}: {message}"
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise UserError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping with name, task, stages, evaluation, goals")
+    lines = _line_index(node)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_explain(e, data, lines, source) for e in exc.errors()]
+        raise UserError("invalid recipe:\n  " + "\n  ".join(problems)) from None
+    recipe._source, recipe._lines = source, lines
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    return parse_recipe(text, str(path))

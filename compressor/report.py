@@ -1,0 +1,129 @@
+"""The run folder's documents: report.json, report.md, junit.xml and manifest.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from . import __version__
+from .artifacts import Artifact, OnnxModel, digest_files
+from .fixtures import sha256_file
+
+PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "pydantic")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"compress": __version__}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def environment() -> dict:
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+            "processor": platform.processor() or "unknown", "cpu_count": os.cpu_count(),
+            "packages": package_versions()}
+
+
+def build_report(recipe, checkpoint: Path, baseline: dict, result: dict, gate: list, stages: list,
+                 evaluated: int, data_source: str) -> dict:
+    notes = []
+    if (checkpoint / "fixture.json").exists():
+        note = json.loads((checkpoint / "fixture.json").read_text()).get("note")
+        if note:
+            notes.append(note)
+    return {
+        "recipe": recipe.name,
+        "recipe_file": recipe.source,
+        "model": str(checkpoint),
+        "task": recipe.task,
+        "verdict": "pass" if all(g.passed for g in gate) else "fail",
+        "baseline": baseline,
+        "result": result,
+        "gate": [g.as_dict() for g in gate],
+        "stages": stages,
+        "evaluation": {"samples": evaluated, "data": data_source,
+                       "max_length": recipe.evaluation.max_length},
+        "benchmark": recipe.benchmark.model_dump(),
+        "notes": notes,
+        "environment": environment(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def build_manifest(recipe, checkpoint: Path, artifact: Artifact, folder: Path) -> dict:
+    files = artifact.files() if isinstance(artifact, OnnxModel) else sorted(
+        p for p in artifact.path.rglob("*") if p.is_file())
+    return {
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_file": recipe.source,
+        "checkpoint": {"path": str(checkpoint),
+                       "digest": digest_files(sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"])},
+        "artifact": {str(p.relative_to(folder)): sha256_file(p) for p in files},
+        "packages": package_versions(),
+        "machine": {k: v for k, v in environment().items() if k != "packages"},
+    }
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict) -> str:
+    base, res = report["baseline"], report["result"]
+    lines = [f"# {report['recipe']}: {report['verdict'].upper()}", "",
+             f"Model `{report['model']}`, task {report['task']}, evaluated on {report['evaluation']['samples']} "
+             f"samples of `{report['evaluation']['data']}`.", "",
+             "## Gate", "", "| goal | measured | threshold | margin | result |", "|---|---|---|---|---|"]
+    for g in report["gate"]:
+        lines.append(f"| {g['goal']} | {_fmt(g['measured'])}{g['unit']} | {_fmt(g['threshold'])}{g['unit']} "
+                     f"| {_fmt(g['margin'])} | {'pass' if g['passed'] else '**FAIL**'} |")
+    lines += ["", "## Baseline vs result", "", "| | baseline | result |", "|---|---|---|"]
+    for name in base["metrics"]:
+        lines.append(f"| {name} | {_fmt(base['metrics'][name])} | {_fmt(res['metrics'][name])} |")
+    for q in ("p50", "p90", "p95", "p99"):
+        lines.append(f"| latency {q} (ms) | {_fmt(base['latency_ms'][q])} | {_fmt(res['latency_ms'][q])} |")
+    lines.append(f"| throughput (samples/s) | {_fmt(base['latency_ms']['throughput'])} "
+                 f"| {_fmt(res['latency_ms']['throughput'])} |")
+    lines.append(f"| size (MB) | {_fmt(base['size_mb'])} | {_fmt(res['size_mb'])} |")
+    lines.append(f"| backend | {base['backend']} | {res['backend']} |")
+    bench = report["benchmark"]
+    lines += ["", f"Latency: batch {bench['batch_size']}, {bench['seq_len']} tokens, {bench['threads']} threads, "
+              f"{bench['iterations']} interleaved iterations after {bench['warmup']} warm-up calls.", "",
+              "## Stages", "", "| stage | seconds | details |", "|---|---|---|"]
+    for stage in report["stages"]:
+        details = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("type", "seconds", "cached"))
+        lines.append(f"| {stage['type']} | {stage['seconds']} | {details} |")
+    if report["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", f"Artifact: `{res['artifact']}`", ""]
+    return "\n".join(lines)
+
+
+def junit(report: dict) -> str:
+    failures = sum(1 for g in report["gate"] if not g["passed"])
+    suite = ET.Element("testsuite", name=f"compress.{report['recipe']}", tests=str(len(report["gate"])),
+                       failures=str(failures), errors="0")
+    for g in report["gate"]:
+        case = ET.SubElement(suite, "testcase", classname=f"compress.{report['recipe']}", name=g["goal"])
+        if not g["passed"]:
+            failure = ET.SubElement(case, "failure", message=f"measured {_fmt(g['measured'])}{g['unit']}, "
+                                    f"threshold {_fmt(g['threshold'])}{g['unit']}, margin {_fmt(g['margin'])}")
+            failure.text = json.dumps(g)
+    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_all(folder: Path, report: dict, manifest: dict) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+    (folder / "junit.xml").write_text(junit(report))
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

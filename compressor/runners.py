@@ -1,0 +1,107 @@
+"""One Runner interface (numpy in, numpy out) over torch and ONNX Runtime; evaluation and benchmark use it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .artifacts import Artifact, OnnxModel, TorchModel
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The output each task is judged on.
+MAIN_OUTPUT = {"text-classification": "logits", "feature-extraction": "last_hidden_state", "text-generation": "logits"}
+
+
+class Runner:
+    """Runs a model on a feed of named int64 arrays and returns the task's main output as float32."""
+
+    name: str
+    backend: str
+    # (batch, sequence) the model was fixed to at export, or None where that axis is dynamic.
+    fixed_shape: tuple[Optional[int], Optional[int]] = (None, None)
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TorchRunner(Runner):
+    def __init__(self, module, task: str, name: str = "torch", threads: Optional[int] = None):
+        import inspect
+
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.module, self.task, self.name = module, task, name
+        self.backend = "torch-cpu"
+        self._accepted = set(inspect.signature(module.forward).parameters)
+        self._torch = torch
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        inputs = {k: torch.from_numpy(v) for k, v in feed.items() if k in self._accepted}
+        if self.task == "text-generation":
+            inputs["use_cache"] = False
+        with torch.inference_mode():
+            output = self.module(**inputs)
+        return output[MAIN_OUTPUT[self.task]].float().numpy()
+
+
+def _ort_dtype(type_name: str):
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+            "tensor(int32)": np.int32}.get(type_name, np.float32)
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime on CPU. Feeds empty past key/values to models exported with past, so that one
+    graph serves both full-sequence evaluation and (later) decoding."""
+
+    def __init__(self, path: Path, task: str, name: str = "onnxruntime", threads: Optional[int] = None,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
+            raise UserError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
+        self.task, self.name, self.backend = task, name, "onnxruntime-cpu"
+        self._inputs = {i.name: i for i in self.session.get_inputs()}
+        self._output = MAIN_OUTPUT[task]
+        ids = self._inputs.get("input_ids")
+        if ids is not None:
+            self.fixed_shape = tuple(d if isinstance(d, int) else None for d in ids.shape[:2])
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = {k: v for k, v in feed.items() if k in self._inputs}
+        batch, length = feed["input_ids"].shape
+        if "position_ids" in self._inputs and "position_ids" not in inputs:
+            inputs["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
+        if "token_type_ids" in self._inputs and "token_type_ids" not in inputs:
+            inputs["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        for name, meta in self._inputs.items():
+            if name.startswith("past_key_values"):
+                heads, head_dim = meta.shape[1], meta.shape[3]
+                inputs[name] = np.zeros((batch, heads, 0, head_dim), dtype=_ort_dtype(meta.type))
+        (output,) = self.session.run([self._output], inputs)
+        return output.astype(np.float32, copy=False)
+
+
+def make_runner(artifact: Artifact, name: str, threads: Optional[int] = None, allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> Runner:
+    if isinstance(artifact, OnnxModel):
+        return OrtRunner(artifact.path, artifact.task, name=name, threads=threads)
+    if isinstance(artifact, TorchModel):
+        from .checkpoint import load_torch_model
+
+        module = load_torch_model(artifact, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return TorchRunner(module, artifact.task, name=name, threads=threads)
+    raise TypeError(f"no runner for {type(artifact).__name__}")

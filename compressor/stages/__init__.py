@@ -1,0 +1,12 @@
+"""Stage registry: every stage type is listed here explicitly, never discovered by name."""
+
+from __future__ import annotations
+
+from .base import Stage, StageContext
+from .export_onnx import ExportOnnx
+from .optimize_onnx import OptimizeOnnx
+from .quantize import Quantize
+
+REGISTRY: dict[str, Stage] = {stage.type: stage for stage in (ExportOnnx(), OptimizeOnnx(), Quantize())}
+
+__all__ = ["REGISTRY", "Stage", "StageContext"]

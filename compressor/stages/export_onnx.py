@@ -1,0 +1,112 @@
+"""export_onnx: a torch checkpoint to ONNX through Optimum's exporter, checked against torch afterwards."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import Field
+
+from ..artifacts import OnnxModel, TorchModel
+from ..errors import StageFailed, UserError
+from .base import Stage, StageConfigBase, StageContext
+
+log = logging.getLogger(__name__)
+
+OPTIMUM_TASK = {"text-classification": "text-classification", "feature-extraction": "feature-extraction",
+                "text-generation": "text-generation"}
+
+VALIDATION_TEXTS = (
+    "The film is a quiet triumph, funny and sad in equal measure.",
+    "A tedious, overlong mess that squanders a talented cast.",
+)
+
+
+class ExportOnnxConfig(StageConfigBase):
+    type: Literal["export_onnx"]
+    opset: int = Field(18, ge=14, le=21, description="ONNX opset version")
+    with_past: bool = Field(False, description="text-generation only: export past key/value inputs for decoding")
+    static_axes: Optional[dict[Literal["batch_size", "sequence_length"], int]] = Field(
+        None, description="fix these dynamic axes to a size (e.g. {batch_size: 1}); default: all axes dynamic")
+    atol: float = Field(1e-4, gt=0, description="max abs difference allowed between ONNX Runtime and torch outputs")
+
+
+class ExportOnnx(Stage):
+    type = "export_onnx"
+    summary = "Export a torch model to ONNX (Optimum exporter) and check ONNX Runtime against torch"
+    config_model = ExportOnnxConfig
+    accepts = ("torch",)
+
+    def output_kind(self, config, input_kind):
+        return "onnx"
+
+    def check(self, config: ExportOnnxConfig, input_kind, task):
+        if config.with_past and task != "text-generation":
+            return "with_past applies to text-generation models only"
+        return None
+
+    def backends(self, config, input_kind):
+        return ["optimum.exporters.onnx", "onnx", "onnxruntime"]
+
+    def run(self, config: ExportOnnxConfig, artifact: TorchModel, ctx: StageContext) -> OnnxModel:
+        from optimum.exporters.onnx import main_export
+
+        if artifact.transforms:
+            raise UserError(f"export_onnx cannot export a torch model with in-memory transforms "
+                            f"{artifact.transforms}; export first, then quantize the ONNX model")
+        task = OPTIMUM_TASK[artifact.task] + ("-with-past" if config.with_past else "")
+        out = ctx.workdir
+        try:
+            main_export(str(artifact.path), output=out, task=task, opset=config.opset, do_validation=False,
+                        trust_remote_code=ctx.trust_remote_code, library_name="transformers")
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise UserError(f"Optimum cannot export {artifact.path} for task {task}: {exc}") from None
+        exported = OnnxModel(out / "model.onnx", artifact.task, with_past=config.with_past)
+        if config.static_axes:
+            _fix_axes(exported, config.static_axes)
+        diff = max_abs_difference(artifact, exported, ctx)
+        ctx.details.update({"optimum_task": task, "opset": config.opset, "max_abs_diff": diff,
+                            "atol": config.atol, "size_mb": round(exported.size_mb(), 3)})
+        if not diff <= config.atol:
+            raise StageFailed(f"export_onnx: ONNX Runtime output differs from torch by {diff:.3g} "
+                              f"(atol {config.atol:g}); raise atol if this is expected, or try another opset")
+        return exported
+
+
+def _fix_axes(model: OnnxModel, axes: dict[str, int]) -> None:
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
+    graph = onnx.load(str(model.path))
+    for name, size in axes.items():
+        make_dim_param_fixed(graph.graph, name, size)
+    fix_output_shapes(graph)
+    onnx.save(graph, str(model.path))
+
+
+def max_abs_difference(reference, candidate, ctx: StageContext) -> float:
+    """Largest |torch - candidate| on the task's main output for a couple of real sentences."""
+    from ..checkpoint import load_tokenizer
+    from ..data import encode
+    from ..runners import make_runner
+
+    tokenizer = load_tokenizer(reference.path if isinstance(reference, TorchModel) else reference.folder)
+    expected_runner = make_runner(reference, "reference", threads=ctx.threads, allow_pickle=ctx.allow_pickle)
+    actual_runner = make_runner(candidate, "candidate", threads=ctx.threads)
+    batch, length = actual_runner.fixed_shape
+    texts = list(VALIDATION_TEXTS[: batch or len(VALIDATION_TEXTS)])
+    feed = encode(tokenizer, texts, max_length=length or 32, pad_to=length)
+    expected, actual = expected_runner(feed), actual_runner(feed)
+    mask = feed["attention_mask"].astype(bool)
+    if expected.ndim == 3:  # per-token outputs: compare only real tokens, padding is undefined
+        expected, actual = expected[mask], actual[mask]
+    return float(np.max(np.abs(expected - actual)))
+
+
+def copy_tokenizer_files(source, target) -> None:
+    """Keep config and tokenizer beside a rewritten ONNX file so the folder stays self-contained."""
+    for item in source.iterdir():
+        if item.suffix != ".onnx" and "onnx_data" not in item.name and item.is_file():
+            shutil.copy2(item, target / item.name)
