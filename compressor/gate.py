@@ -21,12 +21,19 @@ class GoalResult:
         return asdict(self)
 
 
+def _round_off(threshold: float) -> float:
+    """Floating-point noise allowance, so that a value exactly at the threshold passes."""
+    return 1e-9 * max(1.0, abs(threshold))
+
+
 def _at_most(goal: str, measured: float, threshold: float, unit: str = "") -> GoalResult:
-    return GoalResult(goal, threshold, measured, measured <= threshold, threshold - measured, unit)
+    passed = measured <= threshold + _round_off(threshold)
+    return GoalResult(goal, threshold, measured, passed, threshold - measured, unit)
 
 
 def _at_least(goal: str, measured: float, threshold: float, unit: str = "") -> GoalResult:
-    return GoalResult(goal, threshold, measured, measured >= threshold, measured - threshold, unit)
+    passed = measured >= threshold - _round_off(threshold)
+    return GoalResult(goal, threshold, measured, passed, measured - threshold, unit)
 
 
 def check_goals(goals, baseline: dict, result: dict) -> list[GoalResult]:

@@ -1,0 +1,103 @@
+"""Shared test fixtures: tiny random models built from configs, and the real PyPI-shipped fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the a film movie is was good bad great awful funny dull boring fine plot cast story "
+         "and but not very too so it this that of in with quiet triumph sad mess tedious").split()
+
+
+def _tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!"] + list(letters) + ["##" + c for c in letters]
+    vocab += [w for w in dict.fromkeys(WORDS) if w not in vocab]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(str(folder / "vocab.txt"), do_lower_case=True)
+    return tokenizer, len(vocab)
+
+
+def build_tiny(folder: Path, task: str) -> Path:
+    """A randomly initialised, seeded model small enough for unit tests (a few hundred KB)."""
+    import torch
+    from transformers import BertConfig, LlamaConfig
+
+    from compressor.checkpoint import model_class
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer, vocab_size = _tokenizer(folder)
+    if task == "text-generation":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    else:
+        config = BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256, num_labels=2)
+    model = model_class(task).from_config(config)
+    model.eval()
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "bert-cls", "text-classification")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "bert", "feature-extraction")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "llama", "text-generation")
+
+
+@pytest.fixture(scope="session")
+def sentences_jsonl(tmp_path_factory) -> Path:
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "sentences.jsonl"
+    with open(path, "w") as handle:
+        for i in range(48):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 20)))
+            handle.write(json.dumps({"text": words, "label": i % 2}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    import random
+
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(30)))
+    return path
+
+
+def write_recipe(folder: Path, body: str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(body).lstrip())
+    return path
+
+
+def real_fixture(name: str) -> Path:
+    """A built PyPI-shipped fixture; skipped with the command to run when it has not been built."""
+    from compressor import fixtures
+
+    path = fixtures.paths()[name]
+    if not path.exists() and not os.environ.get("COMPRESS_BUILD_FIXTURES"):
+        pytest.skip(f"fixture {name} not built; run `compress fixtures` (make test does this)")
+    return fixtures.ensure(name)

@@ -1,0 +1,67 @@
+"""plan(): chain checks happen before any model is loaded, with file:line and a hint."""
+
+import pytest
+
+from compressor.errors import BackendMissing, UserError
+from compressor.pipeline import plan
+from compressor.recipe import parse_recipe
+
+BASE = """\
+name: r
+task: {task}
+stages:
+{stages}
+evaluation:
+  data: {{dataset: sentiment-test}}
+goals:
+  latency: {{min_speedup: 1.1}}
+"""
+
+
+def recipe(stages: str, task: str = "text-classification"):
+    return parse_recipe(BASE.format(task=task, stages=stages), "r.yaml")
+
+
+def test_chain_kinds():
+    steps = plan(recipe("  - type: export_onnx\n  - type: optimize_onnx\n  - type: quantize\n    scheme: int8-dynamic"))
+    assert [(s.input_kind, s.output_kind) for s in steps] == [("torch", "onnx"), ("onnx", "onnx"), ("onnx", "onnx")]
+    assert plan(recipe("  - type: quantize\n    scheme: int8-dynamic"))[0].output_kind == "torch"
+
+
+def test_onnx_stage_before_export_is_refused_with_hint():
+    with pytest.raises(UserError) as info:
+        plan(recipe("  - type: optimize_onnx\n  - type: export_onnx"))
+    message = str(info.value)
+    assert message.startswith("r.yaml:4: stages[0] (optimize_onnx)")
+    assert "needs a onnx model" in message and "add an export_onnx stage before it" in message
+
+
+def test_export_twice_is_refused():
+    with pytest.raises(UserError, match=r"r.yaml:5: stages\[1\] \(export_onnx\).*move it before export_onnx"):
+        plan(recipe("  - type: export_onnx\n  - type: export_onnx"))
+
+
+def test_with_past_only_for_generation():
+    with pytest.raises(UserError, match="with_past applies to text-generation"):
+        plan(recipe("  - type: export_onnx\n    with_past: true"))
+    plan(recipe("  - type: export_onnx\n    with_past: true", task="text-generation"))
+
+
+def test_torch_quantize_rejects_onnx_only_options():
+    with pytest.raises(UserError, match="op_types applies to ONNX"):
+        plan(recipe("  - type: quantize\n    scheme: int8-dynamic\n    op_types: [MatMul]"))
+
+
+def test_static_axes_must_match_benchmark():
+    with pytest.raises(UserError, match="static_axes.sequence_length=64 but the benchmark uses 128"):
+        plan(recipe("  - type: export_onnx\n    static_axes: {sequence_length: 64}"))
+
+
+def test_missing_backend_is_exit_3(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a))
+    with pytest.raises(BackendMissing, match="'optimum'") as info:
+        plan(recipe("  - type: export_onnx"))
+    assert info.value.exit_code == 3

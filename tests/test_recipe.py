@@ -1,0 +1,110 @@
+"""Recipe schema: valid recipes parse, every kind of mistake names file:line and the field path."""
+
+from pathlib import Path
+
+import pytest
+
+from compressor.errors import UserError
+from compressor.recipe import load_recipe, parse_recipe
+from compressor.stages import REGISTRY
+from compressor.recipe import StageConfig
+from typing import get_args
+
+GOOD = """\
+name: r
+task: text-classification
+stages:
+  - type: export_onnx
+  - type: quantize
+    scheme: int8-dynamic
+evaluation:
+  data: {dataset: sentiment-test}
+goals:
+  accuracy:
+    - metric: accuracy
+      max_drop: 0.01
+"""
+
+
+def test_valid_recipe_gets_defaults():
+    recipe = parse_recipe(GOOD, "r.yaml")
+    assert recipe.stages[0].opset == 18 and recipe.stages[0].atol == 1e-4
+    assert recipe.stages[1].per_channel is True
+    assert recipe.benchmark.threads == 2 and recipe.benchmark.seq_len == 128
+    assert recipe.where("stages", 1) == "r.yaml:5"
+
+
+def _error(text: str) -> str:
+    with pytest.raises(UserError) as info:
+        parse_recipe(text, "r.yaml")
+    return str(info.value)
+
+
+def test_unknown_field_names_line_and_path():
+    message = _error(GOOD.replace("    scheme: int8-dynamic", "    scheme: int8-dynamic\n    per_chanel: true"))
+    assert "r.yaml:7: stages[1].per_chanel: unknown field" in message
+
+
+def test_wrong_type_names_line_and_value():
+    message = _error(GOOD.replace("max_drop: 0.01", "max_drop: lots"))
+    assert "r.yaml:12: goals.accuracy[0].max_drop" in message and "'lots'" in message
+
+
+def test_closed_choice_rejects_unknown_scheme():
+    message = _error(GOOD.replace("int8-dynamic", "int3"))
+    assert "r.yaml:6: stages[1].scheme" in message and "int8-dynamic" in message
+
+
+def test_unknown_stage_type():
+    message = _error(GOOD.replace("type: export_onnx", "type: export_tflite"))
+    assert "r.yaml:4: stages[0]" in message and "export_tflite" in message
+
+
+def test_out_of_range_value():
+    message = _error(GOOD.replace("  - type: export_onnx", "  - type: export_onnx\n    opset: 7"))
+    assert "r.yaml:5: stages[0].opset" in message and "greater than or equal to 14" in message
+
+
+def test_missing_required_field():
+    message = _error(GOOD.replace("task: text-classification\n", ""))
+    assert "task: field required" in message
+
+
+def test_recipe_without_goals_is_refused():
+    message = _error(GOOD.split("goals:")[0])
+    assert "at least one goal" in message
+
+
+def test_yaml_syntax_error_names_line():
+    message = _error(GOOD.replace("  - type: export_onnx", "  - type: [export_onnx"))
+    assert "r.yaml:" in message and "not valid YAML" in message
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_union_and_registry_agree():
+    union_types = {cls.model_fields["type"].annotation.__args__[0] for cls in get_args(get_args(StageConfig)[0])}
+    assert union_types == set(REGISTRY)
+    for name, stage in REGISTRY.items():
+        assert stage.config_model.model_fields["type"].annotation.__args__ == (name,)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    from compressor.pipeline import plan
+
+    assert plan(load_recipe(path))
+
+
+def test_every_option_is_documented():
+    from compressor.recipe import BenchmarkConfig, DataConfig, EvaluationConfig, AccuracyGoal
+
+    docs = (Path(__file__).parent.parent / "docs" / "RECIPES.md").read_text()
+    models = [stage.config_model for stage in REGISTRY.values()] + [BenchmarkConfig, EvaluationConfig, DataConfig,
+                                                                     AccuracyGoal]
+    missing = [f"{m.__name__}.{f}" for m in models for f in m.model_fields
+               if f != "type" and f"`{f}" not in docs and f"`data.{f}`" not in docs and f"{f}:" not in docs]
+    assert not missing, f"document these in docs/RECIPES.md: {missing}"

@@ -1,0 +1,178 @@
+"""compress run end to end on tiny models: run folder contents, atomicity, and the CLI's exit codes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+from click.testing import CliRunner
+
+from compressor.cli import main
+from compressor.fixtures import sha256_file
+from compressor.pipeline import RunOptions, run
+from compressor.recipe import load_recipe
+
+from .conftest import write_recipe
+
+CLASSIFIER_RECIPE = """
+name: tiny-cls
+task: text-classification
+stages:
+  - type: export_onnx
+  - type: optimize_onnx
+  - type: quantize
+    scheme: int8-dynamic
+evaluation:
+  data: {{path: "{data}"}}
+  batch_size: 8
+benchmark: {{seq_len: 32, iterations: 6, warmup: 1}}
+goals:
+  accuracy:
+    - {{metric: agreement, min: {agreement}}}
+  size: {{max_ratio: 0.9}}
+"""
+
+
+def classifier_recipe(tmp_path, data, agreement=0.0):
+    return write_recipe(tmp_path, CLASSIFIER_RECIPE.format(data=data, agreement=agreement))
+
+
+def test_run_writes_complete_run_folder(tiny_classifier, sentences_jsonl, tmp_path):
+    recipe = load_recipe(classifier_recipe(tmp_path, sentences_jsonl))
+    result = run(recipe, tiny_classifier, RunOptions(out=tmp_path / "out"))
+    out = result.out
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".md", ".xml", ".onnx")) == [
+        "config.json", "junit.xml", "manifest.json", "model.onnx", "report.json", "report.md",
+        "tokenizer.json", "tokenizer_config.json"] or (out / "model.onnx").exists()
+    assert not (out / "work").exists() and not list(tmp_path.glob(".out.partial-*"))
+    report = json.loads((out / "report.json").read_text())
+    for key in ("recipe", "model", "verdict", "baseline", "result", "gate", "stages", "environment"):
+        assert key in report
+    assert report["verdict"] == "pass" and result.passed
+    assert set(report["baseline"]["latency_ms"]) >= {"p50", "p90", "p99"}
+    assert report["result"]["backend"] == "onnxruntime-cpu" and report["result"]["size_mb"] < report["baseline"]["size_mb"]
+    assert [s["type"] for s in report["stages"]] == ["export_onnx", "optimize_onnx", "quantize"]
+    assert report["evaluation"]["samples"] == 48
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifact"]["model.onnx"] == sha256_file(out / "model.onnx")
+    assert manifest["packages"]["onnxruntime"] and manifest["checkpoint"]["digest"]
+    suite = ET.parse(out / "junit.xml").getroot()
+    assert [c.get("name") for c in suite.iter("testcase")] == ["accuracy.agreement.min", "size.max_ratio"]
+    # The shipped artifact loads with ONNX Runtime on its own and agrees with what was evaluated.
+    import onnxruntime as ort
+
+    assert ort.InferenceSession(str(out / "model.onnx")).get_outputs()[0].name == "logits"
+
+
+def test_failed_gate_is_reported(tiny_classifier, sentences_jsonl, tmp_path):
+    recipe = load_recipe(classifier_recipe(tmp_path, sentences_jsonl, agreement=1.01))
+    result = run(recipe, tiny_classifier, RunOptions(out=tmp_path / "out"))
+    assert not result.passed
+    report = json.loads((result.out / "report.json").read_text())
+    failed = [g for g in report["gate"] if not g["passed"]]
+    assert report["verdict"] == "fail" and [g["goal"] for g in failed] == ["accuracy.agreement.min"]
+    assert failed[0]["margin"] < 0
+    suite = ET.parse(result.out / "junit.xml").getroot()
+    assert suite.get("failures") == "1" and len(list(suite.iter("failure"))) == 1
+
+
+def test_torch_only_recipe_and_generation_metrics(tiny_llama, text_file, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, f"""
+        name: tiny-llm
+        task: text-generation
+        stages:
+          - type: quantize
+            scheme: int8-dynamic
+        evaluation:
+          data: {{path: "{text_file}"}}
+          max_length: 32
+          max_samples: 6
+          batch_size: 2
+        benchmark: {{seq_len: 32, iterations: 4, warmup: 1}}
+        goals:
+          accuracy:
+            - {{metric: perplexity, max_drop_pct: 50}}
+        """))
+    result = run(recipe, tiny_llama, RunOptions(out=tmp_path / "out"))
+    metrics = result.report["result"]["metrics"]
+    base = result.report["baseline"]["metrics"]
+    assert base["perplexity"] > 1 and base["top1_agreement"] == 1.0
+    assert 0 < metrics["top1_agreement"] <= 1 and metrics["perplexity"] > 1
+    assert result.report["evaluation"]["samples"] == 6
+    assert (result.out / "model" / "compress_transforms.json").exists()
+
+
+def test_stage_failure_leaves_nothing(tiny_classifier, sentences_jsonl, tmp_path):
+    from compressor.errors import StageFailed
+
+    text = classifier_recipe(tmp_path, sentences_jsonl).read_text().replace("  - type: export_onnx",
+                                                                            "  - type: export_onnx\n    atol: 1.0e-12")
+    recipe = load_recipe(write_recipe(tmp_path, text, "strict.yaml"))
+    with pytest.raises(StageFailed):
+        run(recipe, tiny_classifier, RunOptions(out=tmp_path / "out"))
+    assert list(tmp_path.glob("*out*")) == []
+
+
+def test_refuses_to_overwrite_foreign_folder(tiny_classifier, sentences_jsonl, tmp_path):
+    from compressor.errors import UserError
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    recipe = load_recipe(classifier_recipe(tmp_path, sentences_jsonl))
+    with pytest.raises(UserError, match="not a compress run folder"):
+        run(recipe, tiny_classifier, RunOptions(out=tmp_path / "out"))
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+def test_killed_run_leaves_no_finished_looking_folder(tiny_classifier, sentences_jsonl, tmp_path):
+    recipe = classifier_recipe(tmp_path, sentences_jsonl)
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "compressor", "run", str(recipe), "--model",
+                                str(tiny_classifier), "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".killed.partial-*/work/00-export_onnx")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".killed.partial-*"))
+    assert leftovers and not (leftovers[0] / "report.json").exists()
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_exit_codes(tiny_classifier, sentences_jsonl, tmp_path):
+    good = classifier_recipe(tmp_path, sentences_jsonl)
+    passed = invoke("run", good, "--model", tiny_classifier, "--out", tmp_path / "a")
+    assert passed.exit_code == 0, passed.output
+    assert "verdict: PASS" in passed.output and "accuracy.agreement.min" in passed.output
+    failing = classifier_recipe(tmp_path, sentences_jsonl, agreement=1.01)
+    assert invoke("run", failing, "--model", tiny_classifier, "--out", tmp_path / "b").exit_code == 1
+    missing = invoke("run", good, "--model", tmp_path / "nope", "--out", tmp_path / "c")
+    assert missing.exit_code == 2 and "checkpoint not found" in missing.output and "Traceback" not in missing.output
+    typo = write_recipe(tmp_path, good.read_text().replace("batch_size: 8", "batch_sise: 8"), "typo.yaml")
+    bad = invoke("run", typo, "--model", tiny_classifier)
+    assert bad.exit_code == 2 and "typo.yaml:10: evaluation.batch_sise: unknown field" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_cli_validate_and_stages(tmp_path):
+    shipped = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
+    result = invoke("validate", *shipped)
+    assert result.exit_code == 0 and result.output.count("ok ") == len(shipped)
+    broken = write_recipe(tmp_path, "name: x\ntask: text-classification\nstages:\n  - type: optimize_onnx\n"
+                                    "evaluation: {data: {dataset: sentiment-test}}\ngoals: {size: {max_ratio: 1}}\n")
+    result = invoke("validate", broken)
+    assert result.exit_code == 2 and "recipe.yaml:4: stages[0] (optimize_onnx)" in result.output
+    listing = invoke("stages")
+    assert listing.exit_code == 0
+    for name in ("export_onnx", "optimize_onnx", "quantize", "per_channel", "atol", "static_axes"):
+        assert name in listing.output

@@ -1,0 +1,64 @@
+"""Every shipped recipe, run on the real PyPI-shipped model it is written for; verdicts are asserted."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compressor.pipeline import RunOptions, run
+from compressor.recipe import load_recipe
+
+from .conftest import real_fixture
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+pytestmark = pytest.mark.integration
+
+
+def run_shipped(name: str, model: str, tmp_path):
+    return run(load_recipe(RECIPES / name), real_fixture(model), RunOptions(out=tmp_path / "out"))
+
+
+def goals(result) -> dict[str, bool]:
+    return {g.goal: g.passed for g in result.gate}
+
+
+def test_fixture_data_split_and_classifier():
+    data = real_fixture("sentiment-data")
+    train = (data / "train.jsonl").read_text().splitlines()
+    test = (data / "test.jsonl").read_text().splitlines()
+    assert (len(train), len(test)) == (8452, 2114)  # 10,566 distinct non-zero sentences, seeded 80/20
+    assert not {json.loads(r)["text"] for r in train} & {json.loads(r)["text"] for r in test}
+    record = json.loads((real_fixture("sentiment-classifier") / "fixture.json").read_text())
+    assert record["test_accuracy"] > 0.8
+
+
+def test_demo_minilm_sentiment_passes(tmp_path):
+    result = run_shipped("minilm-sentiment-int8-dynamic.yaml", "sentiment-classifier", tmp_path)
+    assert result.passed, result.report["gate"]
+    report = result.report
+    assert report["evaluation"]["samples"] == 2114
+    assert report["baseline"]["metrics"]["accuracy"] > 0.8
+    assert report["result"]["size_mb"] < 0.3 * report["baseline"]["size_mb"]
+
+
+def test_minilm_encoder_passes(tmp_path):
+    result = run_shipped("minilm-int8-dynamic.yaml", "minilm", tmp_path)
+    assert result.passed, result.report["gate"]
+    assert result.report["result"]["metrics"]["cosine_mean"] < 1.0  # int8 really changed the model
+
+
+def test_smollm2_int8_dynamic_fails_on_perplexity(tmp_path):
+    result = run_shipped("smollm2-int8-dynamic.yaml", "smollm2", tmp_path)
+    verdicts = goals(result)
+    assert not result.passed and verdicts["accuracy.perplexity.max_drop_pct"] is False
+    assert verdicts["size.max_ratio"] is True  # it does shrink; it just costs too much perplexity
+    assert any("4-bit once" in note or "Q4_1" in note for note in result.report["notes"])
+
+
+def test_torch_int8_recipe_is_meant_to_fail(tmp_path):
+    result = run_shipped("smollm2-torch-int8-dynamic-fails.yaml", "smollm2", tmp_path)
+    verdicts = goals(result)
+    assert not result.passed
+    assert verdicts["accuracy.perplexity.max_drop_pct"] is False and verdicts["accuracy.top1_agreement.min"] is False
+    base, cand = result.report["baseline"]["metrics"], result.report["result"]["metrics"]
+    assert cand["perplexity"] > 2 * base["perplexity"]
