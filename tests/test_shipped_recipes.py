@@ -41,10 +41,11 @@ def test_demo_minilm_sentiment_passes(tmp_path):
     assert report["result"]["size_mb"] < 0.3 * report["baseline"]["size_mb"]
 
 
-def test_minilm_encoder_passes(tmp_path):
+def test_minilm_encoder_fails_only_on_worst_case_cosine(tmp_path):
     result = run_shipped("minilm-int8-dynamic.yaml", "minilm", tmp_path)
-    assert result.passed, result.report["gate"]
-    assert result.report["result"]["metrics"]["cosine_mean"] < 1.0  # int8 really changed the model
+    verdicts = goals(result)
+    assert verdicts == {"accuracy.cosine_mean.min": True, "accuracy.cosine_min.min": False,
+                        "latency.min_speedup": True, "size.max_ratio": True}, result.report["gate"]
 
 
 def test_smollm2_int8_dynamic_fails_on_perplexity(tmp_path):
