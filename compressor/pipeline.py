@@ -104,11 +104,16 @@ def _place(artifact: Artifact, folder: Path) -> Artifact:
     return TorchModel(target, artifact.task, transforms=artifact.transforms, module=artifact.module)
 
 
+def _check_replaceable(out: Path) -> None:
+    """Only an earlier run folder may be replaced; anything else at --out is the user's and stays."""
+    if out.exists() and not (out / "manifest.json").exists():
+        raise UserError(f"{out}: exists and is not a compress run folder; choose another --out")
+
+
 def _commit(partial: Path, out: Path) -> None:
     """Rename the finished run folder into place, replacing an earlier run folder at the same path."""
+    _check_replaceable(out)  # again: something may have appeared there while the run was busy
     if out.exists():
-        if not (out / "manifest.json").exists():
-            raise UserError(f"{out}: exists and is not a compress run folder; choose another --out")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
         partial.rename(out)
@@ -129,8 +134,7 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
     steps = plan(recipe)
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
     out = options.out.resolve()
-    if out.exists() and not (out / "manifest.json").exists():
-        raise UserError(f"{out}: exists and is not a compress run folder; choose another --out")
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -138,7 +142,9 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
     threads = recipe.benchmark.threads
     try:
         samples = load_samples(recipe.evaluation.data, recipe.task)  # fail on bad data before stages run
-        artifact: Artifact = TorchModel(checkpoint, recipe.task)
+        # One object for the checkpoint: the first stage and the baseline share its loaded module.
+        source = TorchModel(checkpoint, recipe.task)
+        artifact: Artifact = source
         records = []
         for step in steps:
             progress.phase(f"stage {step.index + 1}/{len(steps)}: {step.config.type}")
@@ -155,10 +161,9 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
 
         progress.phase("evaluating baseline and result on the same samples")
         tokenizer = load_tokenizer(checkpoint)
-        baseline_artifact = TorchModel(checkpoint, recipe.task)
         runner_args = {"threads": threads, "allow_pickle": options.allow_pickle,
                        "trust_remote_code": options.trust_remote_code}
-        base_runner = make_runner(baseline_artifact, "baseline", **runner_args)
+        base_runner = make_runner(source, "baseline", **runner_args)
         result_runner = make_runner(final, "result", **runner_args)
         base_eval = evaluate(recipe.task, base_runner, tokenizer, samples, recipe.evaluation, progress=progress)
         result_eval = evaluate(recipe.task, result_runner, tokenizer, samples, recipe.evaluation,
@@ -170,7 +175,7 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         latency = interleaved([base_runner, result_runner], feed, bench.warmup, bench.iterations, progress)
 
         baseline = {"metrics": base_eval.metrics, "latency_ms": latency["baseline"].as_dict(),
-                    "size_mb": round(size_mb(baseline_artifact), 3), "backend": base_runner.backend}
+                    "size_mb": round(size_mb(source), 3), "backend": base_runner.backend}
         result = {"metrics": result_eval.metrics, "latency_ms": latency["result"].as_dict(),
                   "size_mb": round(size_mb(final), 3), "backend": result_runner.backend,
                   "artifact": str(out / final.path.relative_to(partial))}
