@@ -101,7 +101,7 @@ def markdown(report: dict) -> str:
               f"{bench['iterations']} interleaved iterations after {bench['warmup']} warm-up calls.", "",
               "## Stages", "", "| stage | seconds | details |", "|---|---|---|"]
     for stage in report["stages"]:
-        details = ", ".join(f"{k}={v}" for k, v in stage.items() if k not in ("type", "seconds", "cached"))
+        details = ", ".join(f"{k}={_fmt(v)}" for k, v in stage.items() if k not in ("type", "seconds", "cached"))
         lines.append(f"| {stage['type']} | {stage['seconds']} | {details} |")
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
