@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -24,6 +26,43 @@ class Latency:
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def _system_busy_seconds() -> Optional[float]:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Share of the machine's CPU that *other* processes used while the block ran (0..1, or None).
+
+    Interleaving protects a comparison from drift, not from runtimes that suffer unequally when
+    cores are oversubscribed (torch's threads slow far more than ONNX Runtime's), so a busy machine
+    is reported rather than silently measured."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.share: Optional[float] = None
+        self._busy, self._own, self._wall = _system_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = _system_busy_seconds()
+        if busy is None or self._busy is None:
+            return
+        wall = time.perf_counter() - self._wall
+        others = (busy - self._busy) - (_own_cpu_seconds() - self._own)
+        self.share = min(1.0, max(0.0, others / max(wall * (os.cpu_count() or 1), 1e-9)))
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def benchmark_feed(tokenizer, texts: list[str], batch_size: int, seq_len: int) -> dict[str, np.ndarray]:

@@ -124,7 +124,7 @@ def _commit(partial: Path, out: Path) -> None:
 
 def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
     from . import report as reporting
-    from .bench import benchmark_feed, interleaved
+    from .bench import OtherLoad, benchmark_feed, interleaved
     from .checkpoint import inspect_checkpoint, load_tokenizer
     from .data import load_samples
     from .evaluate import evaluate
@@ -172,7 +172,8 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         progress.phase("benchmarking baseline and result, interleaved")
         bench = recipe.benchmark
         feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
-        latency = interleaved([base_runner, result_runner], feed, bench.warmup, bench.iterations, progress)
+        with OtherLoad() as load:
+            latency = interleaved([base_runner, result_runner], feed, bench.warmup, bench.iterations, progress)
 
         baseline = {"metrics": base_eval.metrics, "latency_ms": latency["baseline"].as_dict(),
                     "size_mb": round(size_mb(source), 3), "backend": base_runner.backend}
@@ -182,7 +183,8 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         gate = check_goals(recipe.goals, baseline, result)
         passed = all(g.passed for g in gate)
         report = reporting.build_report(recipe, checkpoint, baseline, result, gate, records,
-                                        evaluated=base_eval.samples, data_source=samples.source)
+                                        evaluated=base_eval.samples, data_source=samples.source,
+                                        other_cpu_share=load.share)
         if not options.keep_intermediate:
             shutil.rmtree(partial / "work", ignore_errors=True)
         reporting.write_all(partial, report, reporting.build_manifest(recipe, checkpoint, final, partial))

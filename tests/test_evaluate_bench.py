@@ -57,3 +57,45 @@ def test_interleaved_alternates_and_counts():
     stats = result["a"]
     assert stats.p50 <= stats.p90 <= stats.p95 <= stats.p99
     assert stats.throughput == pytest.approx(2 / (stats.mean / 1000))
+
+
+def _busy_for(seconds: float) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_other_load_counts_other_processes_not_our_own_work():
+    import os
+    import subprocess
+    import sys
+
+    from compressor.bench import OtherLoad
+
+    one_core = 1 / (os.cpu_count() or 1)
+    with OtherLoad() as own:
+        _busy_for(1.0)  # this process keeps one core busy: that is not "other" load
+    if own.share is None:
+        pytest.skip("no /proc/stat on this platform")
+    assert own.share < 0.6 * one_core
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend=time.time()+1.5\nwhile time.time()<end: pass"])
+    with OtherLoad() as other:
+        child.wait()
+    assert other.share > 0.6 * one_core  # a busy neighbour on one core shows up
+
+
+def test_busy_machine_note():
+    from compressor.recipe import parse_recipe
+    from compressor.report import build_report
+    from .test_recipe import GOOD
+
+    recipe = parse_recipe(GOOD, "r.yaml")
+    side = {"metrics": {}, "latency_ms": {}, "size_mb": 1.0}
+    from pathlib import Path
+
+    quiet = build_report(recipe, Path("/nonexistent"), side, side, [], [], 1, "x", other_cpu_share=0.05)
+    busy = build_report(recipe, Path("/nonexistent"), side, side, [], [], 1, "x", other_cpu_share=0.6)
+    assert quiet["notes"] == [] and quiet["benchmark"]["other_cpu_share"] == 0.05
+    assert "60% of the CPU" in busy["notes"][0]
