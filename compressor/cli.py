@@ -97,10 +97,8 @@ def handle_errors(func):
 @click.group()
 @click.version_option(package_name="compress")
 @click.option("-v", "--verbose", is_flag=True, help="Show library logs and warnings.")
-@click.pass_context
-def main(ctx: click.Context, verbose: bool) -> None:
+def main(verbose: bool) -> None:
     """compress: run a compression recipe on a Hugging Face checkpoint and gate it against the baseline."""
-    ctx.obj = {"verbose": verbose}
     _quiet_libraries(verbose)
 
 
@@ -139,9 +137,8 @@ def summary_table(report: dict) -> Table:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside the checkpoint to run.")
 @click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/work.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
-@click.pass_context
 @handle_errors
-def run(ctx, recipe: Path, model: str, out: Path | None, device: str, allow_pickle: bool, trust_remote_code: bool,
+def run(recipe: Path, model: str, out: Path | None, device: str, allow_pickle: bool, trust_remote_code: bool,
         keep_intermediate: bool, as_json: bool) -> None:
     """Run RECIPE on a checkpoint; exit 0 if the gate passes, 1 if it fails."""
     import json
@@ -184,7 +181,7 @@ def validate(recipes: tuple[Path, ...]) -> None:
             steps = plan(load_recipe(path))
         except UserError as exc:
             failed += 1
-            console.print(f"[bold red]invalid[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
             continue
         chain = " -> ".join(["torch"] + [f"{s.config.type} -> {s.output_kind}" for s in steps])
         stdout.print(f"[green]ok[/] {path}: {_escape(chain)}", highlight=False, soft_wrap=True)

@@ -61,7 +61,19 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
         output = stage.output_kind(config, kind)
         planned.append(PlannedStage(index, stage, config, kind, output))
         kind = output
+    _check_goal_metrics(recipe)
     return planned
+
+
+def _check_goal_metrics(recipe: Recipe) -> None:
+    from .evaluate import TASK_METRICS
+
+    measured = TASK_METRICS[recipe.task]
+    for index, goal in enumerate(recipe.goals.accuracy):
+        if goal.metric not in measured:
+            where = recipe.where("goals", "accuracy", index, "metric")
+            raise UserError(f"{where}: goals.accuracy[{index}].metric: {recipe.task} measures "
+                            f"{', '.join(measured)}, not {goal.metric!r}")
 
 
 @dataclass

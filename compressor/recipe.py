@@ -127,9 +127,8 @@ def _line_index(node: yaml.Node, path: tuple = (), index: dict | None = None) ->
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             child = path + (key.value,)
-            index[child] = key.start_mark.line + 1
             _line_index(value, child, index)
-            index[child] = key.start_mark.line + 1
+            index[child] = key.start_mark.line + 1  # the key's line, not where its value starts
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _line_index(item, path + (i,), index)
@@ -137,24 +136,21 @@ def _line_index(node: yaml.Node, path: tuple = (), index: dict | None = None) ->
 
 
 def _data_path(loc: tuple, data) -> tuple:
-    """Drop the tags pydantic inserts into a location (e.g. the union member name)."""
+    """The error location as a path into the YAML document. pydantic also inserts the union member's
+    tag (the stage's `type` value), which names no YAML node, so it is dropped."""
     path, cursor = [], data
     for part in loc:
-        if isinstance(cursor, dict) and part in cursor:
+        in_dict = isinstance(cursor, dict) and part in cursor
+        in_list = isinstance(cursor, list) and isinstance(part, int) and part < len(cursor)
+        if in_dict or in_list:
             cursor = cursor[part]
-        elif isinstance(cursor, list) and isinstance(part, int) and part < len(cursor):
-            cursor = cursor[part]
-        elif isinstance(cursor, (dict, list)) and part not in ("function-after",) and not _is_tag(part, cursor):
-            path.append(part)  # a missing or extra key: keep it, it names the field
-            break
-        else:
+            path.append(part)
+        elif isinstance(cursor, dict) and part == cursor.get("type"):
             continue
-        path.append(part)
+        else:
+            path.append(part)  # a missing or unknown key: it names the field
+            break
     return tuple(path)
-
-
-def _is_tag(part, cursor) -> bool:
-    return isinstance(cursor, dict) and part == cursor.get("type")
 
 
 def format_path(path: tuple) -> str:

@@ -65,3 +65,11 @@ def test_missing_backend_is_exit_3(monkeypatch):
     with pytest.raises(BackendMissing, match="'optimum'") as info:
         plan(recipe("  - type: export_onnx"))
     assert info.value.exit_code == 3
+
+
+def test_goal_metric_must_belong_to_the_task():
+    text = BASE.format(task="text-generation", stages="  - type: export_onnx").replace(
+        "goals:\n  latency: {min_speedup: 1.1}", "goals:\n  accuracy:\n    - metric: accuracy\n      max_drop: 0.01")
+    with pytest.raises(UserError, match=r"r.yaml:9: goals.accuracy\[0\].metric: text-generation measures "
+                                        r"perplexity, top1_agreement, not 'accuracy'"):
+        plan(parse_recipe(text, "r.yaml"))

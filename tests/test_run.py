@@ -178,3 +178,13 @@ def test_cli_validate_and_stages(tmp_path):
     assert listing.exit_code == 0
     for name in ("export_onnx", "optimize_onnx", "quantize", "per_channel", "atol", "static_axes"):
         assert name in listing.output
+
+
+def test_cli_json_output_is_the_report(tiny_classifier, sentences_jsonl, tmp_path):
+
+    result = CliRunner().invoke(main, ["run", str(classifier_recipe(tmp_path, sentences_jsonl)),
+                                                       "--model", str(tiny_classifier), "--out",
+                                                       str(tmp_path / "j"), "--json"])
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report == json.loads((tmp_path / "j" / "report.json").read_text())
