@@ -181,10 +181,7 @@ def test_cli_validate_and_stages(tmp_path):
 
 
 def test_cli_json_output_is_the_report(tiny_classifier, sentences_jsonl, tmp_path):
-
-    result = CliRunner().invoke(main, ["run", str(classifier_recipe(tmp_path, sentences_jsonl)),
-                                                       "--model", str(tiny_classifier), "--out",
-                                                       str(tmp_path / "j"), "--json"])
+    recipe = classifier_recipe(tmp_path, sentences_jsonl)
+    result = invoke("run", recipe, "--model", tiny_classifier, "--out", tmp_path / "j", "--json")
     assert result.exit_code == 0
-    report = json.loads(result.stdout)
-    assert report == json.loads((tmp_path / "j" / "report.json").read_text())
+    assert json.loads(result.stdout) == json.loads((tmp_path / "j" / "report.json").read_text())
