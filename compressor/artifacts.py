@@ -11,6 +11,14 @@ from typing import Any, ClassVar, Literal, Optional
 ArtifactKind = Literal["torch", "onnx"]
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def digest_files(paths: list[Path]) -> str:
     """sha256 over file names and contents, in name order, so equal folders give equal digests."""
     digest = hashlib.sha256()
@@ -24,6 +32,10 @@ def digest_files(paths: list[Path]) -> str:
 
 def files_size_mb(paths: list[Path]) -> float:
     return sum(p.stat().st_size for p in paths) / 1e6
+
+
+# A single ONNX protobuf file cannot exceed 2 GB; keep a margin for the graph itself.
+EXTERNAL_DATA_ABOVE_MB = 1800
 
 
 @dataclass
@@ -42,6 +54,19 @@ class TorchModel:
 
     def weight_files(self) -> list[Path]:
         return sorted(self.path.glob("*.safetensors"))
+
+    def size_mb(self) -> float:
+        """Bytes a deployment ships: the weight files, or the int8-packed tensors when an in-memory
+        transform (torch dynamic int8) replaced the float weights."""
+        if self.transforms and self.module is not None:
+            import io
+
+            import torch
+
+            buffer = io.BytesIO()
+            torch.save(self.module.state_dict(), buffer)
+            return buffer.tell() / 1e6
+        return files_size_mb(self.weight_files())
 
     def digest(self) -> str:
         files = self.weight_files() + [self.path / "config.json"]
@@ -73,6 +98,9 @@ class OnnxModel:
 
     def size_mb(self) -> float:
         return files_size_mb(self.files())
+
+    def needs_external_data(self) -> bool:
+        return self.size_mb() > EXTERNAL_DATA_ABOVE_MB
 
 
 Artifact = TorchModel | OnnxModel

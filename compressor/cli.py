@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -54,13 +55,9 @@ def _quiet_libraries(verbose: bool) -> None:
         warnings.simplefilter("ignore")
         for name in ("transformers", "optimum", "onnxruntime", "torch"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
+        # Read by transformers when a stage imports it; importing it here would slow every command.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _escape(text: str) -> str:

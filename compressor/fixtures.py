@@ -8,7 +8,6 @@ folder that looks finished; a missing fixture is rebuilt on the next call.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -23,6 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import sha256_file
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,6 @@ def paths(root: Path | None = None) -> dict[str, Path]:
         "sentiment-data": root / "data" / "sentiment",
         "lee-background": root / "data" / "lee_background",
     }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_sha(name: str, data_path: Path) -> None:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from .artifacts import Artifact, ArtifactKind, OnnxModel, TorchModel, files_size_mb
+from .artifacts import Artifact, ArtifactKind, OnnxModel, TorchModel
 from .errors import BackendMissing, UserError
 from .progress import Progress, Silent
 from .recipe import Recipe
@@ -92,19 +91,6 @@ class RunResult:
     gate: list = field(default_factory=list)
 
 
-def size_mb(artifact: Artifact) -> float:
-    """Bytes a deployment has to ship: files on disk, or int8-packed tensors for in-memory transforms."""
-    if isinstance(artifact, OnnxModel):
-        return artifact.size_mb()
-    if artifact.transforms and artifact.module is not None:
-        import torch
-
-        buffer = io.BytesIO()
-        torch.save(artifact.module.state_dict(), buffer)
-        return buffer.tell() / 1e6
-    return files_size_mb(artifact.weight_files())
-
-
 def _place(artifact: Artifact, folder: Path) -> Artifact:
     """Move the final artifact into the run folder: model.onnx (with config and tokenizer) or model/."""
     if isinstance(artifact, OnnxModel):
@@ -112,7 +98,10 @@ def _place(artifact: Artifact, folder: Path) -> Artifact:
             shutil.move(str(item), folder / item.name)
         return OnnxModel(folder / artifact.path.name, artifact.task, with_past=artifact.with_past)
     target = folder / "model"
-    shutil.copytree(artifact.path, target)
+    if artifact.path.is_relative_to(folder):  # a stage's output inside this run: move, don't copy
+        shutil.move(str(artifact.path), target)
+    else:
+        shutil.copytree(artifact.path, target)
     return TorchModel(target, artifact.task, transforms=artifact.transforms, module=artifact.module)
 
 
@@ -188,9 +177,9 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
             latency = interleaved([base_runner, result_runner], feed, bench.warmup, bench.iterations, progress)
 
         baseline = {"metrics": base_eval.metrics, "latency_ms": latency["baseline"].as_dict(),
-                    "size_mb": round(size_mb(source), 3), "backend": base_runner.backend}
+                    "size_mb": round(source.size_mb(), 3), "backend": base_runner.backend}
         result = {"metrics": result_eval.metrics, "latency_ms": latency["result"].as_dict(),
-                  "size_mb": round(size_mb(final), 3), "backend": result_runner.backend,
+                  "size_mb": round(final.size_mb(), 3), "backend": result_runner.backend,
                   "artifact": str(out / final.path.relative_to(partial))}
         gate = check_goals(recipe.goals, baseline, result)
         passed = all(g.passed for g in gate)

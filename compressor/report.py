@@ -12,8 +12,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from . import __version__
-from .artifacts import Artifact, OnnxModel, digest_files
-from .fixtures import sha256_file
+from .artifacts import Artifact, OnnxModel, TorchModel, sha256_file
 
 PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "pydantic")
 
@@ -73,8 +72,7 @@ def build_manifest(recipe, checkpoint: Path, artifact: Artifact, folder: Path) -
     return {
         "recipe": recipe.model_dump(mode="json"),
         "recipe_file": recipe.source,
-        "checkpoint": {"path": str(checkpoint),
-                       "digest": digest_files(sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"])},
+        "checkpoint": {"path": str(checkpoint), "digest": TorchModel(checkpoint, recipe.task).digest()},
         "artifact": {str(p.relative_to(folder)): sha256_file(p) for p in files},
         "packages": package_versions(),
         "machine": {k: v for k, v in environment().items() if k != "packages"},

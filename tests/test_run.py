@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from compressor.cli import main
-from compressor.fixtures import sha256_file
+from compressor.artifacts import sha256_file
 from compressor.pipeline import RunOptions, run
 from compressor.recipe import load_recipe
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from compressor.artifacts import OnnxModel, TorchModel
+from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_tokenizer
 from compressor.data import encode
 from compressor.errors import StageFailed, UserError

@@ -52,7 +52,7 @@ class OptimizeOnnx(Stage):
         optimized = optimize_model(str(artifact.path), model_type="bert" if family == "none" else family,
                                    opt_level=config.level, only_onnxruntime=family == "none", use_gpu=False)
         out = OnnxModel(ctx.workdir / "model.onnx", artifact.task, with_past=artifact.with_past)
-        optimized.save_model_to_file(str(out.path), use_external_data_format=artifact.size_mb() > 1800)
+        optimized.save_model_to_file(str(out.path), use_external_data_format=artifact.needs_external_data())
         copy_tokenizer_files(artifact.folder, ctx.workdir)
         fused = {k: v for k, v in (optimized.get_fused_operator_statistics() or {}).items() if v}
         diff = max_abs_difference(artifact, out, ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import shutil
 from collections import Counter
 from typing import Literal, Optional
 
@@ -77,7 +78,7 @@ def _quantize_onnx(config: QuantizeConfig, artifact: OnnxModel, ctx: StageContex
     quantize_dynamic(artifact.path, out.path, op_types_to_quantize=config.op_types,
                      per_channel=config.per_channel, reduce_range=config.reduce_range,
                      weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                     use_external_data_format=artifact.size_mb() > 1800,
+                     use_external_data_format=artifact.needs_external_data(),
                      extra_options={"DefaultTensorType": float_type})
     copy_tokenizer_files(artifact.folder, ctx.workdir)
     ops = Counter(node.op_type for node in onnx.load(str(out.path), load_external_data=False).graph.node)
@@ -101,8 +102,6 @@ def _quantize_torch(config: QuantizeConfig, artifact: TorchModel, ctx: StageCont
     # The artifact is the float checkpoint plus a replayable transform: torch's packed int8 weights
     # have no safetensors form, and dynamic quantization is a deterministic function of the weights.
     out = ctx.workdir / "model"
-    import shutil
-
     shutil.copytree(artifact.path, out)
     transforms = artifact.transforms + [transform]
     (out / TRANSFORMS_FILE).write_text(json.dumps({"transforms": transforms}, indent=2))
