@@ -58,7 +58,8 @@ class TorchModel:
     def size_mb(self) -> float:
         """Bytes a deployment ships: the weight files, or the int8-packed tensors when an in-memory
         transform (torch dynamic int8) replaced the float weights."""
-        if self.transforms and self.module is not None:
+        replayed = [t for t in self.transforms if not t.get("stored")]
+        if replayed and self.module is not None:
             import io
 
             import torch

@@ -70,6 +70,17 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
     import torch
 
     inspect_checkpoint(artifact.path, allow_pickle)
+    transforms = list(artifact.transforms)
+    transforms_file = artifact.path / TRANSFORMS_FILE
+    if transforms_file.exists() and not transforms:
+        transforms = json.loads(transforms_file.read_text()).get("transforms", [])
+    if transforms and transforms[0].get("stored"):
+        # The files hold the transformed weights themselves (int8 weight-only), not a float checkpoint.
+        from .stages.weight_only import load_weight_only_torch
+
+        artifact.module = load_weight_only_torch(artifact, transforms[0], trust_remote_code)
+        artifact.transforms = transforms
+        return artifact.module
     use_safetensors = any(artifact.path.glob("*.safetensors"))
     try:
         module = model_class(artifact.task).from_pretrained(
@@ -78,10 +89,6 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{artifact.path}: transformers could not load it as a {artifact.task} model: {exc}") from None
     module.eval()
-    transforms = list(artifact.transforms)
-    transforms_file = artifact.path / TRANSFORMS_FILE
-    if transforms_file.exists() and not transforms:
-        transforms = json.loads(transforms_file.read_text()).get("transforms", [])
     for name in transforms:
         from .stages.quantize import apply_torch_transform
 

@@ -207,12 +207,32 @@ def stages() -> None:
             table.add_row(field_name, default, info.description or "")
         stdout.print(table)
         stdout.print(f"  input: {' or '.join(stage.accepts)} model; needs calibration data: "
-                  f"{'yes' if stage.needs_calibration else 'no'}\n")
+                  f"{_yes_no(stage.needs_calibration)}\n")
+
+
+def _yes_no(value) -> str:
+    return value if isinstance(value, str) else ("yes" if value else "no")
+
+
+@main.command()
+@handle_errors
+def data() -> None:
+    """List the built-in datasets (dataset cards) that recipes can name in `dataset:`."""
+    from .data import card_names, load_card
+
+    table = Table(title="built-in datasets (compressor/calibration/)", title_justify="left")
+    for column in ("name", "format", "description", "licence"):
+        table.add_column(column, overflow="fold")
+    for name in card_names():
+        card = load_card(name)
+        table.add_row(name, card.get("format", ""), " ".join(card.get("description", "").split()).split(". ")[0],
+                      card.get("licence", ""))
+    stdout.print(table)
 
 
 @main.command()
 @click.option("--only", type=click.Choice(["minilm", "sentiment-data", "sentiment-classifier", "smollm2",
-                                           "lee-background"]), multiple=True, help="Build just these.")
+                                           "lee-background", "lee-test"]), multiple=True, help="Build just these.")
 @click.option("--path", "paths_only", is_flag=True, help="Print only the paths, one per line (for scripts).")
 @handle_errors
 def fixtures(only: tuple[str, ...], paths_only: bool) -> None:

@@ -45,6 +45,7 @@ SHA256 = {
     "SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     "movieReviewSnippets_GroundTruth.txt": "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350",
     "lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+    "lee.cor": "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e",
 }
 
 # Bump when a builder changes what it produces, so cached fixtures from older builders are not reused.
@@ -52,7 +53,7 @@ LAYOUT_VERSION = "v1"
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
-NAMES = ("minilm", "sentiment-data", "sentiment-classifier", "smollm2", "lee-background")
+NAMES = ("minilm", "sentiment-data", "sentiment-classifier", "smollm2", "lee-background", "lee-test")
 
 
 def home() -> Path:
@@ -68,6 +69,7 @@ def paths(root: Path | None = None) -> dict[str, Path]:
         "smollm2": root / "models" / "smollm2-135m",
         "sentiment-data": root / "data" / "sentiment",
         "lee-background": root / "data" / "lee_background",
+        "lee-test": root / "data" / "lee_test",
     }
 
 
@@ -268,12 +270,27 @@ def build_lee_background(root: Path) -> Path:
     return target
 
 
+def build_lee_test(root: Path) -> Path:
+    """The 50 Lee news documents (none of them in lee_background): calibration text for language
+    models that are evaluated on lee_background. The original is Latin-1; stored as UTF-8."""
+    target = paths(root)["lee-test"]
+    wheel = _download(GENSIM, root / "downloads")
+    with _Building(target) as out, zipfile.ZipFile(wheel) as archive:
+        raw = out / "lee.cor"
+        raw.write_bytes(archive.read("gensim/test/test_data/lee.cor"))
+        _check_sha("lee.cor", raw)
+        (out / "lee_test.txt").write_text(raw.read_text(encoding="latin-1"), encoding="utf-8")
+        raw.unlink()
+    return target
+
+
 _BUILDERS = {
     "minilm": build_minilm,
     "sentiment-data": build_sentiment_data,
     "sentiment-classifier": build_sentiment_classifier,
     "smollm2": build_smollm2,
     "lee-background": build_lee_background,
+    "lee-test": build_lee_test,
 }
 
 

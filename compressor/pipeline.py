@@ -157,7 +157,8 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
             seconds = time.perf_counter() - started
             log.info("stage %s done in %.1fs", step.config.type, seconds)
             records.append({"type": step.config.type, "seconds": round(seconds, 3), "cached": False,
-                            "output": artifact.kind, **ctx.details})
+                            "output": artifact.kind, **ctx.details,
+                            **({"notes": ctx.notes} if ctx.notes else {})})
         final = _place(artifact, partial)
 
         progress.phase("evaluating baseline and result on the same samples")

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from .data import DataConfig
 from .errors import UserError
 from .stages.export_onnx import ExportOnnxConfig
 from .stages.optimize_onnx import OptimizeOnnxConfig
@@ -25,22 +26,6 @@ StageConfig = Annotated[
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(Strict):
-    """Where evaluation samples come from: a built-in set or a file."""
-
-    dataset: Optional[Literal["sentiment-test", "lee-background"]] = Field(
-        None, description="built-in set, built by `compress fixtures`")
-    path: Optional[str] = Field(None, description="a .jsonl file (one object per line) or a .txt file")
-    text_field: str = Field("text", description="JSONL field holding the text")
-    label_field: Optional[str] = Field("label", description="JSONL field holding an integer label, if any")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "DataConfig":
-        if (self.dataset is None) == (self.path is None):
-            raise ValueError("give exactly one of `dataset` or `path`")
-        return self
 
 
 class EvaluationConfig(Strict):

@@ -43,6 +43,7 @@ def build_report(recipe, checkpoint: Path, baseline: dict, result: dict, gate: l
     if other_cpu_share is not None and other_cpu_share > BUSY_MACHINE_SHARE:
         notes.append(f"other processes used {other_cpu_share:.0%} of the CPU while latency was measured; "
                      "runtimes slow down unequally on a busy machine, so rerun latency goals on an idle one")
+    notes += [note for stage in stages for note in stage.get("notes", [])]
     if (checkpoint / "fixture.json").exists():
         note = json.loads((checkpoint / "fixture.json").read_text()).get("note")
         if note:
@@ -106,7 +107,7 @@ def markdown(report: dict) -> str:
               f"{bench['iterations']} interleaved iterations after {bench['warmup']} warm-up calls.", "",
               "## Stages", "", "| stage | seconds | details |", "|---|---|---|"]
     for stage in report["stages"]:
-        details = ", ".join(f"{k}={_fmt(v)}" for k, v in stage.items() if k not in ("type", "seconds", "cached"))
+        details = ", ".join(f"{k}={_fmt(v)}" for k, v in stage.items() if k not in ("type", "seconds", "cached", "notes"))
         lines.append(f"| {stage['type']} | {stage['seconds']} | {details} |")
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]

@@ -57,6 +57,23 @@ def _ort_dtype(type_name: str):
             "tensor(int32)": np.int32}.get(type_name, np.float32)
 
 
+def complete_feed(session_inputs, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs an ONNX graph takes, from a tokenizer's output: drop what it does not take and fill
+    in what tokenizers do not produce (position ids, token type ids, empty past key/values)."""
+    wanted = {i.name: i for i in session_inputs}
+    inputs = {k: v for k, v in feed.items() if k in wanted}
+    batch, length = feed["input_ids"].shape
+    if "position_ids" in wanted and "position_ids" not in inputs:
+        inputs["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
+    if "token_type_ids" in wanted and "token_type_ids" not in inputs:
+        inputs["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    for name, meta in wanted.items():
+        if name.startswith("past_key_values"):
+            heads, head_dim = meta.shape[1], meta.shape[3]
+            inputs[name] = np.zeros((batch, heads, 0, head_dim), dtype=_ort_dtype(meta.type))
+    return inputs
+
+
 class OrtRunner(Runner):
     """ONNX Runtime on CPU. Feeds empty past key/values to models exported with past, so that one
     graph serves both full-sequence evaluation and (later) decoding."""
@@ -81,16 +98,7 @@ class OrtRunner(Runner):
             self.fixed_shape = tuple(d if isinstance(d, int) else None for d in ids.shape[:2])
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = {k: v for k, v in feed.items() if k in self._inputs}
-        batch, length = feed["input_ids"].shape
-        if "position_ids" in self._inputs and "position_ids" not in inputs:
-            inputs["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
-        if "token_type_ids" in self._inputs and "token_type_ids" not in inputs:
-            inputs["token_type_ids"] = np.zeros_like(feed["input_ids"])
-        for name, meta in self._inputs.items():
-            if name.startswith("past_key_values"):
-                heads, head_dim = meta.shape[1], meta.shape[3]
-                inputs[name] = np.zeros((batch, heads, 0, head_dim), dtype=_ort_dtype(meta.type))
+        inputs = complete_feed(self._inputs.values(), feed)
         (output,) = self.session.run([self._output], inputs)
         return output.astype(np.float32, copy=False)
 

@@ -63,3 +63,52 @@ def test_torch_int8_recipe_is_meant_to_fail(tmp_path):
     assert verdicts["accuracy.perplexity.max_drop_pct"] is False and verdicts["accuracy.top1_agreement.min"] is False
     base, cand = result.report["baseline"]["metrics"], result.report["result"]["metrics"]
     assert cand["perplexity"] > 2 * base["perplexity"]
+
+
+def test_minilm_encoder_int8_static_passes(tmp_path):
+    result = run_shipped("minilm-int8-static.yaml", "minilm", tmp_path)
+    assert result.passed, result.report["gate"]
+    metrics = result.report["result"]["metrics"]
+    assert metrics["cosine_min"] > 0.98  # where int8-dynamic fails (0.976)
+    quantize = result.report["stages"][1]
+    assert quantize["method"] == "minmax" and quantize["quantized_nodes"]["MatMul"] == 48
+    assert quantize["smoothed_activations"] == 24
+
+
+def test_sentiment_int8_static_passes(tmp_path):
+    result = run_shipped("minilm-sentiment-int8-static.yaml", "sentiment-classifier", tmp_path)
+    assert result.passed, result.report["gate"]
+    base, cand = result.report["baseline"]["metrics"], result.report["result"]["metrics"]
+    assert base["accuracy"] - cand["accuracy"] <= 0.01
+
+
+def test_smollm2_weight_only_passes_and_really_shrinks(tmp_path):
+    result = run_shipped("smollm2-int8-weight-only.yaml", "smollm2", tmp_path)
+    assert result.passed, result.report["gate"]
+    model = Path(result.report["result"]["artifact"])
+    on_disk = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
+    assert on_disk < 0.5 * result.report["baseline"]["size_mb"]
+    assert abs(on_disk - result.report["result"]["size_mb"]) < 1
+
+
+def test_smollm2_onnx_weight_only_passes(tmp_path):
+    result = run_shipped("smollm2-onnx-int8-weight-only.yaml", "smollm2", tmp_path)
+    assert result.passed, result.report["gate"]
+    # every projection of the 30 layers; lm_head reads the embedding table it is tied to, which the
+    # input Gather also reads, so it stays float (and is stored once)
+    assert result.report["stages"][1]["quantized_weights"] == 30 * 7
+
+
+def test_smollm2_static_fails_with_exit_1_naming_perplexity(tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+
+    out = tmp_path / "out"
+    outcome = CliRunner().invoke(main, ["run", str(RECIPES / "smollm2-int8-static-fails.yaml"),
+                                        "--model", str(real_fixture("smollm2")), "--out", str(out)])
+    assert outcome.exit_code == 1, outcome.output
+    report = json.loads((out / "report.json").read_text())
+    failed = [g["goal"] for g in report["gate"] if not g["passed"]]
+    assert failed == ["accuracy.perplexity.max_drop_pct"]
+    assert "FAIL" in (out / "report.md").read_text()

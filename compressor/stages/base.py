@@ -28,6 +28,7 @@ class StageContext:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     details: dict[str, Any] = field(default_factory=dict)  # what the stage reports about itself
+    notes: list[str] = field(default_factory=list)  # what the report's reader must not miss
 
 
 class Stage:
@@ -37,7 +38,7 @@ class Stage:
     summary: ClassVar[str]
     config_model: ClassVar[type[StageConfigBase]]
     accepts: ClassVar[tuple[ArtifactKind, ...]]
-    needs_calibration: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool | str] = False  # a string says when
 
     def output_kind(self, config: Any, input_kind: ArtifactKind) -> ArtifactKind:
         return input_kind

@@ -1,4 +1,5 @@
-"""quantize: int8 dynamic quantization of ONNX models (ONNX Runtime) and torch models (torch.ao)."""
+"""quantize: int8 dynamic (ONNX Runtime for ONNX models, torch.ao for torch models); int8-static and
+int8-weight-only live in their own modules and are dispatched from here."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from ..artifacts import OnnxModel, TorchModel
+from ..data import CalibrationConfig
 from ..errors import UserError
 from .base import Stage, StageConfigBase, StageContext
 from .export_onnx import copy_tokenizer_files
@@ -22,37 +24,101 @@ QUANTIZED_ONNX_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "D
                       "QLinearMatMul", "ConvInteger")
 
 
+STATIC_ONLY = ("calibration", "method", "percentile", "activation_type", "activation_symmetric", "include",
+               "quantize_outputs", "smooth_alpha", "preprocess", "fallback")
+
+
+class FallbackConfig(StageConfigBase):
+    """Accuracy-aware fallback for int8-static: keep the most harmful nodes in float."""
+
+    max_nodes: int = Field(ge=1, description="at most this many nodes are left in float")
+    min_cosine: float = Field(
+        0.99, gt=0, le=1, description="stop once the worst calibration sample's output cosine against fp32 "
+                                      "reaches this")
+
+
 class QuantizeConfig(StageConfigBase):
     type: Literal["quantize"]
-    scheme: Literal["int8-dynamic"] = Field(
-        description="int8-dynamic: int8 weights, activations quantized per call at run time")
-    per_channel: bool = Field(True, description="one weight scale per output channel instead of per tensor")
+    scheme: Literal["int8-dynamic", "int8-static", "int8-weight-only"] = Field(
+        description="int8-dynamic: int8 weights, activations quantized per call at run time; int8-static: "
+                    "int8 weights and activations with ranges from calibration data (ONNX, QDQ); "
+                    "int8-weight-only: int8 weights per output channel, float activations (ONNX and torch)")
+    per_channel: bool = Field(True, description="one weight scale per output channel instead of per tensor "
+                                                "(int8-weight-only is always per channel)")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where int8 overflows")
     op_types: Optional[list[str]] = Field(
-        None, description="ONNX only: operator types to quantize (e.g. [MatMul, Attention]); default: "
-                          "every type ONNX Runtime can quantize dynamically")
+        None, description="ONNX only: operator types to quantize (e.g. [MatMul, Attention]); default: every "
+                          "type ONNX Runtime can quantize dynamically; [MatMul] for int8-static and "
+                          "int8-weight-only")
     exclude: list[str] = Field(
         default_factory=list, description="node names (ONNX) or module names (torch) to keep in float; "
                                           "shell-style patterns such as '*lm_head*'")
+    # int8-static only
+    calibration: Optional[CalibrationConfig] = Field(
+        None, description="int8-static: the samples activation ranges are measured on (see Calibration data)")
+    method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="int8-static: how a range is chosen from the calibration activations")
+    percentile: float = Field(99.999, gt=50, le=100, description="int8-static, method percentile: the percentile "
+                                                                 "of |activation| kept inside the range")
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8", description="int8-static: activation type; uint8 is the fast path on x86 CPUs (u8s8 kernels)")
+    activation_symmetric: bool = Field(False, description="int8-static: zero point fixed at 0 for activations")
+    include: list[str] = Field(
+        default_factory=list, description="int8-static: quantize only nodes matching these patterns")
+    quantize_outputs: bool = Field(
+        False, description="int8-static: also quantize the outputs of quantized operators (off: their outputs "
+                           "carry transformer outliers into the residual stream)")
+    smooth_alpha: Optional[float] = Field(
+        None, ge=0, le=1, description="int8-static: SmoothQuant strength; moves activation outliers into the "
+                                      "weights before calibration (0.5 to 0.9; off when unset)")
+    preprocess: bool = Field(True, description="int8-static: type every tensor with ONNX Runtime's shape "
+                                               "inference first (needed for fused graphs)")
+    fallback: Optional[FallbackConfig] = Field(
+        None, description="int8-static: leave the most harmful nodes in float until the output cosine on "
+                          "calibration data reaches a target")
 
 
 class Quantize(Stage):
     type = "quantize"
-    summary = "Quantize weights to int8 (ONNX Runtime for ONNX models, torch.ao for torch models)"
+    summary = "Quantize to int8: dynamic, static with calibration (ONNX), or weight-only"
     config_model = QuantizeConfig
     accepts = ("onnx", "torch")
+    needs_calibration = "with scheme int8-static"
 
     def check(self, config: QuantizeConfig, input_kind, task):
+        static_fields = sorted(set(STATIC_ONLY) & config.model_fields_set)
+        if config.scheme != "int8-static" and static_fields:
+            return f"{', '.join(static_fields)} appl{'ies' if len(static_fields) == 1 else 'y'} to int8-static only"
+        if config.scheme == "int8-static":
+            if input_kind == "torch":
+                return "int8-static quantizes ONNX models; add an export_onnx stage before it"
+            if config.calibration is None:
+                return "int8-static needs `calibration:` data to measure activation ranges"
+            if config.method != "minmax" and config.calibration.padding != "max_length":
+                return (f"method {config.method} builds histograms that need equal-shaped batches; "
+                        "set calibration.padding: max_length")
         if input_kind == "torch" and config.op_types:
-            return "op_types applies to ONNX models; for torch models int8-dynamic quantizes nn.Linear"
+            return "op_types applies to ONNX models; for torch models int8 quantizes nn.Linear"
         if input_kind == "torch" and config.reduce_range:
             return "reduce_range applies to ONNX models; torch's dynamic int8 kernels do not use it"
         return None
 
     def backends(self, config, input_kind):
+        if config.scheme == "int8-weight-only":
+            return ["onnx"] if input_kind == "onnx" else ["safetensors"]
         return ["onnxruntime.quantization"] if input_kind == "onnx" else ["torch.ao.quantization"]
 
     def run(self, config: QuantizeConfig, artifact, ctx: StageContext):
+        if config.scheme == "int8-static":
+            from .onnx_static import quantize_static_onnx
+
+            return quantize_static_onnx(config, artifact, ctx)
+        if config.scheme == "int8-weight-only":
+            from .weight_only import weight_only_onnx, weight_only_torch
+
+            if isinstance(artifact, OnnxModel):
+                return weight_only_onnx(config, artifact, ctx)
+            return weight_only_torch(config, artifact, ctx)
         if isinstance(artifact, OnnxModel):
             return _quantize_onnx(config, artifact, ctx)
         return _quantize_torch(config, artifact, ctx)
@@ -93,6 +159,8 @@ def _quantize_onnx(config: QuantizeConfig, artifact: OnnxModel, ctx: StageContex
 def _quantize_torch(config: QuantizeConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
     from ..checkpoint import TRANSFORMS_FILE, load_torch_model
 
+    if artifact.transforms:
+        raise UserError(f"quantize int8-dynamic: the model is already quantized ({artifact.transforms[-1]['name']})")
     transform = {"name": "int8-dynamic", "per_channel": config.per_channel,
                  "reduce_range": config.reduce_range, "exclude": list(config.exclude)}
     module = load_torch_model(artifact, allow_pickle=ctx.allow_pickle, trust_remote_code=ctx.trust_remote_code)
