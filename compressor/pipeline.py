@@ -171,7 +171,7 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         result_eval = evaluate(recipe.task, result_runner, tokenizer, samples, recipe.evaluation,
                                reference=base_eval, progress=progress)
 
-        progress.phase("benchmarking baseline and result, interleaved")
+        progress.phase("benchmarking baseline and result, in alternating blocks")
         bench = recipe.benchmark
         feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
         with OtherLoad() as load:

@@ -41,7 +41,7 @@ class BenchmarkConfig(Strict):
     seq_len: int = Field(128, gt=0, le=8192)
     threads: int = Field(2, gt=0, description="intra-op threads for every runner")
     warmup: int = Field(10, ge=0, description="untimed calls per runner before timing")
-    iterations: int = Field(50, gt=0, description="timed calls per runner, interleaved A B A B")
+    iterations: int = Field(50, gt=0, description="timed calls per runner, taken in alternating blocks of 10")
 
 
 class AccuracyGoal(Strict):

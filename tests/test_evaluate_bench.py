@@ -51,9 +51,10 @@ def test_interleaved_alternates_and_counts():
     a = FixedRunner("a", lambda row: np.zeros(2), calls)
     b = FixedRunner("b", lambda row: np.zeros(2), calls)
     feed = {"input_ids": np.ones((2, 4), dtype=np.int64)}
-    result = interleaved([a, b], feed, warmup=2, iterations=4)
-    assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
-    assert result["a"].iterations == result["b"].iterations == 4
+    result = interleaved([a, b], feed, warmup=2, iterations=5, block=2, settle=1)
+    # warm-up, then blocks of 1 untimed + 2 timed calls, order reversed every round, last block short
+    assert calls == ["a"] * 2 + ["b"] * 2 + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 2 + ["b"] * 2
+    assert result["a"].iterations == result["b"].iterations == 5
     stats = result["a"]
     assert stats.p50 <= stats.p90 <= stats.p95 <= stats.p99
     assert stats.throughput == pytest.approx(2 / (stats.mean / 1000))
