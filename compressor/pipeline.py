@@ -123,6 +123,21 @@ def _commit(partial: Path, out: Path) -> None:
         partial.rename(out)
 
 
+def _check_calibration_sources(recipe: Recipe) -> None:
+    """Read every stage's calibration source once, so a wrong path or field stops the run before
+    any stage spends minutes on the model."""
+    from .data import read
+
+    for index, config in enumerate(recipe.stages):
+        calibration = getattr(config, "calibration", None)
+        if calibration is not None:
+            try:
+                read(calibration.data)
+            except UserError as exc:
+                raise UserError(f"{recipe.where('stages', index, 'calibration')}: stages[{index}].calibration: "
+                                f"{exc}") from None
+
+
 def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
     from . import report as reporting
     from .bench import OtherLoad, benchmark_feed, interleaved
@@ -143,6 +158,7 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
     threads = recipe.benchmark.threads
     try:
         samples = load_samples(recipe.evaluation.data, recipe.task)  # fail on bad data before stages run
+        _check_calibration_sources(recipe)
         # One object for the checkpoint: the first stage and the baseline share its loaded module.
         source = TorchModel(checkpoint, recipe.task)
         artifact: Artifact = source

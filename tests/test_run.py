@@ -185,3 +185,46 @@ def test_cli_json_output_is_the_report(tiny_classifier, sentences_jsonl, tmp_pat
     result = invoke("run", recipe, "--model", tiny_classifier, "--out", tmp_path / "j", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout) == json.loads((tmp_path / "j" / "report.json").read_text())
+
+
+STATIC_RECIPE = """
+name: tiny-static
+task: text-classification
+stages:
+  - type: export_onnx
+  - type: quantize
+    scheme: int8-static
+    calibration:
+      data: {{path: "{calibration}"}}
+      samples: 16
+      batch_size: 4
+evaluation:
+  data: {{path: "{data}"}}
+  batch_size: 8
+benchmark: {{seq_len: 32, iterations: 6, warmup: 1}}
+goals:
+  accuracy:
+    - {{metric: agreement, min: 0.9}}
+"""
+
+
+def test_static_recipe_end_to_end(tiny_classifier, sentences_jsonl, tmp_path):
+    recipe = write_recipe(tmp_path, STATIC_RECIPE.format(calibration=sentences_jsonl, data=sentences_jsonl))
+    result = run(load_recipe(recipe), tiny_classifier, RunOptions(out=tmp_path / "out"))
+    assert result.passed, result.report["gate"]
+    quantize = result.report["stages"][1]
+    assert quantize["format"] == "QDQ" and quantize["calibration_samples"] == 16
+    assert quantize["quantized_nodes"]["MatMul"] > 0
+
+
+def test_missing_calibration_data_stops_before_any_stage(tiny_classifier, sentences_jsonl, tmp_path, monkeypatch):
+    from compressor.stages.export_onnx import ExportOnnx
+
+    exported = []
+    monkeypatch.setattr(ExportOnnx, "run", lambda self, *args: exported.append(args))
+    recipe = write_recipe(tmp_path, STATIC_RECIPE.format(calibration=tmp_path / "nope.jsonl", data=sentences_jsonl))
+    outcome = invoke("run", recipe, "--model", tiny_classifier, "--out", tmp_path / "out")
+    assert outcome.exit_code == 2
+    assert f"{recipe}:7: stages[1].calibration: {tmp_path / 'nope.jsonl'}: data file not found" in outcome.output
+    assert exported == []  # nothing was exported first
+    assert not (tmp_path / "out").exists()
