@@ -12,6 +12,7 @@ from .data import DataConfig
 from .errors import UserError
 from .stages.export_onnx import ExportOnnxConfig
 from .stages.optimize_onnx import OptimizeOnnxConfig
+from .stages.prune import PruneConfig
 from .stages.quantize import QuantizeConfig
 
 Task = Literal["text-classification", "feature-extraction", "text-generation"]
@@ -19,7 +20,7 @@ Task = Literal["text-classification", "feature-extraction", "text-generation"]
 # Written out rather than generated from the registry so that the types stay visible to readers
 # and type checkers; tests check that it and the registry agree.
 StageConfig = Annotated[
-    Union[ExportOnnxConfig, OptimizeOnnxConfig, QuantizeConfig],
+    Union[ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig],
     Field(discriminator="type"),
 ]
 

@@ -81,6 +81,8 @@ def build_manifest(recipe, checkpoint: Path, artifact: Artifact, folder: Path) -
 
 
 def _fmt(value) -> str:
+    if isinstance(value, (dict, list)) and len(value) > 8:
+        return f"({len(value)} entries, see report.json)"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

@@ -1,0 +1,191 @@
+"""prune (torch -> torch), kind unstructured: magnitude, Wanda and SparseGPT, at a sparsity target or
+in N:M patterns. Zeros are written into the weights, so they survive save_pretrained and ONNX
+export; the sparsity reported is measured from the saved files."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import shutil
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ..artifacts import TorchModel
+from ..data import CalibrationConfig
+from ..errors import UserError
+from .base import Stage, StageConfigBase, StageContext
+
+log = logging.getLogger(__name__)
+
+PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".ckpt", ".h5")
+
+
+class PruneConfig(StageConfigBase):
+    type: Literal["prune"]
+    kind: Literal["unstructured"] = Field(
+        "unstructured", description="unstructured: individual weights set to zero (tensors keep their shape)")
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        "wanda", description="magnitude: smallest |w|; wanda: smallest |w| x input-activation norm; sparsegpt: "
+                             "second-order pruning that updates the remaining weights (both need calibration)")
+    sparsity: Optional[float] = Field(
+        None, gt=0, lt=1, description="share of weights set to zero in each targeted layer (default 0.5; "
+                                      "fixed by the pattern for 2:4 and 4:8)")
+    pattern: Literal["unstructured", "2:4", "4:8"] = Field(
+        "unstructured", description="2:4 / 4:8: in every group of 4 (8) consecutive input weights of a row, "
+                                    "keep 2 (4): the layout sparse tensor cores accelerate")
+    scope: Literal["per-layer", "global"] = Field(
+        "per-layer", description="magnitude, unstructured only: one threshold per layer, or one across all "
+                                 "targeted layers")
+    targets: list[str] = Field(default_factory=lambda: ["*"],
+                               description="nn.Linear module names to prune; shell-style patterns")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head", "*embed*", "classifier", "score", "*pooler*"],
+                              description="module names never pruned (output heads and embeddings by default)")
+    calibration: Optional[CalibrationConfig] = Field(
+        None, description="wanda / sparsegpt: the samples whose activations guide pruning")
+    block_size: int = Field(128, gt=0, description="sparsegpt: columns pruned together before updating the rest")
+    dampening: float = Field(0.01, gt=0, lt=1, description="sparsegpt: added to the Hessian diagonal, as a share "
+                                                           "of its mean, for a stable inverse")
+
+    @model_validator(mode="after")
+    def _pattern_fixes_sparsity(self) -> "PruneConfig":
+        group = PATTERNS[self.pattern]
+        if group and self.sparsity is not None and abs(self.sparsity - (1 - group[0] / group[1])) > 1e-9:
+            raise ValueError(f"pattern {self.pattern} means sparsity {1 - group[0] / group[1]}; leave sparsity unset")
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        group = PATTERNS[self.pattern]
+        return 1 - group[0] / group[1] if group else (self.sparsity if self.sparsity is not None else 0.5)
+
+
+class Prune(Stage):
+    type = "prune"
+    summary = "Set weights to zero: magnitude, Wanda or SparseGPT, unstructured or N:M"
+    config_model = PruneConfig
+    accepts = ("torch",)
+    needs_calibration = "with method wanda or sparsegpt"
+
+    def check(self, config: PruneConfig, input_kind, task):
+        if config.method != "magnitude" and config.calibration is None:
+            return f"method {config.method} needs `calibration:` data (its activations guide pruning)"
+        if config.scope == "global" and (config.method != "magnitude" or config.pattern != "unstructured"):
+            return "scope: global applies to method magnitude with pattern unstructured"
+        return None
+
+    def backends(self, config, input_kind):
+        return ["torch"]
+
+    def run(self, config: PruneConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
+        import copy
+
+        import torch
+
+        from ..checkpoint import TRANSFORMS_FILE, load_torch_model
+
+        if artifact.transforms:
+            raise UserError(f"prune: the model is already quantized ({artifact.transforms[-1]['name']}); "
+                            "prune before quantizing")
+        module = copy.deepcopy(load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code))
+        layers = select_linears(module, config.targets, config.ignore)
+        with torch.no_grad():
+            if config.method == "magnitude":
+                prune_magnitude(layers, config)
+            else:
+                from .prune_calibrated import prune_with_calibration
+
+                prune_with_calibration(module, layers, config, artifact, ctx)
+        out = ctx.workdir / "model"
+        module.save_pretrained(out, safe_serialization=True)
+        for item in artifact.path.iterdir():  # tokenizer, generation config: everything but weights
+            if item.is_file() and item.name != TRANSFORMS_FILE and not item.name.endswith(WEIGHT_SUFFIXES) \
+                    and not (out / item.name).exists():
+                shutil.copy2(item, out / item.name)
+        result = TorchModel(out, artifact.task, module=module)
+        ctx.details.update({"method": config.method, "pattern": config.pattern,
+                            "target_sparsity": round(config.target_sparsity, 4),
+                            **measured_sparsity(result, list(layers))})
+        return result
+
+
+def select_linears(module, targets: list[str], ignore: list[str]) -> dict:
+    import torch
+
+    def matches(name, patterns):
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p)
+                   for p in patterns)
+
+    layers = {name: child for name, child in module.named_modules()
+              if isinstance(child, torch.nn.Linear) and matches(name, targets) and not matches(name, ignore)}
+    if not layers:
+        raise UserError(f"prune: no nn.Linear matches targets {targets} outside ignore {ignore}")
+    return layers
+
+
+def nm_mask(scores, n: int, m: int):
+    """True where a weight is pruned: in each group of m consecutive inputs of a row, the m - n
+    lowest scores."""
+    import torch
+
+    rows, cols = scores.shape
+    if cols % m:
+        raise UserError(f"prune: a layer with {cols} inputs cannot take a {n}:{m} pattern")
+    groups = scores.reshape(rows, cols // m, m)
+    lowest = torch.topk(groups, m - n, dim=-1, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, lowest, True)
+    return mask.reshape(rows, cols)
+
+
+def row_mask(scores, sparsity: float):
+    """True for the `sparsity` share of lowest scores in each output row."""
+    import torch
+
+    count = int(scores.shape[1] * sparsity)
+    lowest = torch.topk(scores, count, dim=1, largest=False).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
+
+
+def prune_magnitude(layers: dict, config: PruneConfig) -> None:
+    import torch
+
+    group = PATTERNS[config.pattern]
+    if config.scope == "global":
+        magnitudes = torch.cat([layer.weight.abs().flatten() for layer in layers.values()])
+        count = int(magnitudes.numel() * config.target_sparsity)
+        threshold = torch.kthvalue(magnitudes, count).values if count else -1.0
+        for layer in layers.values():
+            layer.weight[layer.weight.abs() <= threshold] = 0
+        return
+    for layer in layers.values():
+        scores = layer.weight.abs()
+        if group:
+            mask = nm_mask(scores, *group)
+        else:
+            count = int(scores.numel() * config.target_sparsity)
+            threshold = torch.kthvalue(scores.flatten(), count).values if count else -1.0
+            mask = scores <= threshold
+        layer.weight[mask] = 0
+
+
+def measured_sparsity(artifact: TorchModel, names: list[str]) -> dict:
+    """Zeros per pruned layer and overall, counted in the saved safetensors files."""
+    from safetensors import safe_open
+
+    wanted = {f"{name}.weight" for name in names}
+    per_layer, zeros, total, model_zeros, model_total = {}, 0, 0, 0, 0
+    for path in artifact.weight_files():
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                count = int((tensor == 0).sum())
+                model_zeros, model_total = model_zeros + count, model_total + tensor.numel()
+                if key in wanted:
+                    per_layer[key[: -len(".weight")]] = round(count / tensor.numel(), 4)
+                    zeros, total = zeros + count, total + tensor.numel()
+    missing = sorted(set(names) - set(per_layer))
+    if missing:
+        raise UserError(f"prune: pruned layers missing from the saved files: {missing[:3]}")
+    return {"pruned_layers": len(per_layer), "sparsity_pruned_layers": round(zeros / max(total, 1), 4),
+            "sparsity_all_weights": round(model_zeros / max(model_total, 1), 4), "sparsity_by_layer": per_layer}
