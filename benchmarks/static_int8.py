@@ -33,16 +33,11 @@ MODELS = {
 
 def calibration_texts(recipe_name: str) -> list[str]:
     """The sentences the shipped static recipe calibrates on (same seed, same draw)."""
-    import numpy as np
-
-    from compressor.data import read
+    from compressor.data import draw_texts
     from compressor.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / recipe_name)
-    calibration = next(s for s in recipe.stages if s.type == "quantize").calibration
-    source = read(calibration.data)
-    rng = np.random.default_rng(calibration.seed)
-    return [source.texts[i] for i in rng.choice(len(source.texts), calibration.samples, replace=False)]
+    return draw_texts(next(s for s in recipe.stages if s.type == "quantize").calibration)
 
 
 def optimum_static(checkpoint: Path, task: str, texts: list[str], workdir: Path) -> tuple[Path, Path]:

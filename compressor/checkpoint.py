@@ -13,6 +13,18 @@ log = logging.getLogger(__name__)
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5")
 TRANSFORMS_FILE = "compress_transforms.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".ckpt", ".h5")
+
+
+def copy_checkpoint_files(source: Path, target: Path) -> None:
+    """Copy config, tokenizer and generation files into a folder that gets new weights: everything
+    but weight files and a transforms record, and nothing the target already holds."""
+    import shutil
+
+    for item in source.iterdir():
+        if item.is_file() and item.name != TRANSFORMS_FILE and not item.name.endswith(WEIGHT_SUFFIXES) \
+                and not (target / item.name).exists():
+            shutil.copy2(item, target / item.name)
 
 
 def _check_safetensors(path: Path) -> None:

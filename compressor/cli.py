@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import CompressError
+from .fixtures import NAMES as FIXTURE_NAMES
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -231,8 +232,7 @@ def data() -> None:
 
 
 @main.command()
-@click.option("--only", type=click.Choice(["minilm", "sentiment-data", "sentiment-classifier", "smollm2",
-                                           "lee-background", "lee-test"]), multiple=True, help="Build just these.")
+@click.option("--only", type=click.Choice(FIXTURE_NAMES), multiple=True, help="Build just these.")
 @click.option("--path", "paths_only", is_flag=True, help="Print only the paths, one per line (for scripts).")
 @handle_errors
 def fixtures(only: tuple[str, ...], paths_only: bool) -> None:

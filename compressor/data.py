@@ -255,24 +255,31 @@ def load_samples(config: DataConfig, task: str) -> Samples:
 # Calibration batches
 
 
+def draw_texts(config: CalibrationConfig, source: Optional[Samples] = None) -> list[str]:
+    """The `samples` texts a calibration config draws, in draw order (not for token windows)."""
+    source = source or read(config.data)
+    if len(source.texts) < config.samples:
+        raise UserError(f"{source.source}: calibration.samples is {config.samples} but it holds only "
+                        f"{len(source.texts)} samples")
+    rng = np.random.default_rng(config.seed)
+    return [source.texts[i] for i in rng.choice(len(source.texts), config.samples, replace=False)]
+
+
 def calibration_batches(config: CalibrationConfig, tokenizer) -> list[dict[str, np.ndarray]]:
     """Draw `samples` samples with the recipe's seed and encode them into batches of model inputs."""
     source = read(config.data)
-    rng = np.random.default_rng(config.seed)
     if source.segment == "window":
         windows = token_windows(tokenizer, source.texts, config.max_length, None)
         if len(windows) < config.samples:
             raise UserError(f"{source.source}: calibration.samples is {config.samples} but the text holds "
                             f"only {len(windows)} windows of {config.max_length} tokens")
+        rng = np.random.default_rng(config.seed)
         chosen = windows[np.sort(rng.choice(len(windows), config.samples, replace=False))]
         feeds = [{"input_ids": chosen[i:i + config.batch_size],
                   "attention_mask": np.ones_like(chosen[i:i + config.batch_size])}
                  for i in range(0, len(chosen), config.batch_size)]
     else:
-        if len(source.texts) < config.samples:
-            raise UserError(f"{source.source}: calibration.samples is {config.samples} but it holds only "
-                            f"{len(source.texts)} samples")
-        texts = [source.texts[i] for i in rng.choice(len(source.texts), config.samples, replace=False)]
+        texts = draw_texts(config, source)
         if config.padding == "bucket":
             texts.sort(key=lambda t: len(tokenizer(t, truncation=True, max_length=config.max_length)["input_ids"]))
         pad_to = config.max_length if config.padding == "max_length" else None

@@ -3,7 +3,6 @@ smoothing, and an accuracy-aware fallback that leaves the most harmful nodes in 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 from collections import defaultdict
@@ -12,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxruntime.quantization import CalibrationDataReader
+
 from ..artifacts import OnnxModel
 from ..errors import StageFailed, UserError
 from .base import StageContext
 from .export_onnx import copy_tokenizer_files
+from .quantize import graph_float_type, match_nodes
 
 log = logging.getLogger(__name__)
 
@@ -198,30 +200,14 @@ def rank_harm(float_path: Path, quantized_path: Path, feeds: list[dict], threads
 # The stage
 
 
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over prepared feeds."""
+class _Reader(CalibrationDataReader):
+    """Prepared feeds, one batch per call, as ONNX Runtime's calibrators read them."""
 
     def __init__(self, feeds: list[dict]):
         self._feeds = iter(feeds)
 
     def get_next(self):
         return next(self._feeds, None)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
-
-
-def _match(names: list[str], patterns: list[str], field: str) -> list[str]:
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        raise UserError(f"quantize.{field}: no node matches {unmatched}; node names look like {names[:3]}")
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def quantize_static_onnx(config, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:
@@ -249,11 +235,9 @@ def quantize_static_onnx(config, artifact: OnnxModel, ctx: StageContext) -> Onnx
 
     graph = onnx.load(str(source), load_external_data=False)
     names = [node.name for node in graph.graph.node]
-    include = _match(names, config.include, "include") if config.include else []
-    exclude = _match(names, config.exclude, "exclude") if config.exclude else []
-    float_type = next((o.type.tensor_type.elem_type for o in graph.graph.output
-                       if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)),
-                      onnx.TensorProto.FLOAT)
+    include = match_nodes(names, config.include, "include")
+    exclude = match_nodes(names, config.exclude, "exclude")
+    float_type = graph_float_type(graph)
     op_types = config.op_types or ["MatMul"]
     extra = {"ActivationSymmetric": config.activation_symmetric, "WeightSymmetric": True,
              "DefaultTensorType": float_type}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import shutil
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
@@ -19,7 +18,6 @@ from .base import Stage, StageConfigBase, StageContext
 log = logging.getLogger(__name__)
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".ckpt", ".h5")
 
 
 class PruneConfig(StageConfigBase):
@@ -83,7 +81,7 @@ class Prune(Stage):
 
         import torch
 
-        from ..checkpoint import TRANSFORMS_FILE, load_torch_model
+        from ..checkpoint import copy_checkpoint_files, load_torch_model
 
         if artifact.transforms:
             raise UserError(f"prune: the model is already quantized ({artifact.transforms[-1]['name']}); "
@@ -99,10 +97,7 @@ class Prune(Stage):
                 prune_with_calibration(module, layers, config, artifact, ctx)
         out = ctx.workdir / "model"
         module.save_pretrained(out, safe_serialization=True)
-        for item in artifact.path.iterdir():  # tokenizer, generation config: everything but weights
-            if item.is_file() and item.name != TRANSFORMS_FILE and not item.name.endswith(WEIGHT_SUFFIXES) \
-                    and not (out / item.name).exists():
-                shutil.copy2(item, out / item.name)
+        copy_checkpoint_files(artifact.path, out)  # tokenizer and the like; save_pretrained wrote config
         result = TorchModel(out, artifact.task, module=module)
         ctx.details.update({"method": config.method, "pattern": config.pattern,
                             "target_sparsity": round(config.target_sparsity, 4),

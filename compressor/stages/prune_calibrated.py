@@ -74,8 +74,6 @@ def _with_hidden(args: tuple, kwargs: dict, hidden) -> tuple[tuple, dict]:
 
 
 def prune_with_calibration(module, layers: dict, config, artifact, ctx) -> None:
-    import torch
-
     from ..checkpoint import load_tokenizer
     from ..data import calibration_batches
     from .prune import PATTERNS

@@ -124,23 +124,33 @@ class Quantize(Stage):
         return _quantize_torch(config, artifact, ctx)
 
 
+def match_nodes(names: list[str], patterns: list[str], field: str) -> list[str]:
+    """Node names matching any pattern; a pattern that matches nothing is a recipe error."""
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise UserError(f"quantize.{field}: no node matches {unmatched}; node names look like {names[:3]}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def graph_float_type(model) -> int:
+    """The float type a graph computes in, read from its first float output. Fused graphs hold
+    com.microsoft ops (Attention, SkipLayerNormalization) that ONNX shape inference cannot type;
+    ONNX Runtime's quantizers take this as the type of such untyped tensors."""
+    import onnx
+
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    return next((o.type.tensor_type.elem_type for o in model.graph.output
+                 if o.type.tensor_type.elem_type in floats), onnx.TensorProto.FLOAT)
+
+
 def _quantize_onnx(config: QuantizeConfig, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(artifact.path), load_external_data=False)
-    names = [node.name for node in graph.graph.node]
-    excluded = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
-    unmatched = [p for p in config.exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        raise UserError(f"quantize.exclude: no node matches {unmatched}; node names look like {names[:3]}")
+    excluded = match_nodes([node.name for node in graph.graph.node], config.exclude, "exclude")
     out = OnnxModel(ctx.workdir / "model.onnx", artifact.task, with_past=artifact.with_past)
-    # Fused graphs hold com.microsoft ops (Attention, SkipLayerNormalization) that ONNX shape
-    # inference cannot type, so the quantizer would fail on their outputs; give it the float type
-    # the graph computes in, read from its first float output.
-    float_type = next((o.type.tensor_type.elem_type for o in graph.graph.output
-                       if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)),
-                      onnx.TensorProto.FLOAT)
+    float_type = graph_float_type(graph)
     quantize_dynamic(artifact.path, out.path, op_types_to_quantize=config.op_types,
                      per_channel=config.per_channel, reduce_range=config.reduce_range,
                      weight_type=QuantType.QInt8, nodes_to_exclude=excluded,

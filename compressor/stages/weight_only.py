@@ -4,10 +4,10 @@ whose activations carry outliers that per-tensor int8 cannot hold."""
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import logging
-import shutil
 
 import numpy as np
 
@@ -15,11 +15,11 @@ from ..artifacts import OnnxModel, TorchModel
 from ..errors import UserError
 from .base import StageContext
 from .export_onnx import copy_tokenizer_files
+from .quantize import match_nodes
 
 log = logging.getLogger(__name__)
 
 TRANSFORM = "int8-weight-only"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".ckpt", ".h5")
 
 
 def per_channel_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,26 +40,20 @@ def weight_only_onnx(config, artifact: OnnxModel, ctx: StageContext) -> OnnxMode
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(artifact.path))
-    names = [node.name for node in model.graph.node]
-    unmatched = [p for p in config.exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        raise UserError(f"quantize.exclude: no node matches {unmatched}; node names look like {names[:3]}")
+    excluded = set(match_nodes([node.name for node in model.graph.node], config.exclude, "exclude"))
     inits = {i.name: i for i in model.graph.initializer}
     readers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    op_types = set(config.op_types or ["MatMul"])
     chosen = []
-    for name, init in inits.items():
-        users = readers.get(name, [])
-        # Only a 2-D float weight read solely as the right-hand side of included MatMuls.
-        if len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT or not users:
-            continue
-        if any(u.op_type not in op_types or u.op_type != "MatMul" or u.input[1] != name
-               or any(fnmatch.fnmatchcase(u.name, p) for p in config.exclude) for u in users):
-            continue
-        chosen.append(name)
+    if "MatMul" in (config.op_types or ["MatMul"]):  # the only operator this scheme rewrites
+        for name, init in inits.items():
+            users = readers.get(name, [])
+            # Only a 2-D float weight read solely as the right-hand side of MatMuls not excluded.
+            if len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT and users and all(
+                    u.op_type == "MatMul" and u.input[1] == name and u.name not in excluded for u in users):
+                chosen.append(name)
     if not chosen:
         raise UserError("quantize int8-weight-only: no MatMul with a constant float weight to quantize")
     before_params = 0
@@ -131,7 +125,7 @@ def weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> TorchM
     import torch
     from safetensors.torch import save_model
 
-    from ..checkpoint import TRANSFORMS_FILE, load_torch_model
+    from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_torch_model
 
     if artifact.transforms:
         raise UserError("quantize int8-weight-only: the model is already quantized "
@@ -142,13 +136,11 @@ def weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> TorchM
     if not names:
         raise UserError("quantize int8-weight-only: no nn.Linear left to quantize after `exclude`")
     linear = _int8_linear_class()
-    module = _copy_module(module)
+    module = copy.deepcopy(module)  # the baseline may share the loaded module; it keeps its float weights
     _swap(module, names, linear.from_linear)
     out = ctx.workdir / "model"
     out.mkdir()
-    for item in artifact.path.iterdir():  # config, tokenizer, generation config: everything but weights
-        if item.is_file() and item.name != TRANSFORMS_FILE and not item.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(item, out / item.name)
+    copy_checkpoint_files(artifact.path, out)
     # save_model drops the duplicate of weights that stay tied (embeddings and an excluded lm_head).
     save_model(module, str(out / "model.safetensors"), metadata={"format": "pt"})
     transform = {"name": TRANSFORM, "layers": names, "stored": True}
@@ -157,13 +149,6 @@ def weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> TorchM
     ctx.details.update({"backend": "torch", "quantized_linear_layers": len(names),
                         "size_mb_before": round(artifact.size_mb(), 3), "size_mb_after": round(result.size_mb(), 3)})
     return result
-
-
-def _copy_module(module):
-    """A deep copy, so the baseline (which may share the loaded module) keeps its float weights."""
-    import copy
-
-    return copy.deepcopy(module)
 
 
 def load_weight_only_torch(artifact: TorchModel, transform: dict, trust_remote_code: bool):
