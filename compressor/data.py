@@ -288,6 +288,16 @@ def calibration_batches(config: CalibrationConfig, tokenizer) -> list[dict[str, 
     return feeds
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def torch_inputs(feed: dict[str, np.ndarray]) -> dict:
+    """A batch from `encode` or `calibration_batches` as torch tensors, model inputs only."""
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in feed.items() if k in MODEL_INPUTS}
+
+
 def encode(tokenizer, texts: list[str], max_length: int, pad_to: Optional[int] = None) -> dict[str, np.ndarray]:
     """Tokenize a batch to int64 numpy arrays; pad to the longest text, or to `pad_to` for fixed shapes."""
     encoded = tokenizer(texts, truncation=True, max_length=pad_to or max_length,

@@ -166,7 +166,7 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         for step in steps:
             progress.phase(f"stage {step.index + 1}/{len(steps)}: {step.config.type}")
             ctx = StageContext(partial / "work" / f"{step.index:02d}-{step.config.type}", recipe.task, threads,
-                               options.allow_pickle, options.trust_remote_code)
+                               options.allow_pickle, options.trust_remote_code, progress=progress)
             ctx.workdir.mkdir(parents=True)
             started = time.perf_counter()
             artifact = step.stage.run(step.config, artifact, ctx)

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict
 
 from ..artifacts import Artifact, ArtifactKind
+from ..progress import Progress, Silent
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class StageContext:
     trust_remote_code: bool = False
     details: dict[str, Any] = field(default_factory=dict)  # what the stage reports about itself
     notes: list[str] = field(default_factory=list)  # what the report's reader must not miss
+    progress: Progress = field(default_factory=Silent)  # for stages with long loops
 
 
 class Stage:

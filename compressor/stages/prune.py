@@ -1,6 +1,12 @@
-"""prune (torch -> torch), kind unstructured: magnitude, Wanda and SparseGPT, at a sparsity target or
-in N:M patterns. Zeros are written into the weights, so they survive save_pretrained and ONNX
-export; the sparsity reported is measured from the saved files."""
+"""prune (torch -> torch).
+
+kind unstructured: magnitude, Wanda and SparseGPT, at a sparsity target or in N:M patterns. Zeros
+are written into the weights, so they survive save_pretrained and ONNX export; the sparsity
+reported is measured from the saved files.
+
+kind structured: whole attention heads and FFN channels are removed (prune_structured.py), with an
+optional distillation to recover accuracy (prune_recover.py); parameters and MACs are reported
+before and after, and the saved folder is reloaded with from_pretrained as a check."""
 
 from __future__ import annotations
 
@@ -12,18 +18,22 @@ from pydantic import Field, model_validator
 
 from ..artifacts import TorchModel
 from ..data import CalibrationConfig
-from ..errors import UserError
+from ..errors import StageFailed, UserError
 from .base import Stage, StageConfigBase, StageContext
+from .prune_recover import RecoverConfig
 
 log = logging.getLogger(__name__)
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
+UNSTRUCTURED_ONLY = ("method", "sparsity", "pattern", "targets", "ignore", "block_size", "dampening")
+STRUCTURED_ONLY = ("heads", "channels", "importance", "round_to", "recover")
 
 
 class PruneConfig(StageConfigBase):
     type: Literal["prune"]
-    kind: Literal["unstructured"] = Field(
-        "unstructured", description="unstructured: individual weights set to zero (tensors keep their shape)")
+    kind: Literal["unstructured", "structured"] = Field(
+        "unstructured", description="unstructured: individual weights set to zero (tensors keep their shape); "
+                                    "structured: whole attention heads and FFN channels removed (tensors shrink)")
     method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
         "wanda", description="magnitude: smallest |w|; wanda: smallest |w| x input-activation norm; sparsegpt: "
                              "second-order pruning that updates the remaining weights (both need calibration)")
@@ -34,8 +44,8 @@ class PruneConfig(StageConfigBase):
         "unstructured", description="2:4 / 4:8: in every group of 4 (8) consecutive input weights of a row, "
                                     "keep 2 (4): the layout sparse tensor cores accelerate")
     scope: Literal["per-layer", "global"] = Field(
-        "per-layer", description="magnitude, unstructured only: one threshold per layer, or one across all "
-                                 "targeted layers")
+        "per-layer", description="one threshold per layer, or one ranking across all layers: for unstructured "
+                                 "magnitude, and for structured heads of BERT-family models")
     targets: list[str] = Field(default_factory=lambda: ["*"],
                                description="nn.Linear module names to prune; shell-style patterns")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head", "*embed*", "classifier", "score", "*pooler*"],
@@ -45,6 +55,29 @@ class PruneConfig(StageConfigBase):
     block_size: int = Field(128, gt=0, description="sparsegpt: columns pruned together before updating the rest")
     dampening: float = Field(0.01, gt=0, lt=1, description="sparsegpt: added to the Hessian diagonal, as a share "
                                                            "of its mean, for a stable inverse")
+    heads: Optional[float] = Field(
+        None, ge=0, lt=1, description="structured: share of attention heads removed per layer (whole KV groups "
+                                      "under grouped-query attention)")
+    channels: Optional[float] = Field(
+        None, ge=0, lt=1, description="structured: share of FFN intermediate channels removed per layer")
+    importance: Literal["magnitude", "activations"] = Field(
+        "magnitude", description="structured: rank heads and channels by weight norms, or by weights x "
+                                 "input activations on the calibration data")
+    round_to: int = Field(8, ge=1, description="structured: kept FFN channels are rounded to a multiple of this "
+                                               "(fast kernels want aligned widths); 1 to keep the exact share")
+    recover: Optional[RecoverConfig] = Field(
+        None, description="structured: distil the pruned model towards the original on the calibration data "
+                          "({steps, lr, temperature, weight_decay})")
+
+    @model_validator(mode="after")
+    def _fields_match_kind(self) -> "PruneConfig":
+        wrong = UNSTRUCTURED_ONLY if self.kind == "structured" else STRUCTURED_ONLY
+        given = [name for name in wrong if name in self.model_fields_set]
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to kind {self.kind}")
+        if self.kind == "structured" and not (self.heads or self.channels):
+            raise ValueError("kind structured needs `heads` and/or `channels` (the share of each to remove)")
+        return self
 
     @model_validator(mode="after")
     def _pattern_fixes_sparsity(self) -> "PruneConfig":
@@ -61,12 +94,16 @@ class PruneConfig(StageConfigBase):
 
 class Prune(Stage):
     type = "prune"
-    summary = "Set weights to zero: magnitude, Wanda or SparseGPT, unstructured or N:M"
+    summary = "Zero weights (magnitude, Wanda, SparseGPT; N:M) or remove heads and FFN channels"
     config_model = PruneConfig
     accepts = ("torch",)
     needs_calibration = "with method wanda or sparsegpt"
 
     def check(self, config: PruneConfig, input_kind, task):
+        if config.kind == "structured":
+            if config.calibration is None and (config.importance == "activations" or config.recover):
+                return "importance: activations and recover need `calibration:` data"
+            return None
         if config.method != "magnitude" and config.calibration is None:
             return f"method {config.method} needs `calibration:` data (its activations guide pruning)"
         if config.scope == "global" and (config.method != "magnitude" or config.pattern != "unstructured"):
@@ -86,7 +123,10 @@ class Prune(Stage):
         if artifact.transforms:
             raise UserError(f"prune: the model is already quantized ({artifact.transforms[-1]['name']}); "
                             "prune before quantizing")
-        module = copy.deepcopy(load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code))
+        original = load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code)
+        module = copy.deepcopy(original)
+        if config.kind == "structured":
+            return self._run_structured(config, artifact, original, module, ctx)
         layers = select_linears(module, config.targets, config.ignore)
         with torch.no_grad():
             if config.method == "magnitude":
@@ -103,6 +143,36 @@ class Prune(Stage):
                             "target_sparsity": round(config.target_sparsity, 4),
                             **measured_sparsity(result, list(layers))})
         return result
+
+
+    def _run_structured(self, config: PruneConfig, artifact: TorchModel, original, module, ctx) -> TorchModel:
+        from ..checkpoint import copy_checkpoint_files, load_tokenizer
+        from ..data import calibration_batches
+        from .prune_recover import distill
+        from .prune_structured import check_reload, prune_structured, size_and_macs
+
+        vocab = module.config.vocab_size
+        params_before, macs_before = size_and_macs(module, vocab)
+        summary = prune_structured(module, config, artifact)
+        params_after, macs_after = size_and_macs(module, vocab)
+        if config.recover:
+            feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
+            summary.update(distill(module, original, feeds, artifact.task, config.recover, ctx.progress))
+        out = ctx.workdir / "model"
+        module.save_pretrained(out, safe_serialization=True)
+        copy_checkpoint_files(artifact.path, out)
+        reload_diff = check_reload(module, out, artifact.task, vocab)
+        if not reload_diff <= 1e-4:
+            raise StageFailed(f"prune structured: the saved model reloads with outputs {reload_diff:.3g} away from "
+                              "the pruned model")
+        ctx.details.update({"kind": "structured", **summary, "params_before": params_before,
+                            "params_after": params_after, "params_ratio": round(params_after / params_before, 4),
+                            "macs_before": macs_before, "macs_after": macs_after,
+                            "macs_ratio": round(macs_after / macs_before, 4), "macs_sequence": 128,
+                            "reload_max_abs_diff": reload_diff})
+        if config.calibration is not None:
+            ctx.details["calibration_samples"] = config.calibration.samples
+        return TorchModel(out, artifact.task, module=module)
 
 
 def select_linears(module, targets: list[str], ignore: list[str]) -> dict:

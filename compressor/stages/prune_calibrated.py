@@ -37,7 +37,7 @@ def _blocks(module, layers: dict):
 
 def _block_inputs(module, blocks, feeds: list[dict], task: str):
     """Run the model up to the first block and keep, per batch, what that block was called with."""
-    import torch
+    from ..data import torch_inputs
 
     recorded = []
 
@@ -48,8 +48,7 @@ def _block_inputs(module, blocks, feeds: list[dict], task: str):
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for feed in feeds:
-            inputs = {k: torch.from_numpy(v) for k, v in feed.items() if k in ("input_ids", "attention_mask",
-                                                                                 "token_type_ids")}
+            inputs = torch_inputs(feed)
             try:
                 if task == "text-generation":
                     module(**inputs, use_cache=False)

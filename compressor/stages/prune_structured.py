@@ -1,0 +1,317 @@
+"""Structured pruning: remove whole attention heads and FFN intermediate channels, so tensors
+physically shrink, and update the config so that `from_pretrained` rebuilds the smaller model.
+
+Two block layouts are understood, found by module names rather than by class:
+- BERT family (`attention.self.{query,key,value}`, `attention.output.dense`, `intermediate.dense`,
+  `output.dense`): heads go through transformers' own `prune_heads`, which records them in
+  `config.pruned_heads` (re-applied on load), so every layer may keep a different number of heads;
+- Llama family (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`): with grouped-query
+  attention a key/value head and the query heads that read it are removed together, so every
+  remaining query head still has its KV head; the config's head counts change and `head_dim` is
+  written explicitly, because it no longer equals hidden_size / num_attention_heads.
+
+A config holds one FFN width (and for Llama one head count) for all layers, so those are pruned
+by the same amount in every layer; only BERT heads can take a global ranking.
+
+Importance of a unit (a head, a KV group or an FFN channel) is measured at the projection that
+reads it back into the residual stream (`attention.output.dense` / `o_proj`, `output.dense` /
+`down_proj`):
+- magnitude: ||W_out[:, unit]||_F x ||W_in[unit, :]||_F, with W_in the value rows for heads and
+  the up (and gate) rows for channels. The product is unchanged when one side is scaled up and
+  the other down, which leaves the function the same;
+- activations: sum over the unit's input columns c of ||W_out[:, c]||_2 x ||x_c||_2 on calibration
+  data, Wanda's score gathered per unit."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import StageFailed, UserError
+
+log = logging.getLogger(__name__)
+
+MAC_SEQUENCE = 128  # tokens in the input on which MACs are counted and reported
+
+
+@dataclass
+class Units:
+    """One prunable group in one block: `count` units of `width` consecutive columns of `output`
+    (and rows of each of `inputs`; `value_inputs` with their own width for GQA value heads)."""
+
+    kind: str  # "heads" or "channels"
+    block: int
+    count: int
+    width: int
+    output: str  # module path of the projection that reads the units
+    inputs: list[str]  # module paths whose output rows are the units
+    value: Optional[tuple[str, int]] = None  # (path, width): rows that weigh a head's magnitude
+    kv: list[str] = field(default_factory=list)  # Llama KV groups: key and value rows, `value` width each
+    scores: object = None
+    keep: list[int] = field(default_factory=list)
+
+
+def family(block) -> str:
+    if hasattr(block, "self_attn") and hasattr(block, "mlp") and hasattr(block.mlp, "down_proj"):
+        return "llama"
+    if hasattr(block, "attention") and hasattr(block, "intermediate") and hasattr(block.attention, "self"):
+        return "bert"
+    raise UserError(f"prune structured: blocks of type {type(block).__name__} are neither BERT-like "
+                    "(attention.self, intermediate, output) nor Llama-like (self_attn, mlp.down_proj)")
+
+
+def find_blocks(module):
+    """The base model's repeated transformer blocks and the path prefix they live under."""
+    import torch
+
+    lists = [(name, child) for name, child in module.named_modules()
+             if isinstance(child, torch.nn.ModuleList) and len(child) and
+             (hasattr(child[0], "self_attn") or hasattr(child[0], "attention"))]
+    if not lists:
+        raise UserError("prune structured: found no transformer blocks (an nn.ModuleList of attention blocks)")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def plan_units(module, heads: Optional[float], channels: Optional[float]) -> list[Units]:
+    prefix, blocks = find_blocks(module)
+    kind = family(blocks[0])
+    config = module.config
+    units = []
+    for index, block in enumerate(blocks):
+        at = f"{prefix}.{index}"
+        if kind == "bert":
+            attention = block.attention.self
+            if heads:
+                units.append(Units("heads", index, attention.num_attention_heads, attention.attention_head_size,
+                                   f"{at}.attention.output.dense",
+                                   [f"{at}.attention.self.{n}" for n in ("query", "key", "value")],
+                                   value=(f"{at}.attention.self.value", attention.attention_head_size)))
+            if channels:
+                units.append(Units("channels", index, block.intermediate.dense.out_features, 1,
+                                   f"{at}.output.dense", [f"{at}.intermediate.dense"]))
+        else:
+            head_dim = block.self_attn.head_dim
+            groups = block.self_attn.k_proj.out_features // head_dim
+            per_group = block.self_attn.q_proj.out_features // head_dim // groups
+            if heads:
+                # one unit = one KV group: per_group query heads, and the key and value head they share
+                units.append(Units("heads", index, groups, per_group * head_dim, f"{at}.self_attn.o_proj",
+                                   [f"{at}.self_attn.q_proj"], value=(f"{at}.self_attn.v_proj", head_dim),
+                                   kv=[f"{at}.self_attn.k_proj", f"{at}.self_attn.v_proj"]))
+            if channels:
+                units.append(Units("channels", index, block.mlp.down_proj.in_features, 1, f"{at}.mlp.down_proj",
+                                   [f"{at}.mlp.gate_proj", f"{at}.mlp.up_proj"]))
+    if kind == "llama" and heads and getattr(config, "num_key_value_heads", None) is None:
+        raise UserError("prune structured: this Llama-like config has no num_key_value_heads")
+    return units
+
+
+def magnitude_scores(module, unit: Units):
+    import torch
+
+    out = module.get_submodule(unit.output).weight.detach().float()
+    column_norms = out.reshape(out.shape[0], unit.count, unit.width).pow(2).sum(dim=(0, 2))
+    if unit.value:
+        path, width = unit.value
+        rows = module.get_submodule(path).weight.detach().float()
+        row_norms = rows.reshape(unit.count, width, -1).pow(2).sum(dim=(1, 2))
+    else:
+        row_norms = sum(module.get_submodule(p).weight.detach().float().pow(2).sum(dim=1) for p in unit.inputs)
+    return torch.sqrt(column_norms) * torch.sqrt(row_norms)
+
+
+def activation_scores(module, units: list[Units], feeds: list[dict], task: str) -> None:
+    """Run the calibration batches once, gathering the squared input of every output projection."""
+    import torch
+
+    from ..data import torch_inputs
+
+    sums = {unit.output: torch.zeros(module.get_submodule(unit.output).in_features, dtype=torch.float64)
+            for unit in units}
+
+    def hook(path):
+        def add(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[path] += (x * x).sum(0)
+        return add
+
+    handles = [module.get_submodule(path).register_forward_pre_hook(hook(path)) for path in sums]
+    try:
+        with torch.no_grad():
+            for feed in feeds:
+                module(**torch_inputs(feed), **({"use_cache": False} if task == "text-generation" else {}))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for unit in units:
+        out = module.get_submodule(unit.output).weight.detach().double()
+        per_column = out.pow(2).sum(0).sqrt() * sums[unit.output].sqrt()
+        unit.scores = per_column.reshape(unit.count, unit.width).sum(1).float()
+
+
+def kept_count(count: int, ratio: float, multiple: int, kind: str) -> int:
+    if kind == "heads":
+        keep = count - round(count * ratio)
+    else:
+        keep = multiple * round(count * (1 - ratio) / multiple) if multiple > 1 else round(count * (1 - ratio))
+    keep = min(count, max(keep, min(multiple, count) if kind == "channels" else 1))
+    return keep
+
+
+def choose(units: list[Units], heads: Optional[float], channels: Optional[float], multiple: int,
+           scope: str) -> None:
+    """Fill each unit's `keep` with the indices of its highest-scoring units, in order."""
+    import torch
+
+    for kind, ratio in (("heads", heads), ("channels", channels)):
+        group = [u for u in units if u.kind == kind]
+        if not group:
+            continue
+        if scope == "global" and kind == "heads":
+            # scores are normalised per layer (by their mean) so layers of different scale compare
+            pooled = [(float(s) / float(u.scores.mean()), b, i) for b, u in enumerate(group)
+                      for i, s in enumerate(u.scores)]
+            total = sum(u.count for u in group)
+            removed, dropped = round(total * ratio), set()
+            left = {b: u.count for b, u in enumerate(group)}
+            for _, b, i in sorted(pooled):
+                if len(dropped) == removed:
+                    break
+                if left[b] > 1:  # every layer keeps at least one head
+                    dropped.add((b, i))
+                    left[b] -= 1
+            for b, unit in enumerate(group):
+                unit.keep = [i for i in range(unit.count) if (b, i) not in dropped]
+            continue
+        for unit in group:
+            keep = kept_count(unit.count, ratio, multiple, kind)
+            unit.keep = sorted(torch.topk(unit.scores, keep).indices.tolist())
+
+
+def _rows(count: int, width: int, keep: list[int]):
+    import torch
+
+    return torch.tensor([i * width + j for i in keep for j in range(width)], dtype=torch.long)
+
+
+def _replace(module, path: str, index, dim: int) -> None:
+    from transformers.pytorch_utils import prune_linear_layer
+
+    parent_path, _, name = path.rpartition(".")
+    parent = module.get_submodule(parent_path)
+    setattr(parent, name, prune_linear_layer(getattr(parent, name), index, dim=dim))
+
+
+def apply(module, units: list[Units], kind: str) -> None:
+    config = module.config
+    if kind == "bert":
+        heads_to_prune = {}
+        for unit in units:
+            if unit.kind != "heads":
+                continue
+            # prune_heads takes the original head numbers; map from the current (maybe already pruned) ones
+            pruned_before = set(config.pruned_heads.get(unit.block, []))
+            original = [h for h in range(config.num_attention_heads) if h not in pruned_before]
+            drop = [original[i] for i in range(unit.count) if i not in unit.keep]
+            if drop:
+                heads_to_prune[unit.block] = drop
+        if heads_to_prune:
+            module.prune_heads(heads_to_prune)
+    for unit in units:
+        if kind == "bert" and unit.kind == "heads":
+            continue
+        index = _rows(unit.count, unit.width, unit.keep)
+        _replace(module, unit.output, index, dim=1)
+        for path in unit.inputs:
+            _replace(module, path, index, dim=0)
+        if kind == "llama" and unit.kind == "heads":
+            head_dim = unit.value[1]
+            for path in unit.kv:
+                _replace(module, path, _rows(unit.count, head_dim, unit.keep), dim=0)
+    channel_units = [u for u in units if u.kind == "channels"]
+    if channel_units:
+        config.intermediate_size = len(channel_units[0].keep)
+    head_units = [u for u in units if u.kind == "heads"]
+    if kind == "llama" and head_units:
+        groups_before = head_units[0].count
+        per_group = config.num_attention_heads // config.num_key_value_heads
+        config.head_dim = head_units[0].value[1]
+        config.num_key_value_heads = len(head_units[0].keep)
+        config.num_attention_heads = len(head_units[0].keep) * per_group
+        log.info("kept %d of %d KV groups per layer", config.num_key_value_heads, groups_before)
+
+
+def prune_structured(module, config, artifact) -> dict:
+    """Prune `module` in place; return what the report shows about it."""
+    import torch
+
+    kind = family(find_blocks(module)[1][0])
+    if config.scope == "global" and (config.channels or kind == "llama"):
+        raise UserError("prune structured: scope global gives layers different FFN widths (or Llama layers "
+                        "different head counts), which the model's config cannot describe, so from_pretrained "
+                        "could not reload it; use scope per-layer (global applies to BERT-family heads)")
+    units = plan_units(module, config.heads, config.channels)
+    if config.importance == "activations":
+        from ..checkpoint import load_tokenizer
+        from ..data import calibration_batches
+
+        feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
+        activation_scores(module, units, feeds, artifact.task)
+    else:
+        for unit in units:
+            unit.scores = magnitude_scores(module, unit)
+    choose(units, config.heads, config.channels, config.round_to, config.scope)
+    with torch.no_grad():
+        apply(module, units, kind)
+    summary = {"family": kind, "importance": config.importance}
+    for what in ("heads", "channels"):
+        chosen = [u for u in units if u.kind == what]
+        if chosen:
+            label = "kv_groups" if what == "heads" and kind == "llama" else what
+            summary[f"{label}_kept_by_layer"] = [len(u.keep) for u in chosen]
+            summary[f"{label}_before"] = sum(u.count for u in chosen)
+            summary[f"{label}_after"] = sum(len(u.keep) for u in chosen)
+    return summary
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def size_and_macs(module, vocab_size: int) -> tuple[int, int]:
+    """Parameter count, and multiply-accumulates of one forward pass on 1 x MAC_SEQUENCE tokens
+    (matrix products, attention included, counted by torch's FLOP counter: MACs = FLOPs / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in module.parameters())
+    ids = torch.randint(0, vocab_size, (1, MAC_SEQUENCE), generator=torch.Generator().manual_seed(0))
+    # torch's counter knows the CUDA attention kernels but not the CPU one SDPA dispatches to here;
+    # without this the two attention products of every layer would count as free
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops})
+    with torch.no_grad(), counter:
+        module(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return params, counter.get_total_flops() // 2
+
+
+def check_reload(module, folder, task: str, vocab_size: int) -> float:
+    """Load the saved folder with from_pretrained and return the largest output difference from the
+    in-memory pruned model; a wrong config or shape fails here rather than for the user."""
+    import torch
+
+    from ..checkpoint import model_class
+
+    try:
+        reloaded = model_class(task).from_pretrained(folder)
+    except Exception as exc:  # a shape mismatch surfaces as one of several error types
+        raise StageFailed(f"prune structured: the pruned model does not reload with from_pretrained: {exc}") from None
+    reloaded.eval()
+    ids = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = module(input_ids=ids), reloaded(input_ids=ids)
+    key = "logits" if hasattr(ours, "logits") else "last_hidden_state"
+    return float((getattr(ours, key) - getattr(theirs, key)).abs().max())
