@@ -134,8 +134,11 @@ def _wanda(layer, stats: _Statistics, sparsity: float, group) -> None:
 def _sparsegpt(layer, stats: _Statistics, sparsity: float, group, block_size: int, dampening: float) -> None:
     import torch
 
-    weight = layer.weight.detach().double().clone()
-    hessian = stats.value / max(stats.rows, 1)
+    # statistics are summed in float64; the pruning loop runs in float32, as the reference
+    # implementation does: several times faster than float64; on SmolLM2 perplexity moved by -0.3%
+    # at 50% and +5% at 2:4 (the greedy column order amplifies rounding; docs/BENCHMARKS.md)
+    weight = layer.weight.detach().float().clone()
+    hessian = (stats.value / max(stats.rows, 1)).float()
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1
     weight[:, dead] = 0
