@@ -1,5 +1,5 @@
-"""quantize: int8 dynamic (ONNX Runtime for ONNX models, torch.ao for torch models); int8-static and
-int8-weight-only live in their own modules and are dispatched from here."""
+"""quantize: int8 dynamic (ONNX Runtime for ONNX models, torch.ao for torch models); int8-static,
+int8-weight-only and int4-weight-only live in their own modules and are dispatched from here."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ QUANTIZED_ONNX_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "D
                       "QLinearMatMul", "ConvInteger")
 
 
-STATIC_ONLY = ("calibration", "method", "percentile", "activation_type", "activation_symmetric", "include",
+STATIC_ONLY = ("method", "percentile", "activation_type", "activation_symmetric", "include",
                "quantize_outputs", "smooth_alpha", "preprocess", "fallback")
+INT4_ONLY = ("algorithm", "block_size", "symmetric", "accuracy_level")
 
 
 class FallbackConfig(StageConfigBase):
@@ -39,10 +40,11 @@ class FallbackConfig(StageConfigBase):
 
 class QuantizeConfig(StageConfigBase):
     type: Literal["quantize"]
-    scheme: Literal["int8-dynamic", "int8-static", "int8-weight-only"] = Field(
+    scheme: Literal["int8-dynamic", "int8-static", "int8-weight-only", "int4-weight-only"] = Field(
         description="int8-dynamic: int8 weights, activations quantized per call at run time; int8-static: "
                     "int8 weights and activations with ranges from calibration data (ONNX, QDQ); "
-                    "int8-weight-only: int8 weights per output channel, float activations (ONNX and torch)")
+                    "int8-weight-only: int8 weights per output channel, float activations (ONNX and torch); "
+                    "int4-weight-only: 4-bit weights in blocks, float activations (ONNX, MatMulNBits)")
     per_channel: bool = Field(True, description="one weight scale per output channel instead of per tensor "
                                                 "(int8-weight-only is always per channel)")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where int8 overflows")
@@ -53,9 +55,21 @@ class QuantizeConfig(StageConfigBase):
     exclude: list[str] = Field(
         default_factory=list, description="node names (ONNX) or module names (torch) to keep in float; "
                                           "shell-style patterns such as '*lm_head*'")
-    # int8-static only
     calibration: Optional[CalibrationConfig] = Field(
-        None, description="int8-static: the samples activation ranges are measured on (see Calibration data)")
+        None, description="int8-static: the samples activation ranges are measured on; int4-weight-only with "
+                          "algorithm gptq: the samples whose layer inputs guide rounding (see Calibration data)")
+    # int4-weight-only only
+    algorithm: Literal["rtn", "gptq", "hqq"] = Field(
+        "rtn", description="int4-weight-only: rtn rounds each block to nearest; gptq compensates rounding "
+                           "error with calibration data; hqq optimises each block's scale and zero point")
+    block_size: int = Field(32, description="int4-weight-only: input rows sharing one scale (16, 32, 64, 128 "
+                                            "or 256); smaller is more accurate and larger on disk")
+    symmetric: bool = Field(False, description="int4-weight-only, rtn and gptq: no zero point (hqq always "
+                                               "uses one)")
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
+        None, description="int4-weight-only: MatMulNBits compute type on CPU: 0 or unset as the graph "
+                          "(fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest, least exact)")
+    # int8-static only
     method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="int8-static: how a range is chosen from the calibration activations")
     percentile: float = Field(99.999, gt=50, le=100, description="int8-static, method percentile: the percentile "
@@ -80,15 +94,28 @@ class QuantizeConfig(StageConfigBase):
 
 class Quantize(Stage):
     type = "quantize"
-    summary = "Quantize to int8: dynamic, static with calibration (ONNX), or weight-only"
+    summary = "Quantize: int8 dynamic, static with calibration (ONNX) or weight-only; int4 weight-only (ONNX)"
     config_model = QuantizeConfig
     accepts = ("onnx", "torch")
-    needs_calibration = "with scheme int8-static"
+    needs_calibration = "with scheme int8-static, or int4-weight-only with algorithm gptq"
 
     def check(self, config: QuantizeConfig, input_kind, task):
-        static_fields = sorted(set(STATIC_ONLY) & config.model_fields_set)
-        if config.scheme != "int8-static" and static_fields:
-            return f"{', '.join(static_fields)} appl{'ies' if len(static_fields) == 1 else 'y'} to int8-static only"
+        for scheme, fields in (("int8-static", STATIC_ONLY), ("int4-weight-only", INT4_ONLY)):
+            given = sorted(set(fields) & config.model_fields_set)
+            if config.scheme != scheme and given:
+                return f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {scheme} only"
+        gptq = config.scheme == "int4-weight-only" and config.algorithm == "gptq"
+        if config.calibration is not None and config.scheme != "int8-static" and not gptq:
+            return "calibration applies to int8-static and to int4-weight-only with algorithm gptq"
+        if config.scheme == "int4-weight-only":
+            if input_kind == "torch":
+                return "int4-weight-only quantizes ONNX models; add an export_onnx stage before it"
+            if gptq and config.calibration is None:
+                return "algorithm gptq needs `calibration:` data"
+            if config.block_size not in (16, 32, 64, 128, 256):
+                return f"block_size must be 16, 32, 64, 128 or 256 (got {config.block_size})"
+            if config.algorithm == "hqq" and "symmetric" in config.model_fields_set:
+                return "symmetric applies to rtn and gptq; hqq always fits a zero point"
         if config.scheme == "int8-static":
             if input_kind == "torch":
                 return "int8-static quantizes ONNX models; add an export_onnx stage before it"
@@ -104,11 +131,17 @@ class Quantize(Stage):
         return None
 
     def backends(self, config, input_kind):
+        if config.scheme == "int4-weight-only":
+            return ["onnxruntime.quantization.matmul_nbits_quantizer"]
         if config.scheme == "int8-weight-only":
             return ["onnx"] if input_kind == "onnx" else ["safetensors"]
         return ["onnxruntime.quantization"] if input_kind == "onnx" else ["torch.ao.quantization"]
 
     def run(self, config: QuantizeConfig, artifact, ctx: StageContext):
+        if config.scheme == "int4-weight-only":
+            from .int4_onnx import int4_weight_only_onnx
+
+            return int4_weight_only_onnx(config, artifact, ctx)
         if config.scheme == "int8-static":
             from .onnx_static import quantize_static_onnx
 

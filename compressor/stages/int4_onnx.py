@@ -1,0 +1,76 @@
+"""int4 weight-only quantization of ONNX MatMul weights into ONNX Runtime's MatMulNBits operator
+(com.microsoft): 4-bit weights in blocks of `block_size` input rows, one scale (and zero point
+unless symmetric) per block; activations stay in float.
+
+Algorithms:
+- rtn: round to nearest per block (ONNX Runtime's default MatMulNBits quantizer);
+- hqq: half-quadratic optimisation of each block's scale and zero point, no data (Badri & Shaji,
+  2023; ONNX Runtime's implementation);
+- gptq: quantizes input rows in order and updates the not-yet-quantized weights with the inverse
+  Hessian of the layer's inputs on calibration data (Frantar et al., 2022); compress's own
+  implementation (int4_gptq.py says why not ONNX Runtime's)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from ..artifacts import OnnxModel
+from ..errors import StageFailed, UserError
+from .base import StageContext
+from .export_onnx import copy_tokenizer_files
+from .quantize import match_nodes
+
+log = logging.getLogger(__name__)
+
+
+def int4_weight_only_onnx(config, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    # ONNX Runtime's quantizer logs every node at INFO; keep a run's output readable
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    model = onnx.load(str(artifact.path))
+    excluded = match_nodes([node.name for node in model.graph.node], config.exclude, "exclude")
+    common = {"block_size": config.block_size, "is_symmetric": config.symmetric,
+              "accuracy_level": config.accuracy_level, "nodes_to_exclude": excluded}
+    out = OnnxModel(ctx.workdir / "model.onnx", artifact.task, with_past=artifact.with_past)
+    if config.algorithm == "gptq":
+        from ..checkpoint import load_tokenizer
+        from ..data import calibration_batches
+        from .int4_gptq import gptq_onnx
+
+        feeds = calibration_batches(config.calibration, load_tokenizer(artifact.folder))
+        gptq_onnx(model, set(excluded), feeds, config.block_size, config.symmetric, config.accuracy_level,
+                  ctx.progress)
+        ctx.details["calibration_samples"] = config.calibration.samples
+        onnx.save_model(model, str(out.path), save_as_external_data=artifact.needs_external_data(),
+                        location=out.path.name + ".data")
+    else:
+        if config.algorithm == "rtn":
+            algorithm = nbits.DefaultWeightOnlyQuantConfig(
+                block_size=config.block_size, is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
+                bits=4)
+        else:
+            algorithm = nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
+        quantizer = nbits.MatMulNBitsQuantizer(model, algo_config=algorithm, **common)
+        try:
+            quantizer.process()
+        except Exception as exc:  # ONNX Runtime's quantizers raise bare exceptions and assertions
+            raise StageFailed(f"quantize int4-weight-only ({config.algorithm}): ONNX Runtime's quantizer failed: "
+                              f"{type(exc).__name__}: {exc}") from None
+        quantizer.model.save_model_to_file(str(out.path), use_external_data_format=artifact.needs_external_data())
+    copy_tokenizer_files(artifact.folder, ctx.workdir)
+    graph = onnx.load(str(out.path), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    ops = Counter(node.op_type for node in graph.node)
+    float_weights = sum(1 for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants)
+    if not ops["MatMulNBits"]:
+        raise UserError("quantize int4-weight-only: no MatMul was quantized (weights must be constant, with "
+                        f"input size a multiple of 16); {float_weights} MatMuls with constant weights remain")
+    ctx.details.update({"backend": "onnxruntime MatMulNBits", "algorithm": config.algorithm,
+                        "block_size": config.block_size, "symmetric": config.symmetric,
+                        "accuracy_level": config.accuracy_level, "quantized_matmuls": ops["MatMulNBits"],
+                        "float_weight_matmuls": float_weights, "excluded_nodes": len(excluded),
+                        "size_mb_before": round(artifact.size_mb(), 3), "size_mb_after": round(out.size_mb(), 3)})
+    return out
