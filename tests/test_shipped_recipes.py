@@ -138,3 +138,13 @@ def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_per
     assert not result.passed and goals(result) == {"accuracy.perplexity.max_drop_pct": False}
     ratio = result.report["result"]["metrics"]["perplexity"] / result.report["baseline"]["metrics"]["perplexity"]
     assert 1.5 < ratio < 5  # far worse than the bar, far better than magnitude pruning (~15x / ~55x)
+
+
+@pytest.mark.parametrize("recipe, passes", [("smollm2-onnx-int4-rtn.yaml", False), ("smollm2-onnx-int4-gptq.yaml", False),
+                                            ("smollm2-onnx-int4-hqq.yaml", True)])
+def test_smollm2_int4_recipes(recipe, passes, tmp_path):
+    result = run_shipped(recipe, "smollm2", tmp_path)
+    quantize = result.report["stages"][1]
+    assert quantize["quantized_matmuls"] == 30 * 7 and quantize["float_weight_matmuls"] == 0
+    assert goals(result)["size.max_ratio"] is True  # 4-bit blocks; the tied embedding table stays float
+    assert result.passed is passes and goals(result)["accuracy.perplexity.max_drop_pct"] is passes
