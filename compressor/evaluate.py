@@ -45,9 +45,9 @@ def _fixed_batches(texts: list[str], batch_size: int, fixed_batch: Optional[int]
 def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, reference: Optional[Evaluation] = None,
              progress: Progress = Silent()) -> Evaluation:
     """Run `runner` over the evaluation set; with `reference`, add fidelity metrics against it."""
+    if task == "text-generation":  # max_samples counts token windows here, not texts
+        return _evaluate_generation(runner, tokenizer, samples.texts, config, reference, progress)
     texts = samples.texts[: config.max_samples] if config.max_samples else samples.texts
-    if task == "text-generation":
-        return _evaluate_generation(runner, tokenizer, texts, config, reference, progress)
     fixed_batch, fixed_len = runner.fixed_shape
     outputs = []
     batches = list(_fixed_batches(texts, config.batch_size, fixed_batch))

@@ -40,6 +40,20 @@ def test_classification_metrics_and_agreement():
     assert cand.metrics["f1_macro"] == pytest.approx((0 + 2 * 2 / (2 * 2 + 2)) / 2)
 
 
+def test_generation_max_samples_counts_windows_not_texts():
+    class WordTokenizer:
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [len(word) for word in text.split()]}
+
+    texts = ["a bb ccc"] * 10  # 3 tokens per text: 30 tokens, 7 windows of 4
+    samples = Samples(texts=texts, labels=None, source="mem")
+    config = EvaluationConfig.model_validate({"data": {"path": "x.txt"}, "max_length": 4, "max_samples": 5})
+    uniform = FixedRunner("base", lambda row: np.zeros((len(row), 8)))
+    result = evaluate("text-generation", uniform, WordTokenizer(), samples, config)
+    assert result.samples == 5  # five windows, although five texts hold only three
+    assert result.metrics["perplexity"] == pytest.approx(8.0)  # uniform over 8 tokens
+
+
 def test_f1_macro_known_value():
     predicted, labels = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0])
     # class 0: tp1 fp1 fn1 -> 0.5 ; class 1: tp2 fp1 fn1 -> 4/6
