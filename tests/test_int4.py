@@ -1,8 +1,6 @@
 """int4 weight-only (ONNX MatMulNBits): the stored 4-bit blocks decode to the original weights within
 half a quantization step, GPTQ really uses its calibration data, and configs are checked."""
 
-from collections import Counter
-
 import numpy as np
 import onnx
 import pytest
@@ -126,8 +124,9 @@ def test_onnxruntime_gptq_still_equals_rtn(exported_llama, text_file, tmp_path):
     from compressor.runners import OrtRunner, complete_feed
 
     session = OrtRunner(exported_llama.path, "text-generation").session
-    feeds = [complete_feed(session.get_inputs(), f) for f in
-             calibration_batches(CalibrationConfig(**calibration_for(text_file)), load_tokenizer(exported_llama.folder))]
+    calibration = CalibrationConfig(**calibration_for(text_file))
+    feeds = [complete_feed(session.get_inputs(), f)
+             for f in calibration_batches(calibration, load_tokenizer(exported_llama.folder))]
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -132,7 +132,8 @@ def test_global_scope_refused_where_the_config_cannot_hold_it(tiny_llama, tmp_pa
         structured(tiny_llama, "text-generation", tmp_path, channels=0.5, scope="global")
 
 
-@pytest.mark.parametrize("fixture, task", [("tiny_llama", "text-generation"), ("tiny_classifier", "text-classification")])
+@pytest.mark.parametrize("fixture, task", [("tiny_llama", "text-generation"),
+                                           ("tiny_classifier", "text-classification")])
 def test_pruned_models_export_to_onnx(fixture, task, request, tmp_path):
     pruned, _ = structured(request.getfixturevalue(fixture), task, tmp_path / "prune", heads=0.5, channels=0.25)
     exported, details = run_stage(ExportOnnxConfig(type="export_onnx"), pruned, tmp_path / "onnx", task)

@@ -140,7 +140,8 @@ def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_per
     assert 1.5 < ratio < 5  # far worse than the bar, far better than magnitude pruning (~15x / ~55x)
 
 
-@pytest.mark.parametrize("recipe, passes", [("smollm2-onnx-int4-rtn.yaml", False), ("smollm2-onnx-int4-gptq.yaml", False),
+@pytest.mark.parametrize("recipe, passes", [("smollm2-onnx-int4-rtn.yaml", False),
+                                            ("smollm2-onnx-int4-gptq.yaml", False),
                                             ("smollm2-onnx-int4-hqq.yaml", True)])
 def test_smollm2_int4_recipes(recipe, passes, tmp_path):
     result = run_shipped(recipe, "smollm2", tmp_path)
