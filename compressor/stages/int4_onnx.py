@@ -32,8 +32,6 @@ def int4_weight_only_onnx(config, artifact: OnnxModel, ctx: StageContext) -> Onn
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(artifact.path))
     excluded = match_nodes([node.name for node in model.graph.node], config.exclude, "exclude")
-    common = {"block_size": config.block_size, "is_symmetric": config.symmetric,
-              "accuracy_level": config.accuracy_level, "nodes_to_exclude": excluded}
     out = OnnxModel(ctx.workdir / "model.onnx", artifact.task, with_past=artifact.with_past)
     if config.algorithm == "gptq":
         from ..checkpoint import load_tokenizer
@@ -53,7 +51,7 @@ def int4_weight_only_onnx(config, artifact: OnnxModel, ctx: StageContext) -> Onn
                 bits=4)
         else:
             algorithm = nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
-        quantizer = nbits.MatMulNBitsQuantizer(model, algo_config=algorithm, **common)
+        quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, algo_config=algorithm)
         try:
             quantizer.process()
         except Exception as exc:  # ONNX Runtime's quantizers raise bare exceptions and assertions

@@ -152,11 +152,11 @@ class Prune(Stage):
         from .prune_structured import check_reload, prune_structured, size_and_macs
 
         vocab = module.config.vocab_size
+        feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path)) if config.calibration else None
         params_before, macs_before = size_and_macs(module, vocab)
-        summary = prune_structured(module, config, artifact)
+        summary = prune_structured(module, config, artifact.task, feeds)
         params_after, macs_after = size_and_macs(module, vocab)
         if config.recover:
-            feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
             summary.update(distill(module, original, feeds, artifact.task, config.recover, ctx.progress))
         out = ctx.workdir / "model"
         module.save_pretrained(out, safe_serialization=True)

@@ -76,7 +76,6 @@ def find_blocks(module):
 def plan_units(module, heads: Optional[float], channels: Optional[float]) -> list[Units]:
     prefix, blocks = find_blocks(module)
     kind = family(blocks[0])
-    config = module.config
     units = []
     for index, block in enumerate(blocks):
         at = f"{prefix}.{index}"
@@ -102,8 +101,6 @@ def plan_units(module, heads: Optional[float], channels: Optional[float]) -> lis
             if channels:
                 units.append(Units("channels", index, block.mlp.down_proj.in_features, 1, f"{at}.mlp.down_proj",
                                    [f"{at}.mlp.gate_proj", f"{at}.mlp.up_proj"]))
-    if kind == "llama" and heads and getattr(config, "num_key_value_heads", None) is None:
-        raise UserError("prune structured: this Llama-like config has no num_key_value_heads")
     return units
 
 
@@ -234,16 +231,16 @@ def apply(module, units: list[Units], kind: str) -> None:
         config.intermediate_size = len(channel_units[0].keep)
     head_units = [u for u in units if u.kind == "heads"]
     if kind == "llama" and head_units:
-        groups_before = head_units[0].count
-        per_group = config.num_attention_heads // config.num_key_value_heads
-        config.head_dim = head_units[0].value[1]
-        config.num_key_value_heads = len(head_units[0].keep)
-        config.num_attention_heads = len(head_units[0].keep) * per_group
-        log.info("kept %d of %d KV groups per layer", config.num_key_value_heads, groups_before)
+        unit, head_dim = head_units[0], head_units[0].value[1]
+        config.head_dim = head_dim
+        config.num_key_value_heads = len(unit.keep)
+        config.num_attention_heads = len(unit.keep) * (unit.width // head_dim)
+        log.info("kept %d of %d KV groups per layer", len(unit.keep), unit.count)
 
 
-def prune_structured(module, config, artifact) -> dict:
-    """Prune `module` in place; return what the report shows about it."""
+def prune_structured(module, config, task: str, feeds: Optional[list[dict]]) -> dict:
+    """Prune `module` in place (`feeds`: the calibration batches, for activation importance);
+    return what the report shows about it."""
     import torch
 
     kind = family(find_blocks(module)[1][0])
@@ -253,11 +250,7 @@ def prune_structured(module, config, artifact) -> dict:
                         "could not reload it; use scope per-layer (global applies to BERT-family heads)")
     units = plan_units(module, config.heads, config.channels)
     if config.importance == "activations":
-        from ..checkpoint import load_tokenizer
-        from ..data import calibration_batches
-
-        feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
-        activation_scores(module, units, feeds, artifact.task)
+        activation_scores(module, units, feeds, task)
     else:
         for unit in units:
             unit.scores = magnitude_scores(module, unit)
