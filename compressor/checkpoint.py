@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from .artifacts import TorchModel
-from .errors import UserError
+from .errors import BackendMissing, UserError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,28 @@ def inspect_checkpoint(path: str | Path, allow_pickle: bool = False) -> Path:
     return folder.resolve()
 
 
+def quantization_method(folder: Path) -> str | None:
+    """How a checkpoint folder's weights are quantized ("bitsandbytes nf4", "int8-weight-only"), or None
+    for float weights. Stages that need float weights (merging, pruning, export) ask this first."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown")
+        kind = quantization.get("bnb_4bit_quant_type") if quantization.get("load_in_4bit") else None
+        kind = kind or ("int8" if quantization.get("load_in_8bit") else None)
+        return f"{method} {kind}" if kind else str(method)
+    transforms_file = folder / TRANSFORMS_FILE
+    if transforms_file.exists():
+        transforms = json.loads(transforms_file.read_text()).get("transforms", [])
+        if transforms:
+            return transforms[-1].get("name", "unknown")
+    return None
+
+
 def model_class(task: str):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -98,6 +120,8 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
         module = model_class(artifact.task).from_pretrained(
             artifact.path, dtype=torch.float32, use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code)
+    except ImportError as exc:  # a quantized checkpoint whose backend (e.g. bitsandbytes) is missing
+        raise BackendMissing(f"{artifact.path}: loading it needs a package not installed here: {exc}") from None
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{artifact.path}: transformers could not load it as a {artifact.task} model: {exc}") from None
     module.eval()

@@ -54,7 +54,7 @@ def _quiet_libraries(verbose: bool) -> None:
     if not verbose:
         # Exporters and tracers warn about things the stages already check (e.g. output tolerances).
         warnings.simplefilter("ignore")
-        for name in ("transformers", "optimum", "onnxruntime", "torch"):
+        for name in ("transformers", "optimum", "onnxruntime", "torch", "peft", "bitsandbytes"):
             logging.getLogger(name).setLevel(logging.ERROR)
         # Read by transformers when a stage imports it; importing it here would slow every command.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -53,7 +53,9 @@ LAYOUT_VERSION = "v1"
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
-NAMES = ("minilm", "sentiment-data", "sentiment-classifier", "smollm2", "lee-background", "lee-test")
+NAMES = ("minilm", "sentiment-data", "sentiment-classifier", "smollm2", "lee-background", "lee-test",
+         "sentiment-lora")
+ADAPTERS = ("sentiment-lora",)  # fixtures that are PEFT adapter folders, for merge_lora's `fixture:`
 
 
 def home() -> Path:
@@ -67,6 +69,7 @@ def paths(root: Path | None = None) -> dict[str, Path]:
         "minilm": root / "models" / "minilm-l6",
         "sentiment-classifier": root / "models" / "minilm-sentiment",
         "smollm2": root / "models" / "smollm2-135m",
+        "sentiment-lora": root / "adapters" / "minilm-sentiment-lora",
         "sentiment-data": root / "data" / "sentiment",
         "lee-background": root / "data" / "lee_background",
         "lee-test": root / "data" / "lee_test",
@@ -176,24 +179,14 @@ def build_sentiment_data(root: Path) -> Path:
     return target
 
 
-def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Path:
-    """Fine-tune MiniLM-L6 plus a classification head on the training split (CPU, a few minutes)."""
+def _fine_tune(model, tokenizer, train: list[dict], epochs: int, lr: float, seed: int, label: str,
+               batch_size: int = 32, max_length: int = 64) -> None:
+    """Seeded AdamW fine-tuning with linear warm-up and decay; parameters without requires_grad stay frozen."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
 
-    target = paths(root)["sentiment-classifier"]
-    encoder = ensure("minilm", root)
-    data = ensure("sentiment-data", root)
-    train = [json.loads(line) for line in open(data / "train.jsonl")]
-    test = [json.loads(line) for line in open(data / "test.jsonl")]
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(encoder)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        encoder, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
-    batch_size, max_length = 32, 64
     steps = epochs * ((len(train) + batch_size - 1) // batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
     order_rng = random.Random(seed)
     step = 0
@@ -213,8 +206,13 @@ def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Pa
             optimizer.zero_grad()
             step += 1
             if step % 50 == 0:
-                log.info("fine-tuning epoch %d step %d/%d loss %.3f", epoch + 1, step, steps, loss.item())
+                log.info("%s: epoch %d step %d/%d loss %.3f", label, epoch + 1, step, steps, loss.item())
     model.eval()
+
+
+def _test_accuracy(model, tokenizer, test: list[dict]) -> float:
+    import torch
+
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(test), 64):
@@ -223,7 +221,32 @@ def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Pa
                             max_length=128, return_tensors="pt")
             predictions = model(**enc).logits.argmax(-1).tolist()
             correct += sum(int(p == r["label"]) for p, r in zip(predictions, batch))
-    accuracy = correct / len(test)
+    return correct / len(test)
+
+
+def _sentiment_splits(root: Path) -> tuple[list[dict], list[dict]]:
+    data = ensure("sentiment-data", root)
+    return ([json.loads(line) for line in open(data / "train.jsonl")],
+            [json.loads(line) for line in open(data / "test.jsonl")])
+
+
+LABELS = {"num_labels": 2, "id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}}
+
+
+def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Path:
+    """Fine-tune MiniLM-L6 plus a classification head on the training split (CPU, a few minutes)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    target = paths(root)["sentiment-classifier"]
+    encoder = ensure("minilm", root)
+    train, test = _sentiment_splits(root)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    model = AutoModelForSequenceClassification.from_pretrained(encoder, **LABELS)
+    max_length = 64
+    _fine_tune(model, tokenizer, train, epochs, 5e-5, seed, "fine-tuning", max_length=max_length)
+    accuracy = _test_accuracy(model, tokenizer, test)
     log.info("sentiment classifier test accuracy %.4f on %d sentences", accuracy, len(test))
     with _Building(target) as out:
         model.save_pretrained(out, safe_serialization=True)
@@ -231,6 +254,38 @@ def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Pa
         (out / "fixture.json").write_text(json.dumps(
             {"test_accuracy": accuracy, "test_sentences": len(test), "train_sentences": len(train),
              "epochs": epochs, "seed": seed, "max_length": max_length}, indent=2))
+    return target
+
+
+LORA_TRAIN_SENTENCES = 3000
+
+
+def build_sentiment_lora(root: Path, seed: int = 0) -> Path:
+    """A LoRA adapter (r=8 on every attention and feed-forward projection, plus a trained classification
+    head) that turns the MiniLM-L6 encoder into a sentiment classifier: one epoch over the first 3,000
+    training sentences, a few CPU minutes. Saved by PEFT as adapter_config.json + adapter_model.safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    target = paths(root)["sentiment-lora"]
+    encoder = ensure("minilm", root)
+    train, test = _sentiment_splits(root)
+    train = train[:LORA_TRAIN_SENTENCES]
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    base = AutoModelForSequenceClassification.from_pretrained(encoder, **LABELS)
+    settings = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
+                          target_modules=["query", "key", "value", "dense"])
+    model = get_peft_model(base, settings)
+    _fine_tune(model, tokenizer, train, 1, 5e-4, seed, "LoRA training")
+    accuracy = _test_accuracy(model, tokenizer, test)
+    log.info("sentiment LoRA adapter test accuracy %.4f on %d sentences", accuracy, len(test))
+    with _Building(target) as out:
+        model.save_pretrained(out, safe_serialization=True)
+        (out / "fixture.json").write_text(json.dumps(
+            {"base": str(encoder), "test_accuracy": accuracy, "test_sentences": len(test),
+             "train_sentences": len(train), "epochs": 1, "seed": seed, "r": 8, "lora_alpha": 16}, indent=2))
     return target
 
 
@@ -291,6 +346,7 @@ _BUILDERS = {
     "smollm2": build_smollm2,
     "lee-background": build_lee_background,
     "lee-test": build_lee_test,
+    "sentiment-lora": build_sentiment_lora,
 }
 
 

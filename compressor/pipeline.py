@@ -44,13 +44,16 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
             need = " or ".join(stage.accepts)
             hint = HINTS.get((kind, stage.accepts[0]), "reorder the stages")
             raise UserError(f"{where} needs a {need} model, but {produced} a {kind} model; {hint}")
-        problem = stage.check(config, kind, recipe.task)
+        problem = stage.check(config, kind, recipe.task) or stage.check_order(config, recipe.stages[:index])
         if problem:
             raise UserError(f"{where}: {problem}")
         for module in stage.backends(config, kind):
             if importlib.util.find_spec(module.split(".")[0]) is None:
                 raise BackendMissing(f"{where} needs the Python package {module.split('.')[0]!r}, "
                                      "which is not installed here")
+        missing = stage.unavailable(config, kind)
+        if missing:
+            raise BackendMissing(f"{where}: {missing}")
         fixed = getattr(config, "static_axes", None) or {}
         bench = recipe.benchmark
         for axis, wanted in (("batch_size", bench.batch_size), ("sequence_length", bench.seq_len)):
@@ -138,6 +141,24 @@ def _check_calibration_sources(recipe: Recipe) -> None:
                                 f"{exc}") from None
 
 
+def _baseline(recipe: Recipe, source: TorchModel, runner_args: dict):
+    """The runner, size and description of what the result is judged against: the checkpoint, or, for a
+    recipe that starts by merging LoRA adapters, the checkpoint with those adapters attached unmerged,
+    which is how the model would be served without this recipe."""
+    from .runners import TorchRunner, make_runner
+
+    first = recipe.stages[0]
+    if first.type == "merge_lora":
+        from .stages.merge_lora import load_unmerged, read_adapters
+
+        adapters = read_adapters(first, source)
+        wrapped = load_unmerged(first, source, runner_args["trust_remote_code"], adapters)
+        runner = TorchRunner(wrapped.get_base_model(), recipe.task, name="baseline", threads=runner_args["threads"])
+        size = source.size_mb() + sum(adapter.size_mb() for adapter in adapters)
+        return runner, size, f"checkpoint + {len(adapters)} LoRA adapter(s), unmerged (PEFT)"
+    return make_runner(source, "baseline", **runner_args), source.size_mb(), "checkpoint"
+
+
 def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
     from . import report as reporting
     from .bench import OtherLoad, benchmark_feed, interleaved
@@ -181,7 +202,7 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         tokenizer = load_tokenizer(checkpoint)
         runner_args = {"threads": threads, "allow_pickle": options.allow_pickle,
                        "trust_remote_code": options.trust_remote_code}
-        base_runner = make_runner(source, "baseline", **runner_args)
+        base_runner, base_size, base_model = _baseline(recipe, source, runner_args)
         result_runner = make_runner(final, "result", **runner_args)
         base_eval = evaluate(recipe.task, base_runner, tokenizer, samples, recipe.evaluation, progress=progress)
         result_eval = evaluate(recipe.task, result_runner, tokenizer, samples, recipe.evaluation,
@@ -193,8 +214,8 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         with OtherLoad() as load:
             latency = interleaved([base_runner, result_runner], feed, bench.warmup, bench.iterations, progress)
 
-        baseline = {"metrics": base_eval.metrics, "latency_ms": latency["baseline"].as_dict(),
-                    "size_mb": round(source.size_mb(), 3), "backend": base_runner.backend}
+        baseline = {"model": base_model, "metrics": base_eval.metrics, "latency_ms": latency["baseline"].as_dict(),
+                    "size_mb": round(base_size, 3), "backend": base_runner.backend}
         result = {"metrics": result_eval.metrics, "latency_ms": latency["result"].as_dict(),
                   "size_mb": round(final.size_mb(), 3), "backend": result_runner.backend,
                   "artifact": str(out / final.path.relative_to(partial))}

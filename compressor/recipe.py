@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .data import DataConfig
 from .errors import UserError
 from .stages.export_onnx import ExportOnnxConfig
+from .stages.merge_lora import MergeLoraConfig
 from .stages.optimize_onnx import OptimizeOnnxConfig
 from .stages.prune import PruneConfig
 from .stages.quantize import QuantizeConfig
@@ -20,7 +21,7 @@ Task = Literal["text-classification", "feature-extraction", "text-generation"]
 # Written out rather than generated from the registry so that the types stay visible to readers
 # and type checkers; tests check that it and the registry agree.
 StageConfig = Annotated[
-    Union[ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig],
+    Union[MergeLoraConfig, ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig],
     Field(discriminator="type"),
 ]
 

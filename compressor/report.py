@@ -14,7 +14,8 @@ from xml.etree import ElementTree as ET
 from . import __version__
 from .artifacts import Artifact, OnnxModel, TorchModel, sha256_file
 
-PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy", "pydantic")
+PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "peft", "bitsandbytes",
+            "numpy", "pydantic")
 
 
 def package_versions() -> dict[str, str]:
@@ -96,6 +97,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {g['goal']} | {_fmt(g['measured'])}{g['unit']} | {_fmt(g['threshold'])}{g['unit']} "
                      f"| {_fmt(g['margin'])} | {'pass' if g['passed'] else '**FAIL**'} |")
     lines += ["", "## Baseline vs result", "", "| | baseline | result |", "|---|---|---|"]
+    if "model" in base:
+        lines.append(f"| model | {base['model']} | {report['recipe']} |")
     for name in base["metrics"]:
         lines.append(f"| {name} | {_fmt(base['metrics'][name])} | {_fmt(res['metrics'][name])} |")
     for q in ("p50", "p90", "p95", "p99"):

@@ -87,6 +87,14 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
+# The evaluation and benchmark part of tiny end-to-end recipes, for str.format with `data`.
+TINY_EVALUATION = """evaluation:
+  data: {{path: "{data}"}}
+  batch_size: 8
+benchmark: {{seq_len: 32, iterations: 6, warmup: 1}}
+"""
+
+
 def write_recipe(folder: Path, body: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(body).lstrip())

@@ -164,5 +164,6 @@ def test_int4_config_errors():
     assert check(scheme="int4-weight-only", algorithm="gptq", calibration={"data": {"path": "x"}}) is None
     assert "block_size must be" in check(scheme="int4-weight-only", block_size=48)
     assert "hqq always fits a zero point" in check(scheme="int4-weight-only", algorithm="hqq", symmetric=True)
+    assert "hqq quantizer does not set it" in check(scheme="int4-weight-only", algorithm="hqq", accuracy_level=4)
     assert "block_size applies to int4-weight-only only" in check(scheme="int8-dynamic", block_size=32)
     assert "calibration applies to" in check(scheme="int4-weight-only", calibration={"data": {"path": "x"}})

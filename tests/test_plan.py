@@ -73,3 +73,13 @@ def test_goal_metric_must_belong_to_the_task():
     with pytest.raises(UserError, match=r"r.yaml:9: goals.accuracy\[0\].metric: text-generation measures "
                                         r"perplexity, top1_agreement, not 'accuracy'"):
         plan(parse_recipe(text, "r.yaml"))
+
+
+@pytest.mark.parametrize("second, message", [
+    ("export_onnx", r"r.yaml:6: stages\[1\] \(export_onnx\): export_onnx traces float weights, but stages\[0\] "
+                    r"\(quantize\) comes first; move this stage before it, and quantize the ONNX model after export"),
+    ("prune\n    method: magnitude\n    sparsity: 0.5", r"r.yaml:6: stages\[1\] \(prune\): prune scores and zeroes float weights"),
+])
+def test_stages_that_need_float_weights_refuse_to_follow_quantize(second, message):
+    with pytest.raises(UserError, match=message):
+        plan(recipe(f"  - type: quantize\n    scheme: int8-weight-only\n  - type: {second}"))

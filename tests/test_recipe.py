@@ -104,13 +104,15 @@ def test_every_option_is_documented():
 
     from compressor.data import CalibrationConfig
     from compressor.recipe import BenchmarkConfig, DataConfig, EvaluationConfig, AccuracyGoal
+    from compressor.stages.merge_lora import AdapterSpec
     from compressor.stages.prune_recover import RecoverConfig
     from compressor.stages.quantize import FallbackConfig
 
     docs = (Path(__file__).parent.parent / "docs" / "RECIPES.md").read_text()
     models = [stage.config_model for stage in REGISTRY.values()] + [
-        BenchmarkConfig, EvaluationConfig, DataConfig, CalibrationConfig, FallbackConfig, RecoverConfig, AccuracyGoal]
-    # an option counts as documented where a table row names it, e.g. | `data.segment` | ...
+        BenchmarkConfig, EvaluationConfig, DataConfig, CalibrationConfig, FallbackConfig, RecoverConfig, AccuracyGoal,
+        AdapterSpec]
+    # an option counts as documented where a table row names it, e.g. | `data.segment` | or | `adapters[].weight` |
     missing = [f"{m.__name__}.{f}" for m in models for f in m.model_fields
-               if f != "type" and not re.search(rf"\| `(\w+\.)*{f}` \|", docs) and f"{f}:" not in docs]
+               if f != "type" and not re.search(rf"\| `(\w+(\[\])?\.)*{f}` \|", docs) and f"{f}:" not in docs]
     assert not missing, f"document these in docs/RECIPES.md: {missing}"

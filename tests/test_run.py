@@ -17,7 +17,7 @@ from compressor.artifacts import sha256_file
 from compressor.pipeline import RunOptions, run
 from compressor.recipe import load_recipe
 
-from .conftest import write_recipe
+from .conftest import TINY_EVALUATION, write_recipe
 
 CLASSIFIER_RECIPE = """
 name: tiny-cls
@@ -198,11 +198,7 @@ stages:
       data: {{path: "{calibration}"}}
       samples: 16
       batch_size: 4
-evaluation:
-  data: {{path: "{data}"}}
-  batch_size: 8
-benchmark: {{seq_len: 32, iterations: 6, warmup: 1}}
-goals:
+""" + TINY_EVALUATION + """goals:
   accuracy:
     - {{metric: agreement, min: 0.9}}
 """

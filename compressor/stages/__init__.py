@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from .base import Stage, StageContext
 from .export_onnx import ExportOnnx
+from .merge_lora import MergeLora
 from .optimize_onnx import OptimizeOnnx
 from .prune import Prune
 from .quantize import Quantize
 
-REGISTRY: dict[str, Stage] = {stage.type: stage for stage in (ExportOnnx(), OptimizeOnnx(), Prune(), Quantize())}
+REGISTRY: dict[str, Stage] = {stage.type: stage for stage in (MergeLora(), ExportOnnx(), OptimizeOnnx(), Prune(),
+                                                           Quantize())}
 
 __all__ = ["REGISTRY", "Stage", "StageContext"]

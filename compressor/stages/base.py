@@ -49,9 +49,37 @@ class Stage:
         """Return why this config cannot run on this input and task, or None; called by plan()."""
         return None
 
+    def check_order(self, config: Any, earlier: list[Any]) -> Optional[str]:
+        """Return why this stage cannot follow the `earlier` stage configs, or None; called by plan()."""
+        return None
+
     def backends(self, config: Any, input_kind: ArtifactKind) -> list[str]:
         """Python modules this stage imports when it runs, checked by plan() before heavy work."""
         return []
 
+    def unavailable(self, config: Any, input_kind: ArtifactKind) -> Optional[str]:
+        """Why an installed backend still cannot run this config here (a GPU-only build, say), or None;
+        plan() stops with exit 3 on it."""
+        return None
+
     def run(self, config: Any, artifact: Artifact, ctx: StageContext) -> Artifact:
         raise NotImplementedError
+
+
+def refuse_after_quantize(earlier: list[Any], what: str) -> Optional[str]:
+    """For stages that need float torch weights: why they cannot follow a quantize stage, or None."""
+    index = next((i for i, c in enumerate(earlier) if c.type == "quantize"), None)
+    if index is None:
+        return None
+    return f"{what} float weights, but stages[{index}] (quantize) comes first; move this stage before it"
+
+
+def refuse_quantized_checkpoint(artifact: Any, what: str) -> None:
+    """Raise when the checkpoint folder itself holds quantized weights (bitsandbytes, compress int8)."""
+    from ..checkpoint import quantization_method
+    from ..errors import UserError
+
+    method = quantization_method(artifact.path)
+    if method:
+        raise UserError(f"{artifact.path}: holds quantized weights ({method}); {what} float weights, so give "
+                        "the float checkpoint it came from")

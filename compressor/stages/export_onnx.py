@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ..artifacts import OnnxModel, TorchModel
 from ..errors import StageFailed, UserError
-from .base import Stage, StageConfigBase, StageContext
+from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class ExportOnnx(Stage):
             return "with_past applies to text-generation models only"
         return None
 
+    def check_order(self, config, earlier):
+        problem = refuse_after_quantize(earlier, "export_onnx traces")
+        return problem and f"{problem}, and quantize the ONNX model after export"
+
     def backends(self, config, input_kind):
         return ["optimum.exporters.onnx", "onnx", "onnxruntime"]
 
@@ -56,6 +60,7 @@ class ExportOnnx(Stage):
         if artifact.transforms:
             raise UserError(f"export_onnx cannot export a torch model with in-memory transforms "
                             f"{artifact.transforms}; export first, then quantize the ONNX model")
+        refuse_quantized_checkpoint(artifact, "export_onnx traces")
         task = OPTIMUM_TASK[artifact.task] + ("-with-past" if config.with_past else "")
         out = ctx.workdir
         try:

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from ..artifacts import TorchModel
 from ..data import CalibrationConfig
 from ..errors import StageFailed, UserError
-from .base import Stage, StageConfigBase, StageContext
+from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
 from .prune_recover import RecoverConfig
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,9 @@ class Prune(Stage):
             return "scope: global applies to method magnitude with pattern unstructured"
         return None
 
+    def check_order(self, config, earlier):
+        return refuse_after_quantize(earlier, "prune scores and zeroes")
+
     def backends(self, config, input_kind):
         return ["torch"]
 
@@ -123,6 +126,7 @@ class Prune(Stage):
         if artifact.transforms:
             raise UserError(f"prune: the model is already quantized ({artifact.transforms[-1]['name']}); "
                             "prune before quantizing")
+        refuse_quantized_checkpoint(artifact, "prune scores and zeroes")
         original = load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code)
         module = copy.deepcopy(original)
         if config.kind == "structured":

@@ -1,5 +1,6 @@
 """quantize: int8 dynamic (ONNX Runtime for ONNX models, torch.ao for torch models); int8-static,
-int8-weight-only and int4-weight-only live in their own modules and are dispatched from here."""
+int8-weight-only, int4-weight-only and nf4 / fp4 (bitsandbytes) live in their own modules and are
+dispatched from here."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ QUANTIZED_ONNX_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "D
 STATIC_ONLY = ("method", "percentile", "activation_type", "activation_symmetric", "include",
                "quantize_outputs", "smooth_alpha", "preprocess", "fallback")
 INT4_ONLY = ("algorithm", "block_size", "symmetric", "accuracy_level")
+BNB_ONLY = ("double_quant", "compute_dtype")
+BNB_SCHEMES = ("nf4", "fp4")
 
 
 class FallbackConfig(StageConfigBase):
@@ -40,11 +43,13 @@ class FallbackConfig(StageConfigBase):
 
 class QuantizeConfig(StageConfigBase):
     type: Literal["quantize"]
-    scheme: Literal["int8-dynamic", "int8-static", "int8-weight-only", "int4-weight-only"] = Field(
+    scheme: Literal["int8-dynamic", "int8-static", "int8-weight-only", "int4-weight-only", "nf4", "fp4"] = Field(
         description="int8-dynamic: int8 weights, activations quantized per call at run time; int8-static: "
                     "int8 weights and activations with ranges from calibration data (ONNX, QDQ); "
                     "int8-weight-only: int8 weights per output channel, float activations (ONNX and torch); "
-                    "int4-weight-only: 4-bit weights in blocks, float activations (ONNX, MatMulNBits)")
+                    "int4-weight-only: 4-bit weights in blocks, float activations (ONNX, MatMulNBits); "
+                    "nf4 / fp4: 4-bit normal-float / float weights in blocks of 64 through bitsandbytes "
+                    "(torch), saved as a Hugging Face folder that from_pretrained reloads")
     per_channel: bool = Field(True, description="one weight scale per output channel instead of per tensor "
                                                 "(int8-weight-only is always per channel)")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where int8 overflows")
@@ -54,7 +59,8 @@ class QuantizeConfig(StageConfigBase):
                           "int8-weight-only")
     exclude: list[str] = Field(
         default_factory=list, description="node names (ONNX) or module names (torch) to keep in float; "
-                                          "shell-style patterns such as '*lm_head*'")
+                                          "shell-style patterns such as '*lm_head*' (nf4 / fp4 always keep "
+                                          "the output head, lm_head or classifier, in float)")
     calibration: Optional[CalibrationConfig] = Field(
         None, description="int8-static: the samples activation ranges are measured on; int4-weight-only with "
                           "algorithm gptq: the samples whose layer inputs guide rounding (see Calibration data)")
@@ -67,8 +73,14 @@ class QuantizeConfig(StageConfigBase):
     symmetric: bool = Field(False, description="int4-weight-only, rtn and gptq: no zero point (hqq always "
                                                "uses one)")
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
-        None, description="int4-weight-only: MatMulNBits compute type on CPU: 0 or unset as the graph "
-                          "(fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest, least exact)")
+        None, description="int4-weight-only, rtn and gptq: MatMulNBits compute type on CPU: 0 or unset as "
+                          "the graph (fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest, least exact)")
+    # nf4 / fp4 only
+    double_quant: bool = Field(True, description="nf4 / fp4: quantize the per-block scales too (8-bit, blocks "
+                                                 "of 256), saving about 0.4 bits per weight")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="nf4 / fp4: the type weights are dequantized to for each matmul; float32 on "
+                               "CPUs, bfloat16 or float16 on GPUs")
     # int8-static only
     method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="int8-static: how a range is chosen from the calibration activations")
@@ -94,16 +106,25 @@ class QuantizeConfig(StageConfigBase):
 
 class Quantize(Stage):
     type = "quantize"
-    summary = "Quantize: int8 dynamic, static with calibration (ONNX) or weight-only; int4 weight-only (ONNX)"
+    summary = ("Quantize: int8 dynamic, static with calibration (ONNX) or weight-only; int4 weight-only (ONNX); "
+               "nf4 / fp4 (torch, bitsandbytes)")
     config_model = QuantizeConfig
     accepts = ("onnx", "torch")
     needs_calibration = "with scheme int8-static, or int4-weight-only with algorithm gptq"
 
     def check(self, config: QuantizeConfig, input_kind, task):
-        for scheme, fields in (("int8-static", STATIC_ONLY), ("int4-weight-only", INT4_ONLY)):
+        for schemes, fields in ((("int8-static",), STATIC_ONLY), (("int4-weight-only",), INT4_ONLY),
+                                (BNB_SCHEMES, BNB_ONLY)):
             given = sorted(set(fields) & config.model_fields_set)
-            if config.scheme != scheme and given:
-                return f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {scheme} only"
+            if config.scheme not in schemes and given:
+                return f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {' / '.join(schemes)} only"
+        if config.scheme in BNB_SCHEMES:
+            if input_kind == "onnx":
+                return (f"{config.scheme} quantizes torch models through bitsandbytes; for a 4-bit ONNX model "
+                        "use scheme int4-weight-only after export_onnx")
+            given = sorted({"per_channel", "reduce_range", "op_types"} & config.model_fields_set)
+            if given:
+                return f"{', '.join(given)} do not apply to nf4 / fp4 (bitsandbytes scales blocks of 64 weights)"
         gptq = config.scheme == "int4-weight-only" and config.algorithm == "gptq"
         if config.calibration is not None and config.scheme != "int8-static" and not gptq:
             return "calibration applies to int8-static and to int4-weight-only with algorithm gptq"
@@ -116,6 +137,8 @@ class Quantize(Stage):
                 return f"block_size must be 16, 32, 64, 128 or 256 (got {config.block_size})"
             if config.algorithm == "hqq" and "symmetric" in config.model_fields_set:
                 return "symmetric applies to rtn and gptq; hqq always fits a zero point"
+            if config.algorithm == "hqq" and "accuracy_level" in config.model_fields_set:
+                return "accuracy_level applies to rtn and gptq; ONNX Runtime's hqq quantizer does not set it"
         if config.scheme == "int8-static":
             if input_kind == "torch":
                 return "int8-static quantizes ONNX models; add an export_onnx stage before it"
@@ -130,14 +153,34 @@ class Quantize(Stage):
             return "reduce_range applies to ONNX models; torch's dynamic int8 kernels do not use it"
         return None
 
+    def check_order(self, config: QuantizeConfig, earlier):
+        quantized = [c for c in earlier if c.type == "quantize"]
+        if quantized and config.scheme in BNB_SCHEMES:
+            return f"the model is already quantized by an earlier stage ({quantized[-1].scheme}); nf4 / fp4 " \
+                   "quantize float weights"
+        return None
+
     def backends(self, config, input_kind):
+        if config.scheme in BNB_SCHEMES:
+            return ["bitsandbytes", "accelerate"]
         if config.scheme == "int4-weight-only":
             return ["onnxruntime.quantization.matmul_nbits_quantizer"]
         if config.scheme == "int8-weight-only":
             return ["onnx"] if input_kind == "onnx" else ["safetensors"]
         return ["onnxruntime.quantization"] if input_kind == "onnx" else ["torch.ao.quantization"]
 
+    def unavailable(self, config, input_kind):
+        if config.scheme in BNB_SCHEMES:
+            from .bnb_4bit import bnb_unavailable
+
+            return bnb_unavailable()
+        return None
+
     def run(self, config: QuantizeConfig, artifact, ctx: StageContext):
+        if config.scheme in BNB_SCHEMES:
+            from .bnb_4bit import quantize_bnb_4bit
+
+            return quantize_bnb_4bit(config, artifact, ctx)
         if config.scheme == "int4-weight-only":
             from .int4_onnx import int4_weight_only_onnx
 
