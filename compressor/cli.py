@@ -125,14 +125,24 @@ def summary_table(report: dict) -> Table:
     return table
 
 
+def checkpoint_options(func):
+    """--model and the safety flags, shared by run and compare."""
+    for option in reversed((
+            click.option("--model", "model", required=True, help="Local Hugging Face checkpoint folder (safetensors)."),
+            click.option("--allow-pickle", is_flag=True,
+                         help="Allow pickle-based weights (.bin). Only for trusted files."),
+            click.option("--trust-remote-code", is_flag=True,
+                         help="Allow model code shipped inside the checkpoint to run."))):
+        func = option(func)
+    return func
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--model", "model", required=True, help="Local Hugging Face checkpoint folder (safetensors).")
+@checkpoint_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/RECIPE_NAME].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where runners execute. This version has CPU runners only.")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickle-based weights (.bin). Only for trusted files.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside the checkpoint to run.")
 @click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/work.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @handle_errors
@@ -162,6 +172,51 @@ def run(recipe: Path, model: str, out: Path | None, device: str, allow_pickle: b
         verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
         stdout.print(f"verdict: {verdict}   run folder: {result.out}")
     sys.exit(EXIT_PASS if result.passed else EXIT_FAIL)
+
+
+def compare_table(summary: dict) -> Table:
+    metric = summary["metric"]
+    table = Table(title=f"compare: {metric} ({'higher' if summary['higher_is_better'] else 'lower'} is better) "
+                        "vs latency, sorted by latency", title_justify="left")
+    for column in ("recipe", metric, "p50 ms", "speed-up", "size MB", "gate", "Pareto"):
+        # Numbers never wrap; on a narrow terminal the recipe names fold instead.
+        table.add_column(column, justify="left" if column == "recipe" else "right", no_wrap=column != "recipe",
+                         overflow="fold" if column == "recipe" else "ellipsis")
+    for row in summary["rows"]:
+        verdict = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]"}.get(row["verdict"], "baseline")
+        table.add_row(_escape(row["recipe"]), f"{row['metric']:.4f}", f"{row['latency_p50_ms']:.2f}",
+                      f"{row['speedup']:.2f}x", f"{row['size_mb']:.1f}", verdict, "*" if row["pareto"] else "")
+    return table
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
+@checkpoint_options
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs") / "compare", show_default=True,
+              help="Folder for compare.json / .md / .png and one run folder per recipe.")
+@click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/RECIPE/work.")
+@click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
+@handle_errors
+def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool, trust_remote_code: bool,
+            keep_intermediate: bool, as_json: bool) -> None:
+    """Run several RECIPES (files, or .txt lists of them) against one baseline: a Pareto table and plot.
+    Exit 0 if at least one recipe passes its gate, 1 if none does."""
+    import json
+
+    from .compare import compare as run_compare
+    from .compare import load_recipes
+    from .pipeline import RunOptions
+
+    parsed = load_recipes(list(recipes))
+    options = RunOptions(out=out, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                         keep_intermediate=keep_intermediate)
+    result = run_compare(parsed, model, options, RichProgress(enabled=not as_json))
+    if as_json:
+        click.echo(json.dumps(result.summary, indent=2))
+    else:
+        stdout.print(compare_table(result.summary))
+        stdout.print(f"written: {result.out / 'compare.md'}, compare.png, compare.json; one run folder per recipe")
+    sys.exit(EXIT_PASS if result.any_passed else EXIT_FAIL)
 
 
 @main.command()

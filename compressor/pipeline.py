@@ -159,43 +159,88 @@ def _baseline(recipe: Recipe, source: TorchModel, runner_args: dict):
     return make_runner(source, "baseline", **runner_args), source.size_mb(), "checkpoint"
 
 
-def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
-    from . import report as reporting
-    from .bench import OtherLoad, benchmark_feed, interleaved
-    from .checkpoint import inspect_checkpoint, load_tokenizer
-    from .data import load_samples
-    from .evaluate import evaluate
-    from .gate import check_goals
-    from .runners import make_runner
+def run_stages(recipe: Recipe, steps: list[PlannedStage], source: TorchModel, workroot: Path, options: RunOptions,
+               progress: Progress = Silent()) -> tuple[Artifact, list[dict]]:
+    """Run every planned stage in order, each in its own folder under `workroot`; return the last
+    artifact and one record per stage for the report."""
+    artifact: Artifact = source
+    records = []
+    for step in steps:
+        progress.phase(f"{recipe.name}: stage {step.index + 1}/{len(steps)}: {step.config.type}")
+        ctx = StageContext(workroot / f"{step.index:02d}-{step.config.type}", recipe.task, recipe.benchmark.threads,
+                           options.allow_pickle, options.trust_remote_code, progress=progress)
+        ctx.workdir.mkdir(parents=True)
+        started = time.perf_counter()
+        artifact = step.stage.run(step.config, artifact, ctx)
+        seconds = time.perf_counter() - started
+        log.info("stage %s done in %.1fs", step.config.type, seconds)
+        records.append({"type": step.config.type, "seconds": round(seconds, 3), "cached": False,
+                        "output": artifact.kind, **ctx.details, **({"notes": ctx.notes} if ctx.notes else {})})
+    return artifact, records
 
-    steps = plan(recipe)
-    checkpoint = inspect_checkpoint(model, options.allow_pickle)
-    out = options.out.resolve()
+
+@dataclass
+class Baseline:
+    """What every result is judged against, evaluated once."""
+
+    runner: Any
+    size_mb: float
+    model: str
+    evaluation: Any
+
+
+def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: Artifact, evaluation, latency: dict,
+          records: list[dict], data_source: str, other_cpu_share, folder: Path, final_folder: Path,
+          keep_intermediate: bool) -> tuple[dict, list]:
+    """Gate one result against the baseline and write its run folder documents into `folder`, which
+    will be renamed to `final_folder`; return the report and the per-goal verdicts."""
+    from . import report as reporting
+    from .gate import check_goals
+
+    base_side = {"model": baseline.model, "metrics": baseline.evaluation.metrics,
+                 "latency_ms": latency[baseline.runner.name].as_dict(), "size_mb": round(baseline.size_mb, 3),
+                 "backend": baseline.runner.backend}
+    result_side = {"metrics": evaluation.metrics, "latency_ms": latency[runner.name].as_dict(),
+                   "size_mb": round(final.size_mb(), 3), "backend": runner.backend,
+                   "artifact": str(final_folder / final.path.relative_to(folder))}
+    gate = check_goals(recipe.goals, base_side, result_side)
+    report = reporting.build_report(recipe, checkpoint, base_side, result_side, gate, records,
+                                    evaluated=baseline.evaluation.samples, data_source=data_source,
+                                    other_cpu_share=other_cpu_share)
+    if not keep_intermediate:
+        shutil.rmtree(folder / "work", ignore_errors=True)
+    reporting.write_all(folder, report, reporting.build_manifest(recipe, checkpoint, final, folder))
+    return report, gate
+
+
+def start_partial(out: Path) -> tuple[Path, Path]:
+    """The resolved output folder and the hidden folder a run is written into before it is renamed."""
+    out = out.resolve()
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
+    return out, partial
+
+
+def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
+    from .bench import OtherLoad, benchmark_feed, interleaved
+    from .checkpoint import inspect_checkpoint, load_tokenizer
+    from .data import load_samples
+    from .evaluate import evaluate
+    from .runners import make_runner
+
+    steps = plan(recipe)
+    checkpoint = inspect_checkpoint(model, options.allow_pickle)
+    out, partial = start_partial(options.out)
     threads = recipe.benchmark.threads
     try:
         samples = load_samples(recipe.evaluation.data, recipe.task)  # fail on bad data before stages run
         _check_calibration_sources(recipe)
         # One object for the checkpoint: the first stage and the baseline share its loaded module.
         source = TorchModel(checkpoint, recipe.task)
-        artifact: Artifact = source
-        records = []
-        for step in steps:
-            progress.phase(f"stage {step.index + 1}/{len(steps)}: {step.config.type}")
-            ctx = StageContext(partial / "work" / f"{step.index:02d}-{step.config.type}", recipe.task, threads,
-                               options.allow_pickle, options.trust_remote_code, progress=progress)
-            ctx.workdir.mkdir(parents=True)
-            started = time.perf_counter()
-            artifact = step.stage.run(step.config, artifact, ctx)
-            seconds = time.perf_counter() - started
-            log.info("stage %s done in %.1fs", step.config.type, seconds)
-            records.append({"type": step.config.type, "seconds": round(seconds, 3), "cached": False,
-                            "output": artifact.kind, **ctx.details,
-                            **({"notes": ctx.notes} if ctx.notes else {})})
+        artifact, records = run_stages(recipe, steps, source, partial / "work", options, progress)
         final = _place(artifact, partial)
 
         progress.phase("evaluating baseline and result on the same samples")
@@ -214,19 +259,10 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         with OtherLoad() as load:
             latency = interleaved([base_runner, result_runner], feed, bench.warmup, bench.iterations, progress)
 
-        baseline = {"model": base_model, "metrics": base_eval.metrics, "latency_ms": latency["baseline"].as_dict(),
-                    "size_mb": round(base_size, 3), "backend": base_runner.backend}
-        result = {"metrics": result_eval.metrics, "latency_ms": latency["result"].as_dict(),
-                  "size_mb": round(final.size_mb(), 3), "backend": result_runner.backend,
-                  "artifact": str(out / final.path.relative_to(partial))}
-        gate = check_goals(recipe.goals, baseline, result)
+        baseline = Baseline(base_runner, base_size, base_model, base_eval)
+        report, gate = judge(recipe, checkpoint, baseline, result_runner, final, result_eval, latency, records,
+                             samples.source, load.share, partial, out, options.keep_intermediate)
         passed = all(g.passed for g in gate)
-        report = reporting.build_report(recipe, checkpoint, baseline, result, gate, records,
-                                        evaluated=base_eval.samples, data_source=samples.source,
-                                        other_cpu_share=load.share)
-        if not options.keep_intermediate:
-            shutil.rmtree(partial / "work", ignore_errors=True)
-        reporting.write_all(partial, report, reporting.build_manifest(recipe, checkpoint, final, partial))
         _commit(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -142,7 +142,8 @@ def test_adapter_for_another_size_is_refused(tiny_llama, tmp_path):
     LlamaForCausalLM(config).save_pretrained(wider, safe_serialization=True)
     adapter = make_adapter(wider, "text-generation", tmp_path / "adapter", LLAMA_TARGETS, task_type="CAUSAL_LM")
     # Recorded base is a local folder whose config differs: named before any weight is read.
-    with pytest.raises(UserError, match=r"trained on .*wider, which differs from the checkpoint \(hidden_size: 96 vs 64"):
+    with pytest.raises(UserError, match=r"trained on .*wider, which differs from the checkpoint "
+                                        r"\(hidden_size: 96 vs 64"):
         run_stage(merge((adapter, 1.0)), TorchModel(tiny_llama, "text-generation"), tmp_path / "w1", "text-generation")
     shutil.rmtree(wider)  # the recorded base is gone: the tensor shapes decide
     with pytest.raises(UserError, match=r"has shape \[4, (96|192)\] but the checkpoint's layer has (64|128) inputs"):

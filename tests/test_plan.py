@@ -78,7 +78,8 @@ def test_goal_metric_must_belong_to_the_task():
 @pytest.mark.parametrize("second, message", [
     ("export_onnx", r"r.yaml:6: stages\[1\] \(export_onnx\): export_onnx traces float weights, but stages\[0\] "
                     r"\(quantize\) comes first; move this stage before it, and quantize the ONNX model after export"),
-    ("prune\n    method: magnitude\n    sparsity: 0.5", r"r.yaml:6: stages\[1\] \(prune\): prune scores and zeroes float weights"),
+    ("prune\n    method: magnitude\n    sparsity: 0.5",
+     r"r.yaml:6: stages\[1\] \(prune\): prune scores and zeroes float weights"),
 ])
 def test_stages_that_need_float_weights_refuse_to_follow_quantize(second, message):
     with pytest.raises(UserError, match=message):
