@@ -144,10 +144,12 @@ def checkpoint_options(func):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where runners execute. This version has CPU runners only.")
 @click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/work.")
+@click.option("--against", type=click.Path(path_type=Path), default=None,
+              help="A previous run's report.json: adds the recipe's goals.regression to the gate.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @handle_errors
 def run(recipe: Path, model: str, out: Path | None, device: str, allow_pickle: bool, trust_remote_code: bool,
-        keep_intermediate: bool, as_json: bool) -> None:
+        keep_intermediate: bool, against: Path | None, as_json: bool) -> None:
     """Run RECIPE on a checkpoint; exit 0 if the gate passes, 1 if it fails."""
     import json
 
@@ -162,7 +164,7 @@ def run(recipe: Path, model: str, out: Path | None, device: str, allow_pickle: b
         raise BackendMissing("--device cuda: this version of compress has CPU runners only (torch and ONNX Runtime "
                              "on CPU); run with --device cpu")
     options = RunOptions(out=out or Path("runs") / parsed.name, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate)
+                         trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate, against=against)
     result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))
     if as_json:
         click.echo(json.dumps(result.report, indent=2))

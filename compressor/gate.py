@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .errors import UserError
 from .evaluate import HIGHER_IS_BETTER
@@ -64,4 +65,47 @@ def check_goals(goals, baseline: dict, result: dict) -> list[GoalResult]:
     if goals.size.max_ratio is not None:
         ratio = result["size_mb"] / baseline["size_mb"]
         verdicts.append(_at_most("size.max_ratio", ratio, goals.size.max_ratio, "x"))
+    return verdicts
+
+
+# The metric regression goals watch, per task.
+MAIN_METRIC = {"text-classification": "accuracy", "feature-extraction": "cosine_mean", "text-generation": "perplexity"}
+
+
+def load_previous(path: Path, task: str) -> dict:
+    """A report.json from an earlier run of the same task, checked enough to compare against."""
+    import json
+
+    try:
+        previous = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: --against report not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: --against is not a readable report.json ({exc})") from None
+    try:
+        metrics, latency = previous["result"]["metrics"], previous["result"]["latency_ms"]["p50"]
+        previous["baseline"]["latency_ms"]["p50"]
+    except (KeyError, TypeError):
+        raise UserError(f"{path}: not a compress report.json (no result metrics and latency)") from None
+    if previous.get("task") != task:
+        raise UserError(f"{path}: a {previous.get('task')} report; this recipe's task is {task}")
+    if MAIN_METRIC[task] not in metrics or not latency:
+        raise UserError(f"{path}: has no {MAIN_METRIC[task]} or latency to compare with")
+    return previous
+
+
+def check_regression(regression, task: str, previous: dict, baseline: dict, result: dict) -> list[GoalResult]:
+    """Goals relative to a stored report: slow-down of the speed-up over each run's baseline, and the
+    worsening of the task's main metric."""
+    verdicts = []
+    if regression.max_latency_increase is not None:
+        before = previous["baseline"]["latency_ms"]["p50"] / previous["result"]["latency_ms"]["p50"]
+        now = baseline["latency_ms"]["p50"] / result["latency_ms"]["p50"]
+        verdicts.append(_at_most("regression.latency_increase", before / now - 1.0,
+                                 regression.max_latency_increase))
+    if regression.max_accuracy_drop is not None:
+        metric = MAIN_METRIC[task]
+        before, now = previous["result"]["metrics"][metric], result["metrics"][metric]
+        worse = (before - now) if HIGHER_IS_BETTER[metric] else (now - before)
+        verdicts.append(_at_most(f"regression.{metric}.drop", worse, regression.max_accuracy_drop))
     return verdicts

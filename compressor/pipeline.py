@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .artifacts import Artifact, ArtifactKind, OnnxModel, TorchModel
 from .errors import BackendMissing, UserError
@@ -84,6 +84,7 @@ class RunOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     keep_intermediate: bool = False
+    against: Optional[Path] = None  # a previous report.json that goals.regression compares with
 
 
 @dataclass
@@ -191,11 +192,12 @@ class Baseline:
 
 def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: Artifact, evaluation, latency: dict,
           records: list[dict], data_source: str, other_cpu_share, folder: Path, final_folder: Path,
-          keep_intermediate: bool) -> tuple[dict, list]:
+          keep_intermediate: bool, previous: Optional[dict] = None, against: Optional[Path] = None
+          ) -> tuple[dict, list]:
     """Gate one result against the baseline and write its run folder documents into `folder`, which
     will be renamed to `final_folder`; return the report and the per-goal verdicts."""
     from . import report as reporting
-    from .gate import check_goals
+    from .gate import check_goals, check_regression
 
     base_side = {"model": baseline.model, "metrics": baseline.evaluation.metrics,
                  "latency_ms": latency[baseline.runner.name].as_dict(), "size_mb": round(baseline.size_mb, 3),
@@ -204,9 +206,17 @@ def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: A
                    "size_mb": round(final.size_mb(), 3), "backend": runner.backend,
                    "artifact": str(final_folder / final.path.relative_to(folder))}
     gate = check_goals(recipe.goals, base_side, result_side)
+    regression = recipe.goals.regression
+    if previous is not None:
+        gate += check_regression(regression, recipe.task, previous, base_side, result_side)
     report = reporting.build_report(recipe, checkpoint, base_side, result_side, gate, records,
                                     evaluated=baseline.evaluation.samples, data_source=data_source,
                                     other_cpu_share=other_cpu_share)
+    if previous is not None:
+        report["against"] = {"report": str(against), "recipe": previous.get("recipe"),
+                             "created": previous.get("created"), "verdict": previous.get("verdict")}
+    elif regression.max_latency_increase is not None or regression.max_accuracy_drop is not None:
+        report["notes"].append("goals.regression was not checked: run with --against PREVIOUS/report.json")
     if not keep_intermediate:
         shutil.rmtree(folder / "work", ignore_errors=True)
     reporting.write_all(folder, report, reporting.build_manifest(recipe, checkpoint, final, folder))
@@ -224,6 +234,19 @@ def start_partial(out: Path) -> tuple[Path, Path]:
     return out, partial
 
 
+def _previous_report(recipe: Recipe, against: Optional[Path]) -> Optional[dict]:
+    """The stored report that goals.regression compares with, read before any heavy work."""
+    if against is None:
+        return None
+    from .gate import load_previous
+
+    regression = recipe.goals.regression
+    if regression.max_latency_increase is None and regression.max_accuracy_drop is None:
+        raise UserError(f"{recipe.where('goals')}: --against needs goals.regression (max_latency_increase and/or "
+                        "max_accuracy_drop) to say what counts as a regression")
+    return load_previous(against, recipe.task)
+
+
 def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
     from .bench import OtherLoad, benchmark_feed, interleaved
     from .checkpoint import inspect_checkpoint, load_tokenizer
@@ -233,6 +256,7 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
 
     steps = plan(recipe)
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
+    previous = _previous_report(recipe, options.against)
     out, partial = start_partial(options.out)
     threads = recipe.benchmark.threads
     try:
@@ -261,7 +285,8 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
 
         baseline = Baseline(base_runner, base_size, base_model, base_eval)
         report, gate = judge(recipe, checkpoint, baseline, result_runner, final, result_eval, latency, records,
-                             samples.source, load.share, partial, out, options.keep_intermediate)
+                             samples.source, load.share, partial, out, options.keep_intermediate, previous,
+                             options.against)
         passed = all(g.passed for g in gate)
         _commit(partial, out)
     except BaseException:

@@ -71,10 +71,23 @@ class SizeGoals(Strict):
     max_ratio: Optional[float] = Field(None, gt=0, description="candidate size / baseline size must be at most this")
 
 
+class RegressionGoals(Strict):
+    """Goals against a stored report (`compress run --against PREVIOUS/report.json`), for CI."""
+
+    max_latency_increase: Optional[float] = Field(
+        None, ge=0, description="largest allowed slow-down against the previous result, as a fraction (0.10 = "
+                                "10%); measured on the speed-up over each run's own baseline, so a slower "
+                                "machine does not read as a regression")
+    max_accuracy_drop: Optional[float] = Field(
+        None, ge=0, description="largest allowed worsening of the task's main metric (accuracy, cosine_mean or "
+                                "perplexity) against the previous result, in the metric's units")
+
+
 class Goals(Strict):
     accuracy: list[AccuracyGoal] = Field(default_factory=list)
     latency: LatencyGoals = Field(default_factory=LatencyGoals)
     size: SizeGoals = Field(default_factory=SizeGoals)
+    regression: RegressionGoals = Field(default_factory=RegressionGoals)
 
 
 class Recipe(Strict):

@@ -224,3 +224,68 @@ def test_missing_calibration_data_stops_before_any_stage(tiny_classifier, senten
     assert f"{recipe}:7: stages[1].calibration: {tmp_path / 'nope.jsonl'}: data file not found" in outcome.output
     assert exported == []  # nothing was exported first
     assert not (tmp_path / "out").exists()
+
+
+REGRESSION_GOALS = """  regression:
+    max_latency_increase: {latency}
+    max_accuracy_drop: {drop}
+"""
+
+
+def regression_recipe(tmp_path, data, latency=3.0, drop=0.02, name="recipe.yaml"):
+    text = CLASSIFIER_RECIPE.format(data=data, agreement=0.0) + REGRESSION_GOALS.format(latency=latency, drop=drop)
+    return write_recipe(tmp_path, text, name)
+
+
+def test_against_adds_regression_goals_to_the_gate_and_junit(tiny_classifier, sentences_jsonl, tmp_path):
+    first = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl)), tiny_classifier,
+                RunOptions(out=tmp_path / "first"))
+    assert "goals.regression was not checked" in " ".join(first.report["notes"])
+    assert not any(g.goal.startswith("regression.") for g in first.gate)
+    previous = tmp_path / "first" / "report.json"
+    second = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl)), tiny_classifier,
+                 RunOptions(out=tmp_path / "second", against=previous))
+    regression = {g.goal: g for g in second.gate if g.goal.startswith("regression.")}
+    assert set(regression) == {"regression.latency_increase", "regression.accuracy.drop"}
+    # The same artifact again: accuracy identical; the speed-up of a tiny model timed 6 times may move a
+    # lot, so the latency threshold here is generous (3.0 = up to 4x slower).
+    assert regression["regression.accuracy.drop"].measured == 0 and second.passed, second.report["gate"]
+    assert second.report["against"]["report"] == str(previous)
+    cases = {c.get("name") for c in ET.parse(tmp_path / "second" / "junit.xml").getroot()}
+    assert {"regression.latency_increase", "regression.accuracy.drop"} <= cases
+
+
+def test_against_a_better_stored_result_fails_on_regression(tiny_classifier, sentences_jsonl, tmp_path):
+    first = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl)), tiny_classifier,
+                RunOptions(out=tmp_path / "first"))
+    better = dict(first.report)
+    better["result"] = {**first.report["result"], "metrics": {**first.report["result"]["metrics"],
+                                                              "accuracy": first.report["result"]["metrics"]["accuracy"]
+                                                              + 0.1},
+                        "latency_ms": {**first.report["result"]["latency_ms"],
+                                       "p50": first.report["result"]["latency_ms"]["p50"] / 3}}
+    stored = tmp_path / "better.json"
+    stored.write_text(json.dumps(better))
+    strict = regression_recipe(tmp_path, sentences_jsonl, latency=0.5, name="strict.yaml")
+    outcome = CliRunner().invoke(main, ["run", str(strict), "--model", str(tiny_classifier),
+                                        "--out", str(tmp_path / "again"), "--against", str(stored)])
+    assert outcome.exit_code == 1, outcome.output
+    report = json.loads((tmp_path / "again" / "report.json").read_text())
+    failed = {g["goal"] for g in report["gate"] if not g["passed"]}
+    assert failed == {"regression.latency_increase", "regression.accuracy.drop"}
+    drop = next(g for g in report["gate"] if g["goal"] == "regression.accuracy.drop")
+    assert drop["measured"] == pytest.approx(0.1, abs=1e-9)
+
+
+def test_against_needs_regression_goals_and_a_real_report(tiny_classifier, sentences_jsonl, tmp_path):
+    plain = classifier_recipe(tmp_path, sentences_jsonl)
+    args = ["--model", str(tiny_classifier), "--out", str(tmp_path / "out")]
+    outcome = CliRunner().invoke(main, ["run", str(plain), *args, "--against", str(tmp_path / "x.json")])
+    assert outcome.exit_code == 2 and "--against needs goals.regression" in outcome.output
+    with_goals = regression_recipe(tmp_path, sentences_jsonl, name="r2.yaml")
+    outcome = CliRunner().invoke(main, ["run", str(with_goals), *args, "--against", str(tmp_path / "x.json")])
+    assert outcome.exit_code == 2 and "--against report not found" in outcome.output
+    (tmp_path / "bad.json").write_text('{"task": "text-classification"}')
+    outcome = CliRunner().invoke(main, ["run", str(with_goals), *args, "--against", str(tmp_path / "bad.json")])
+    assert outcome.exit_code == 2 and "not a compress report.json" in outcome.output
+    assert not (tmp_path / "out").exists()
