@@ -89,6 +89,11 @@ def quantization_method(folder: Path) -> str | None:
     return None
 
 
+def quantization_of(artifact: TorchModel) -> str | None:
+    """How a torch artifact is quantized: its folder's weights, or a transform it carries in memory."""
+    return quantization_method(artifact.path) or (artifact.transforms[-1]["name"] if artifact.transforms else None)
+
+
 def model_class(task: str):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 

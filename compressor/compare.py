@@ -15,15 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .evaluate import HIGHER_IS_BETTER
+from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
 from .pipeline import (Baseline, RunOptions, _baseline, _check_calibration_sources, _commit, _place, judge, plan,
                        run_stages, start_partial)
 from .progress import Progress, Silent
 from .recipe import Recipe, load_recipe
 
-# The metric each task is plotted and ranked on.
-PRIMARY_METRIC = {"text-classification": "accuracy", "feature-extraction": "cosine_mean",
-                  "text-generation": "perplexity"}
 BASELINE = "baseline"
 
 
@@ -151,7 +148,7 @@ def compare(recipes: list[Recipe], model: str | Path, options: RunOptions, progr
 
 
 def summarize(task: str, base_model: str, reports: list[dict], other_cpu_share=None) -> dict:
-    metric = PRIMARY_METRIC[task]
+    metric = MAIN_METRIC[task]
     baseline = reports[0]["baseline"]
     rows = [{"recipe": BASELINE, "model": base_model, "metric": baseline["metrics"][metric],
              "latency_p50_ms": baseline["latency_ms"]["p50"], "latency_p95_ms": baseline["latency_ms"]["p95"],

@@ -22,6 +22,8 @@ TASK_METRICS = {
     "feature-extraction": ("cosine_mean", "cosine_min"),
     "text-generation": ("perplexity", "top1_agreement"),
 }
+# Each task's first metric is its main one: what compare ranks on and regression goals watch.
+MAIN_METRIC = {task: metrics[0] for task, metrics in TASK_METRICS.items()}
 
 
 @dataclass

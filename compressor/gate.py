@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .evaluate import HIGHER_IS_BETTER
+from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
 
 
 @dataclass
@@ -67,9 +67,6 @@ def check_goals(goals, baseline: dict, result: dict) -> list[GoalResult]:
         verdicts.append(_at_most("size.max_ratio", ratio, goals.size.max_ratio, "x"))
     return verdicts
 
-
-# The metric regression goals watch, per task.
-MAIN_METRIC = {"text-classification": "accuracy", "feature-extraction": "cosine_mean", "text-generation": "perplexity"}
 
 
 def load_previous(path: Path, task: str) -> dict:

@@ -14,7 +14,7 @@ import logging
 from typing import Optional
 
 from ..artifacts import TorchModel
-from ..checkpoint import copy_checkpoint_files, model_class, quantization_method
+from ..checkpoint import copy_checkpoint_files, model_class, quantization_of
 from ..errors import BackendMissing, UserError
 from .base import StageContext
 
@@ -67,9 +67,9 @@ def quantize_bnb_4bit(config, artifact: TorchModel, ctx: StageContext) -> TorchM
     import torch
     from transformers import BitsAndBytesConfig
 
-    if artifact.transforms or quantization_method(artifact.path):
-        raise UserError(f"quantize {config.scheme}: the model is already quantized "
-                        f"({quantization_method(artifact.path) or artifact.transforms[-1]['name']}); "
+    quantized = quantization_of(artifact)
+    if quantized:
+        raise UserError(f"quantize {config.scheme}: the model is already quantized ({quantized}); "
                         "start from the float checkpoint")
     problem = bnb_unavailable()
     if problem:

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..artifacts import TorchModel, files_size_mb
-from ..checkpoint import copy_checkpoint_files, quantization_method
+from ..checkpoint import copy_checkpoint_files, quantization_of
 from ..errors import StageFailed, UserError
 from .base import Stage, StageConfigBase, StageContext
 
@@ -137,8 +137,7 @@ class Adapter:
 
 def read_adapters(config: MergeLoraConfig, artifact: TorchModel) -> list[Adapter]:
     """Every adapter's config, checked against the checkpoint before any model is loaded."""
-    quantized = quantization_method(artifact.path) or (artifact.transforms[-1]["name"] if artifact.transforms
-                                                       else None)
+    quantized = quantization_of(artifact)
     if quantized:
         raise UserError(f"merge_lora: {artifact.path} is quantized ({quantized}); an adapter's update cannot be "
                         "added to quantized weights exactly. Give the float checkpoint it came from with --model "
