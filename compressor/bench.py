@@ -83,28 +83,121 @@ SETTLE = 2
 
 def interleaved(runners: list[Runner], feed: dict[str, np.ndarray], warmup: int, iterations: int,
                 progress: Progress = Silent(), block: int = BLOCK, settle: int = SETTLE) -> dict[str, Latency]:
-    """Time each runner `iterations` times. Runners take turns in blocks of `block` timed calls, each
-    after `settle` untimed ones; the order reverses every round (A B B A ...) so that neither drift
-    nor caches favour one side."""
+    """Time each runner `iterations` times, interleaved (see Timings.extend); the latency of each."""
+    timings = Timings([r.name for r in runners], batch=next(iter(feed.values())).shape[0])
+    warm_up(runners, feed, warmup)
+    timings.extend(runners, feed, iterations, progress, block, settle)
+    return {name: timings.latency(name) for name in timings.names}
+
+
+def warm_up(runners: list[Runner], feed: dict[str, np.ndarray], calls: int) -> None:
     for runner in runners:
-        for _ in range(warmup):
+        for _ in range(calls):
             runner(feed)
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    rounds = -(-iterations // block)
-    for i in progress.track(range(rounds), rounds, "benchmarking (interleaved)"):
-        timed = min(block, iterations - i * block)
-        for runner in (runners if i % 2 == 0 else runners[::-1]):
-            for _ in range(settle):
-                runner(feed)
-            for _ in range(timed):
-                start = time.perf_counter()
-                runner(feed)
-                times[runner.name].append((time.perf_counter() - start) * 1000)
-    batch = next(iter(feed.values())).shape[0]
-    result = {}
-    for name, samples in times.items():
-        ms = np.asarray(samples)
+
+
+class Timings:
+    """Every timed call of every runner, in the order taken. Call k of one runner and call k of another
+    were made in the same round, a few milliseconds apart: an interleaved pair."""
+
+    def __init__(self, names: list[str], batch: int):
+        self.names = names
+        self.batch = batch
+        self.calls: dict[str, list[float]] = {name: [] for name in names}
+        self.rounds = 0
+
+    def extend(self, runners: list[Runner], feed: dict[str, np.ndarray], iterations: int,
+               progress: Progress = Silent(), block: int = BLOCK, settle: int = SETTLE) -> None:
+        """Time each runner `iterations` more times. Runners take turns in blocks of `block` timed calls,
+        each after `settle` untimed ones; the order reverses every round (A B B A ...), continuing from
+        earlier rounds, so that neither drift nor caches favour one side."""
+        rounds = -(-iterations // block)
+        for i in progress.track(range(rounds), rounds, "benchmarking (interleaved)"):
+            timed = min(block, iterations - i * block)
+            for runner in (runners if self.rounds % 2 == 0 else runners[::-1]):
+                for _ in range(settle):
+                    runner(feed)
+                for _ in range(timed):
+                    start = time.perf_counter()
+                    runner(feed)
+                    self.calls[runner.name].append((time.perf_counter() - start) * 1000)
+            self.rounds += 1
+
+    def latency(self, name: str) -> Latency:
+        ms = np.asarray(self.calls[name])
         p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
-        result[name] = Latency(float(p50), float(p90), float(p95), float(p99), float(ms.mean()),
-                               float(batch / (ms.mean() / 1000)), len(ms))
-    return result
+        return Latency(float(p50), float(p90), float(p95), float(p99), float(ms.mean()),
+                       float(self.batch / (ms.mean() / 1000)), len(ms))
+
+    def speedup(self, baseline: str, candidate: str) -> float:
+        """p50 of the baseline / p50 of the candidate: what latency.min_speedup is checked on."""
+        return float(np.median(self.calls[baseline]) / np.median(self.calls[candidate]))
+
+    def speedup_interval(self, baseline: str, candidate: str, confidence: float, resamples: int = 2000,
+                         seed: int = 0) -> tuple[float, float]:
+        """Bootstrap confidence interval of the speed-up: interleaved pairs resampled with replacement,
+        the p50 ratio recomputed on each resample. Seeded, so equal timings give an equal interval."""
+        base, cand = np.asarray(self.calls[baseline]), np.asarray(self.calls[candidate])
+        pairs = min(len(base), len(cand))
+        picks = np.random.default_rng(seed).integers(0, pairs, size=(resamples, pairs))
+        ratios = np.median(base[:pairs][picks], axis=1) / np.median(cand[:pairs][picks], axis=1)
+        tail = (1.0 - confidence) / 2 * 100
+        low, high = np.percentile(ratios, [tail, 100 - tail])
+        return float(low), float(high)
+
+
+@dataclass
+class SpeedupEstimate:
+    """A candidate's speed-up over the baseline with its confidence interval, as the report gives it."""
+
+    speedup: float
+    interval: tuple[float, float]
+    confidence: float
+    pairs: int
+    marginal: bool  # the interval still holds a latency threshold after re-measuring
+
+    def straddles(self, threshold: float) -> bool:
+        return self.interval[0] < threshold < self.interval[1]
+
+    def as_dict(self) -> dict:
+        return {"speedup": round(self.speedup, 4), "interval": [round(v, 4) for v in self.interval],
+                "confidence": self.confidence, "pairs": self.pairs, "marginal": self.marginal}
+
+
+# Calls added per runner each time the interval still straddles a threshold.
+REMEASURE_CALLS = 20
+
+
+def measure(runners: list[Runner], feed: dict[str, np.ndarray], bench, thresholds: dict[str, list[float]],
+            progress: Progress = Silent()) -> tuple[Timings, dict[str, SpeedupEstimate], float]:
+    """Time the baseline (runners[0]) and every candidate interleaved, then, while a candidate's speed-up
+    interval holds one of its latency thresholds, time all of them again, up to the recipe's
+    `benchmark.max_remeasure_seconds`. Returns the timings, each candidate's estimate and the seconds
+    spent re-measuring."""
+    timings = Timings([r.name for r in runners], batch=next(iter(feed.values())).shape[0])
+    warm_up(runners, feed, bench.warmup)
+    timings.extend(runners, feed, bench.iterations, progress)
+    base = runners[0].name
+
+    def unsettled() -> list[str]:
+        out = []
+        for runner in runners[1:]:
+            low, high = timings.speedup_interval(base, runner.name, bench.confidence)
+            if any(low < t < high for t in thresholds.get(runner.name, [])):
+                out.append(runner.name)
+        return out
+
+    started, extra = time.perf_counter(), 0.0
+    while True:
+        waiting = unsettled()
+        if not waiting or time.perf_counter() - started >= bench.max_remeasure_seconds:
+            break
+        progress.phase(f"speed-up too close to its threshold to call: timing {', '.join(waiting)} again")
+        timings.extend(runners, feed, REMEASURE_CALLS, progress)
+        extra = time.perf_counter() - started
+    estimates = {}
+    for runner in runners[1:]:
+        estimates[runner.name] = SpeedupEstimate(
+            timings.speedup(base, runner.name), timings.speedup_interval(base, runner.name, bench.confidence),
+            bench.confidence, min(len(timings.calls[base]), len(timings.calls[runner.name])), runner.name in waiting)
+    return timings, estimates, extra

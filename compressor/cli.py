@@ -82,7 +82,7 @@ def handle_errors(func):
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]: no run folder was written")
             sys.exit(130)
-        except click.exceptions.Exit:
+        except (click.exceptions.Exit, click.UsageError):
             raise
         except Exception:
             console.print("[bold red]internal error[/] (a bug in compress; please report it with this traceback):")
@@ -106,8 +106,12 @@ def gate_table(report: dict) -> Table:
         table.add_column(column, justify="left" if column == "goal" else "right")
     for g in report["gate"]:
         unit = g["unit"]
-        table.add_row(g["goal"], f"{g['measured']:.4g}{unit}", f"{g['threshold']:.4g}{unit}", f"{g['margin']:+.4g}",
-                      "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]")
+        measured = f"{g['measured']:.4g}{unit}"
+        if g.get("interval"):
+            measured += " [{:.4g}, {:.4g}]".format(*g["interval"])
+        verdict = "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]"
+        table.add_row(g["goal"], _escape(measured), f"{g['threshold']:.4g}{unit}", f"{g['margin']:+.4g}",
+                      verdict + (" [yellow](marginal)[/]" if g.get("marginal") else ""))
     return table
 
 
@@ -146,10 +150,14 @@ def checkpoint_options(func):
 @click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/work.")
 @click.option("--against", type=click.Path(path_type=Path), default=None,
               help="A previous run's report.json: adds the recipe's goals.regression to the gate.")
+@click.option("--resume", is_flag=True,
+              help="Reuse stages stored in the stage cache whose input, config and package versions are unchanged; "
+                   "re-run from the first stage that changed (or that a killed run did not finish).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the stage cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @handle_errors
 def run(recipe: Path, model: str, out: Path | None, device: str, allow_pickle: bool, trust_remote_code: bool,
-        keep_intermediate: bool, against: Path | None, as_json: bool) -> None:
+        keep_intermediate: bool, against: Path | None, resume: bool, no_cache: bool, as_json: bool) -> None:
     """Run RECIPE on a checkpoint; exit 0 if the gate passes, 1 if it fails."""
     import json
 
@@ -163,8 +171,11 @@ def run(recipe: Path, model: str, out: Path | None, device: str, allow_pickle: b
 
         raise BackendMissing("--device cuda: this version of compress has CPU runners only (torch and ONNX Runtime "
                              "on CPU); run with --device cpu")
+    if resume and no_cache:
+        raise click.UsageError("--resume reads the stage cache; it cannot be combined with --no-cache")
     options = RunOptions(out=out or Path("runs") / parsed.name, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate, against=against)
+                         trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate, against=against,
+                         cache=not no_cache, resume=resume)
     result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))
     if as_json:
         click.echo(json.dumps(result.report, indent=2))
@@ -186,6 +197,8 @@ def compare_table(summary: dict) -> Table:
                          overflow="fold" if column == "recipe" else "ellipsis")
     for row in summary["rows"]:
         verdict = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]"}.get(row["verdict"], "baseline")
+        if row.get("marginal"):
+            verdict += " [yellow](marginal)[/]"
         table.add_row(_escape(row["recipe"]), f"{row['metric']:.4f}", f"{row['latency_p50_ms']:.2f}",
                       f"{row['speedup']:.2f}x", f"{row['size_mb']:.1f}", verdict, "*" if row["pareto"] else "")
     return table
@@ -197,11 +210,13 @@ def compare_table(summary: dict) -> Table:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs") / "compare", show_default=True,
               help="Folder for compare.json / .md / .png and one run folder per recipe.")
 @click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/RECIPE/work.")
+@click.option("--no-cache", is_flag=True, help="Run every stage afresh; neither read nor write the stage cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
 @handle_errors
 def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool, trust_remote_code: bool,
-            keep_intermediate: bool, as_json: bool) -> None:
+            keep_intermediate: bool, no_cache: bool, as_json: bool) -> None:
     """Run several RECIPES (files, or .txt lists of them) against one baseline: a Pareto table and plot.
+    Stages stored in the stage cache are reused (recipes that share a prefix of stages run it once).
     Exit 0 if at least one recipe passes its gate, 1 if none does."""
     import json
 
@@ -211,7 +226,7 @@ def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool
 
     parsed = load_recipes(list(recipes))
     options = RunOptions(out=out, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                         keep_intermediate=keep_intermediate)
+                         keep_intermediate=keep_intermediate, cache=not no_cache, resume=not no_cache)
     result = run_compare(parsed, model, options, RichProgress(enabled=not as_json))
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
@@ -219,6 +234,45 @@ def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool
         stdout.print(compare_table(result.summary))
         stdout.print(f"written: {result.out / 'compare.md'}, compare.png, compare.json; one run folder per recipe")
     sys.exit(EXIT_PASS if result.any_passed else EXIT_FAIL)
+
+
+@main.group()
+def cache() -> None:
+    """The stage cache that --resume and compare reuse ($COMPRESS_CACHE, default ~/.cache/compress/stages)."""
+
+
+@cache.command("ls")
+@handle_errors
+def cache_ls() -> None:
+    """List stored stages: key, stage, recipe, when, how long the stage took, size."""
+    from .cache import cache_root, entries, stale_temporaries
+
+    stored = entries()
+    table = Table(title=f"stage cache: {_escape(str(cache_root()))}", title_justify="left")
+    for column in ("key", "stage", "recipe", "created (UTC)", "stage seconds", "MB"):
+        table.add_column(column, justify="right" if column in ("stage seconds", "MB") else "left")
+    total = 0.0
+    for entry in stored:
+        size = entry.size_mb()
+        total += size
+        meta = entry.meta
+        table.add_row(entry.key[:16], f"{meta.get('stage_index', '?')}: {meta.get('stage', '?')}",
+                      _escape(meta.get("recipe", "?")), meta.get("created", "?").replace("T", " ").rstrip("Z"),
+                      f"{meta['record'].get('seconds', 0):.1f}", f"{size:.1f}")
+    stdout.print(table)
+    stale = stale_temporaries()
+    stdout.print(f"{len(stored)} stored stage(s), {total:.1f} MB"
+                 + (f"; {len(stale)} half-written by killed runs (removed by `compress cache clear`)" if stale else ""))
+
+
+@cache.command("clear")
+@handle_errors
+def cache_clear() -> None:
+    """Remove every stored stage (and anything half-written by a killed run)."""
+    from .cache import cache_root, clear
+
+    removed, freed = clear()
+    stdout.print(f"removed {removed} stored stage(s) from {_escape(str(cache_root()))}, freed {freed:.1f} MB")
 
 
 @main.command()

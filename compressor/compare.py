@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
-from .pipeline import (Baseline, RunOptions, _baseline, _check_calibration_sources, _commit, _place, judge, plan,
-                       run_stages, start_partial)
+from .pipeline import (Baseline, RunOptions, _baseline, _check_calibration_sources, _commit, _place, judge,
+                       measure_latency, plan, run_stages, start_partial)
 from .progress import Progress, Silent
 from .recipe import Recipe, load_recipe
 
@@ -89,7 +89,7 @@ def pareto_frontier(points: dict[str, tuple[float, float]], higher_is_better: bo
 
 def compare(recipes: list[Recipe], model: str | Path, options: RunOptions, progress: Progress = Silent()
             ) -> CompareResult:
-    from .bench import OtherLoad, benchmark_feed, interleaved
+    from .bench import benchmark_feed
     from .checkpoint import inspect_checkpoint, load_tokenizer
     from .data import load_samples
     from .evaluate import evaluate
@@ -127,16 +127,14 @@ def compare(recipes: list[Recipe], model: str | Path, options: RunOptions, progr
 
         progress.phase("benchmarking the baseline and every recipe, in alternating blocks")
         feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
-        with OtherLoad() as load:
-            latency = interleaved([base_runner] + runners, feed, bench.warmup, bench.iterations, progress)
+        measured = measure_latency(base_runner, list(zip(runners, recipes)), feed, None, progress)
 
         baseline = Baseline(base_runner, base_size, base_model, base_eval)
-        reports = [judge(recipe, checkpoint, baseline, runner, final, evaluation, latency, stage_records,
-                         samples.source, load.share, partial / recipe.name, out / recipe.name,
-                         options.keep_intermediate)[0]
+        reports = [judge(recipe, checkpoint, baseline, runner, final, evaluation, measured, stage_records,
+                         samples.source, partial / recipe.name, out / recipe.name, options.keep_intermediate)[0]
                    for recipe, final, runner, evaluation, stage_records in zip(recipes, finals, runners, evaluations,
                                                                                 records)]
-        summary = summarize(task, base_model, reports, other_cpu_share=load.share)
+        summary = summarize(task, base_model, reports, other_cpu_share=measured.other_cpu_share)
         write_comparison(partial, summary)
         (partial / "manifest.json").write_text(json.dumps(
             {"compare": [r.source for r in recipes], "checkpoint": str(checkpoint)}, indent=2) + "\n")
@@ -160,6 +158,8 @@ def summarize(task: str, base_model: str, reports: list[dict], other_cpu_share=N
                      "metric": result["metrics"][metric], "metrics": result["metrics"],
                      "latency_p50_ms": result["latency_ms"]["p50"], "latency_p95_ms": result["latency_ms"]["p95"],
                      "speedup": baseline["latency_ms"]["p50"] / result["latency_ms"]["p50"],
+                     "speedup_interval": result["speedup"]["interval"],
+                     "marginal": any(g.get("marginal") for g in report["gate"]),
                      "size_mb": result["size_mb"], "size_ratio": result["size_mb"] / baseline["size_mb"],
                      "verdict": report["verdict"],
                      "failed_goals": [g["goal"] for g in report["gate"] if not g["passed"]],
@@ -195,6 +195,7 @@ def markdown(summary: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         gate = row["verdict"] if row["verdict"] != "fail" else "**fail** (" + ", ".join(row["failed_goals"]) + ")"
+        gate += " (marginal)" if row.get("marginal") else ""
         lines.append(f"| {row['recipe']} | {row['metric']:.4f} | {row['latency_p50_ms']:.2f} | {row['speedup']:.2f}x "
                      f"| {row['size_mb']:.1f} | {row['size_ratio']:.3f} | {gate} | {'yes' if row['pareto'] else ''} |")
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from .errors import UserError
 from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
@@ -17,6 +18,8 @@ class GoalResult:
     passed: bool
     margin: float  # how far inside the threshold (positive) or outside it (negative)
     unit: str = ""
+    interval: Optional[tuple[float, float]] = None  # confidence interval of `measured`, for latency goals
+    marginal: bool = False  # the interval still held the threshold after re-measuring: a close call
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +62,8 @@ def check_goals(goals, baseline: dict, result: dict) -> list[GoalResult]:
     latency = goals.latency
     if latency.min_speedup is not None:
         speedup = baseline["latency_ms"]["p50"] / result["latency_ms"]["p50"]
-        verdicts.append(_at_least("latency.min_speedup", speedup, latency.min_speedup, "x"))
+        verdict = _at_least("latency.min_speedup", speedup, latency.min_speedup, "x")
+        verdicts.append(_with_interval(verdict, result.get("speedup"), lambda s: s))
     if latency.max_p95_ms is not None:
         verdicts.append(_at_most("latency.max_p95_ms", result["latency_ms"]["p95"], latency.max_p95_ms, "ms"))
     if goals.size.max_ratio is not None:
@@ -67,6 +71,28 @@ def check_goals(goals, baseline: dict, result: dict) -> list[GoalResult]:
         verdicts.append(_at_most("size.max_ratio", ratio, goals.size.max_ratio, "x"))
     return verdicts
 
+
+def _with_interval(verdict: GoalResult, estimate: Optional[dict], to_measured) -> GoalResult:
+    """Attach the speed-up's confidence interval, mapped into the goal's units, and whether the
+    threshold still lies inside it (a marginal verdict)."""
+    if not estimate:
+        return verdict
+    low, high = sorted(to_measured(v) for v in estimate["interval"])
+    verdict.interval = (low, high)
+    verdict.marginal = low < verdict.threshold < high
+    return verdict
+
+
+def speedup_thresholds(goals, previous: Optional[dict]) -> list[float]:
+    """The speed-ups at which a latency verdict flips: latency.min_speedup, and the speed-up below
+    which goals.regression.max_latency_increase fails against a stored report."""
+    thresholds = []
+    if goals.latency.min_speedup is not None:
+        thresholds.append(goals.latency.min_speedup)
+    if previous is not None and goals.regression.max_latency_increase is not None:
+        before = previous["baseline"]["latency_ms"]["p50"] / previous["result"]["latency_ms"]["p50"]
+        thresholds.append(before / (1.0 + goals.regression.max_latency_increase))
+    return thresholds
 
 
 def load_previous(path: Path, task: str) -> dict:
@@ -98,8 +124,8 @@ def check_regression(regression, task: str, previous: dict, baseline: dict, resu
     if regression.max_latency_increase is not None:
         before = previous["baseline"]["latency_ms"]["p50"] / previous["result"]["latency_ms"]["p50"]
         now = baseline["latency_ms"]["p50"] / result["latency_ms"]["p50"]
-        verdicts.append(_at_most("regression.latency_increase", before / now - 1.0,
-                                 regression.max_latency_increase))
+        verdict = _at_most("regression.latency_increase", before / now - 1.0, regression.max_latency_increase)
+        verdicts.append(_with_interval(verdict, result.get("speedup"), lambda s: before / s - 1.0))
     if regression.max_accuracy_drop is not None:
         metric = MAIN_METRIC[task]
         before, now = previous["result"]["metrics"][metric], result["metrics"][metric]

@@ -85,6 +85,8 @@ class RunOptions:
     trust_remote_code: bool = False
     keep_intermediate: bool = False
     against: Optional[Path] = None  # a previous report.json that goals.regression compares with
+    cache: bool = True  # store every finished stage in the stage cache
+    resume: bool = False  # reuse stored stages whose key (input, config, versions) is unchanged
 
 
 @dataclass
@@ -163,20 +165,42 @@ def _baseline(recipe: Recipe, source: TorchModel, runner_args: dict):
 def run_stages(recipe: Recipe, steps: list[PlannedStage], source: TorchModel, workroot: Path, options: RunOptions,
                progress: Progress = Silent()) -> tuple[Artifact, list[dict]]:
     """Run every planned stage in order, each in its own folder under `workroot`; return the last
-    artifact and one record per stage for the report."""
+    artifact and one record per stage for the report. With options.cache each finished stage is stored
+    in the stage cache; with options.resume too, a stage whose key is stored is restored instead of run."""
+    from . import cache
+
     artifact: Artifact = source
     records = []
+    input_key = cache.checkpoint_key(source.path) if options.cache else ""
     for step in steps:
-        progress.phase(f"{recipe.name}: stage {step.index + 1}/{len(steps)}: {step.config.type}")
         ctx = StageContext(workroot / f"{step.index:02d}-{step.config.type}", recipe.task, recipe.benchmark.threads,
                            options.allow_pickle, options.trust_remote_code, progress=progress)
         ctx.workdir.mkdir(parents=True)
-        started = time.perf_counter()
-        artifact = step.stage.run(step.config, artifact, ctx)
-        seconds = time.perf_counter() - started
-        log.info("stage %s done in %.1fs", step.config.type, seconds)
-        records.append({"type": step.config.type, "seconds": round(seconds, 3), "cached": False,
-                        "output": artifact.kind, **ctx.details, **({"notes": ctx.notes} if ctx.notes else {})})
+        key = cache.stage_key(input_key, step.config, recipe.task, ctx.threads, ctx.trust_remote_code) \
+            if options.cache else ""
+        entry = cache.lookup(key) if options.cache and options.resume else None
+        restored = cache.restore(entry, ctx.workdir) if entry else None
+        if restored is not None:
+            progress.phase(f"{recipe.name}: stage {step.index + 1}/{len(steps)}: {step.config.type} (cached)")
+            artifact = restored
+            records.append({**entry.meta["record"], "cached": True, "cache_key": key[:16],
+                            "cached_from": entry.meta["created"]})
+        else:
+            progress.phase(f"{recipe.name}: stage {step.index + 1}/{len(steps)}: {step.config.type}")
+            started = time.perf_counter()
+            artifact = step.stage.run(step.config, artifact, ctx)
+            seconds = time.perf_counter() - started
+            log.info("stage %s done in %.1fs", step.config.type, seconds)
+            record = {"type": step.config.type, "seconds": round(seconds, 3), "cached": False,
+                      "output": artifact.kind, **ctx.details, **({"notes": ctx.notes} if ctx.notes else {})}
+            if options.cache:
+                stored = cache.store(key, artifact, ctx.workdir, record,
+                                     {"recipe": recipe.name, "stage_index": step.index, "stage": step.config.type,
+                                      "checkpoint": str(source.path)})
+                if stored is not None:
+                    record["cache_key"] = key[:16]
+            records.append(record)
+        input_key = key
     return artifact, records
 
 
@@ -190,8 +214,33 @@ class Baseline:
     evaluation: Any
 
 
-def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: Artifact, evaluation, latency: dict,
-          records: list[dict], data_source: str, other_cpu_share, folder: Path, final_folder: Path,
+@dataclass
+class Measured:
+    """What one interleaved benchmark found: every runner's latency, each candidate's speed-up estimate,
+    the share of the CPU other processes used and the seconds spent re-measuring close calls."""
+
+    latency: dict
+    speedups: dict
+    other_cpu_share: Optional[float]
+    remeasured_seconds: float
+
+
+def measure_latency(base_runner, candidates: list[tuple[Any, Recipe]], feed: dict, previous: Optional[dict],
+                    progress: Progress) -> Measured:
+    """Time the baseline and each (runner, recipe) candidate interleaved, re-measuring while a speed-up's
+    confidence interval still holds one of its recipe's latency thresholds."""
+    from .bench import OtherLoad, measure
+    from .gate import speedup_thresholds
+
+    runners = [base_runner] + [runner for runner, _ in candidates]
+    thresholds = {runner.name: speedup_thresholds(recipe.goals, previous) for runner, recipe in candidates}
+    with OtherLoad() as load:
+        timings, speedups, extra = measure(runners, feed, candidates[0][1].benchmark, thresholds, progress)
+    return Measured({name: timings.latency(name) for name in timings.names}, speedups, load.share, extra)
+
+
+def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: Artifact, evaluation,
+          measured: Measured, records: list[dict], data_source: str, folder: Path, final_folder: Path,
           keep_intermediate: bool, previous: Optional[dict] = None, against: Optional[Path] = None
           ) -> tuple[dict, list]:
     """Gate one result against the baseline and write its run folder documents into `folder`, which
@@ -199,10 +248,12 @@ def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: A
     from . import report as reporting
     from .gate import check_goals, check_regression
 
+    latency = measured.latency
     base_side = {"model": baseline.model, "metrics": baseline.evaluation.metrics,
                  "latency_ms": latency[baseline.runner.name].as_dict(), "size_mb": round(baseline.size_mb, 3),
                  "backend": baseline.runner.backend}
     result_side = {"metrics": evaluation.metrics, "latency_ms": latency[runner.name].as_dict(),
+                   "speedup": measured.speedups[runner.name].as_dict(),
                    "size_mb": round(final.size_mb(), 3), "backend": runner.backend,
                    "artifact": str(final_folder / final.path.relative_to(folder))}
     gate = check_goals(recipe.goals, base_side, result_side)
@@ -211,7 +262,8 @@ def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: A
         gate += check_regression(regression, recipe.task, previous, base_side, result_side)
     report = reporting.build_report(recipe, checkpoint, base_side, result_side, gate, records,
                                     evaluated=baseline.evaluation.samples, data_source=data_source,
-                                    other_cpu_share=other_cpu_share)
+                                    other_cpu_share=measured.other_cpu_share,
+                                    remeasured_seconds=measured.remeasured_seconds)
     if previous is not None:
         report["against"] = {"report": str(against), "recipe": previous.get("recipe"),
                              "created": previous.get("created"), "verdict": previous.get("verdict")}
@@ -225,9 +277,15 @@ def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: A
 
 def start_partial(out: Path) -> tuple[Path, Path]:
     """The resolved output folder and the hidden folder a run is written into before it is renamed."""
+    from .cache import process_alive
+
     out = out.resolve()
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run of the same --out
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
@@ -248,7 +306,7 @@ def _previous_report(recipe: Recipe, against: Optional[Path]) -> Optional[dict]:
 
 
 def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
-    from .bench import OtherLoad, benchmark_feed, interleaved
+    from .bench import benchmark_feed
     from .checkpoint import inspect_checkpoint, load_tokenizer
     from .data import load_samples
     from .evaluate import evaluate
@@ -280,13 +338,11 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
         progress.phase("benchmarking baseline and result, in alternating blocks")
         bench = recipe.benchmark
         feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
-        with OtherLoad() as load:
-            latency = interleaved([base_runner, result_runner], feed, bench.warmup, bench.iterations, progress)
+        measured = measure_latency(base_runner, [(result_runner, recipe)], feed, previous, progress)
 
         baseline = Baseline(base_runner, base_size, base_model, base_eval)
-        report, gate = judge(recipe, checkpoint, baseline, result_runner, final, result_eval, latency, records,
-                             samples.source, load.share, partial, out, options.keep_intermediate, previous,
-                             options.against)
+        report, gate = judge(recipe, checkpoint, baseline, result_runner, final, result_eval, measured, records,
+                             samples.source, partial, out, options.keep_intermediate, previous, options.against)
         passed = all(g.passed for g in gate)
         _commit(partial, out)
     except BaseException:

@@ -44,6 +44,13 @@ class BenchmarkConfig(Strict):
     threads: int = Field(2, gt=0, description="intra-op threads for every runner")
     warmup: int = Field(10, ge=0, description="untimed calls per runner before timing")
     iterations: int = Field(50, gt=0, description="timed calls per runner, taken in alternating blocks of 10")
+    confidence: float = Field(
+        0.95, ge=0.5, lt=1.0, description="confidence level of the speed-up's bootstrap interval (over interleaved "
+                                          "pairs of calls)")
+    max_remeasure_seconds: float = Field(
+        60.0, ge=0, description="while the speed-up's interval still holds a latency threshold, keep timing for "
+                                "up to this many more seconds; a verdict still undecided then is marked marginal; "
+                                "0 turns re-measuring off")
 
 
 class AccuracyGoal(Strict):

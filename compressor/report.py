@@ -39,11 +39,20 @@ BUSY_MACHINE_SHARE = 0.25
 
 
 def build_report(recipe, checkpoint: Path, baseline: dict, result: dict, gate: list, stages: list,
-                 evaluated: int, data_source: str, other_cpu_share: float | None = None) -> dict:
+                 evaluated: int, data_source: str, other_cpu_share: float | None = None,
+                 remeasured_seconds: float = 0.0) -> dict:
     notes = []
     if other_cpu_share is not None and other_cpu_share > BUSY_MACHINE_SHARE:
         notes.append(f"other processes used {other_cpu_share:.0%} of the CPU while latency was measured; "
                      "runtimes slow down unequally on a busy machine, so rerun latency goals on an idle one")
+    for goal in gate:
+        if goal.marginal:
+            low, high = goal.interval
+            verdict = "pass" if goal.passed else "fail"
+            notes.append(f"{goal.goal} is marginal: its {recipe.benchmark.confidence:.0%} interval "
+                         f"[{low:.4g}, {high:.4g}] still holds the threshold {goal.threshold:.4g} after "
+                         f"{remeasured_seconds:.0f} s of re-measuring, so the verdict ({verdict}) rests on the "
+                         "point estimate and may differ between runs")
     notes += [note for stage in stages for note in stage.get("notes", [])]
     if (checkpoint / "fixture.json").exists():
         note = json.loads((checkpoint / "fixture.json").read_text()).get("note")
@@ -61,7 +70,8 @@ def build_report(recipe, checkpoint: Path, baseline: dict, result: dict, gate: l
         "stages": stages,
         "evaluation": {"samples": evaluated, "data": data_source,
                        "max_length": recipe.evaluation.max_length},
-        "benchmark": {**recipe.benchmark.model_dump(), "other_cpu_share": other_cpu_share},
+        "benchmark": {**recipe.benchmark.model_dump(), "other_cpu_share": other_cpu_share,
+                      "remeasured_seconds": round(remeasured_seconds, 2)},
         "notes": notes,
         "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -87,6 +97,20 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _measured(goal: dict) -> str:
+    """The measured value, with its confidence interval where the goal has one."""
+    text = f"{_fmt(goal['measured'])}{goal['unit']}"
+    if goal.get("interval"):
+        low, high = goal["interval"]
+        text += f" [{_fmt(low)}, {_fmt(high)}]"
+    return text
+
+
+def _verdict(goal: dict) -> str:
+    verdict = "pass" if goal["passed"] else "**FAIL**"
+    return verdict + " (marginal)" if goal.get("marginal") else verdict
+
+
 def markdown(report: dict) -> str:
     base, res = report["baseline"], report["result"]
     lines = [f"# {report['recipe']}: {report['verdict'].upper()}", "",
@@ -94,8 +118,8 @@ def markdown(report: dict) -> str:
              f"samples of `{report['evaluation']['data']}`.", "",
              "## Gate", "", "| goal | measured | threshold | margin | result |", "|---|---|---|---|---|"]
     for g in report["gate"]:
-        lines.append(f"| {g['goal']} | {_fmt(g['measured'])}{g['unit']} | {_fmt(g['threshold'])}{g['unit']} "
-                     f"| {_fmt(g['margin'])} | {'pass' if g['passed'] else '**FAIL**'} |")
+        lines.append(f"| {g['goal']} | {_measured(g)} | {_fmt(g['threshold'])}{g['unit']} "
+                     f"| {_fmt(g['margin'])} | {_verdict(g)} |")
     lines += ["", "## Baseline vs result", "", "| | baseline | result |", "|---|---|---|"]
     if "model" in base:
         lines.append(f"| model | {base['model']} | {report['recipe']} |")
@@ -108,12 +132,21 @@ def markdown(report: dict) -> str:
     lines.append(f"| size (MB) | {_fmt(base['size_mb'])} | {_fmt(res['size_mb'])} |")
     lines.append(f"| backend | {base['backend']} | {res['backend']} |")
     bench = report["benchmark"]
+    speedup = res.get("speedup")
+    timed = f"{speedup['pairs']} interleaved pairs of calls" if speedup else f"{bench['iterations']} interleaved calls"
     lines += ["", f"Latency: batch {bench['batch_size']}, {bench['seq_len']} tokens, {bench['threads']} threads, "
-              f"{bench['iterations']} interleaved iterations after {bench['warmup']} warm-up calls.", "",
-              "## Stages", "", "| stage | seconds | details |", "|---|---|---|"]
+              f"{timed} after {bench['warmup']} warm-up calls"
+              + (f" ({bench['remeasured_seconds']:.0f} s of it re-measuring a close call)"
+                 if bench.get("remeasured_seconds") else "") + "."
+              + (f" Speed-up {speedup['speedup']:.3f}x, {speedup['confidence']:.0%} bootstrap interval "
+                 f"[{speedup['interval'][0]:.3f}, {speedup['interval'][1]:.3f}]." if speedup else ""), "",
+              "## Stages", "", "| stage | seconds | cache | details |", "|---|---|---|---|"]
+    hidden = ("type", "seconds", "cached", "notes", "cache_key", "cached_from")
     for stage in report["stages"]:
-        details = ", ".join(f"{k}={_fmt(v)}" for k, v in stage.items() if k not in ("type", "seconds", "cached", "notes"))
-        lines.append(f"| {stage['type']} | {stage['seconds']} | {details} |")
+        details = ", ".join(f"{k}={_fmt(v)}" for k, v in stage.items() if k not in hidden)
+        cache = f"reused `{stage['cache_key']}` (stored {stage['cached_from']})" if stage.get("cached") \
+            else ("stored" if stage.get("cache_key") else "-")
+        lines.append(f"| {stage['type']} | {stage['seconds']} | {cache} | {details} |")
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", f"Artifact: `{res['artifact']}`", ""]
@@ -127,8 +160,9 @@ def junit(report: dict) -> str:
     for g in report["gate"]:
         case = ET.SubElement(suite, "testcase", classname=f"compress.{report['recipe']}", name=g["goal"])
         if not g["passed"]:
-            failure = ET.SubElement(case, "failure", message=f"measured {_fmt(g['measured'])}{g['unit']}, "
-                                    f"threshold {_fmt(g['threshold'])}{g['unit']}, margin {_fmt(g['margin'])}")
+            failure = ET.SubElement(case, "failure", message=f"measured {_measured(g)}, threshold "
+                                    f"{_fmt(g['threshold'])}{g['unit']}, margin {_fmt(g['margin'])}"
+                                    + (" (marginal: the interval holds the threshold)" if g.get("marginal") else ""))
             failure.text = json.dumps(g)
     return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
 

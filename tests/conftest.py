@@ -49,6 +49,20 @@ def build_tiny(folder: Path, task: str) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_stage_cache(tmp_path_factory):
+    """The tests never read or fill the user's stage cache: one cache per test session, in which shipped
+    recipes that share stages (the SmolLM2 ONNX export) run them once when resumed."""
+    root = tmp_path_factory.mktemp("stage-cache")
+    previous = os.environ.get("COMPRESS_CACHE")
+    os.environ["COMPRESS_CACHE"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("COMPRESS_CACHE", None)
+    else:
+        os.environ["COMPRESS_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny") / "bert-cls", "text-classification")

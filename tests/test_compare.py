@@ -27,7 +27,9 @@ FP32 = "  - type: export_onnx"
 INT8 = "  - type: export_onnx\n  - type: quantize\n    scheme: int8-dynamic"
 
 
-def tiny_recipe(folder, name, stages, data, agreement=0.5):
+# The tiny random classifier's logits nearly tie, so int8 rounding may flip every prediction on one CPU
+# and none on another: these recipes pass on any agreement and "strict" fails on an impossible one.
+def tiny_recipe(folder, name, stages, data, agreement=0.0):
     return write_recipe(folder, TINY.format(name=name, stages=stages, data=data, agreement=agreement), f"{name}.yaml")
 
 

@@ -263,7 +263,7 @@ def test_against_a_better_stored_result_fails_on_regression(tiny_classifier, sen
                                                               "accuracy": first.report["result"]["metrics"]["accuracy"]
                                                               + 0.1},
                         "latency_ms": {**first.report["result"]["latency_ms"],
-                                       "p50": first.report["result"]["latency_ms"]["p50"] / 3}}
+                                       "p50": first.report["result"]["latency_ms"]["p50"] / 10}}
     stored = tmp_path / "better.json"
     stored.write_text(json.dumps(better))
     strict = regression_recipe(tmp_path, sentences_jsonl, latency=0.5, name="strict.yaml")

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.integration
 
 
 def run_shipped(name: str, model: str, tmp_path):
-    return run(load_recipe(RECIPES / name), real_fixture(model), RunOptions(out=tmp_path / "out"))
+    # Resumed from the session's stage cache, as `compress run --resume` would: recipes that start with
+    # the same stages (the SmolLM2 ONNX export) run them once per test session.
+    return run(load_recipe(RECIPES / name), real_fixture(model), RunOptions(out=tmp_path / "out", resume=True))
 
 
 def goals(result) -> dict[str, bool]:
@@ -90,7 +92,7 @@ def test_smollm2_static_fails_with_exit_1_naming_perplexity(tmp_path):
 
     out = tmp_path / "out"
     outcome = CliRunner().invoke(main, ["run", str(RECIPES / "smollm2-int8-static-fails.yaml"),
-                                        "--model", str(real_fixture("smollm2")), "--out", str(out)])
+                                        "--model", str(real_fixture("smollm2")), "--out", str(out), "--resume"])
     assert outcome.exit_code == 1, outcome.output
     report = json.loads((out / "report.json").read_text())
     failed = [g["goal"] for g in report["gate"] if not g["passed"]]
@@ -158,7 +160,7 @@ def minilm_comparison(tmp_path_factory):
 
     recipes = load_recipes([RECIPES / "compare-minilm.txt"])
     out = tmp_path_factory.mktemp("compare") / "out"
-    return compare(recipes, real_fixture("sentiment-classifier"), RunOptions(out=out))
+    return compare(recipes, real_fixture("sentiment-classifier"), RunOptions(out=out, resume=True))
 
 
 def comparison_report(comparison, recipe: str) -> dict:

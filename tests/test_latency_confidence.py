@@ -1,0 +1,150 @@
+"""The speed-up's bootstrap interval, re-measuring close calls up to the recipe's budget, and how the
+gate and report mark a marginal verdict."""
+
+import numpy as np
+import pytest
+
+from compressor.bench import Timings, measure
+from compressor.gate import GoalResult, check_goals, check_regression, speedup_thresholds
+from compressor.recipe import BenchmarkConfig, Goals, RegressionGoals
+from compressor.report import junit, markdown
+from compressor.runners import Runner
+
+
+def _timings(base_ms, cand_ms) -> Timings:
+    timings = Timings(["base", "cand"], batch=1)
+    timings.calls = {"base": list(base_ms), "cand": list(cand_ms)}
+    return timings
+
+
+def test_interval_holds_the_true_speedup_and_narrows_with_more_pairs():
+    rng = np.random.default_rng(1)
+    few = _timings(10 + rng.normal(0, 1, 30), 5 + rng.normal(0, 0.5, 30))
+    many = _timings(10 + rng.normal(0, 1, 600), 5 + rng.normal(0, 0.5, 600))
+    for timings in (few, many):
+        low, high = timings.speedup_interval("base", "cand", 0.95)
+        assert low < timings.speedup("base", "cand") < high
+        assert low < 2.0 < high
+    few_width = np.subtract(*few.speedup_interval("base", "cand", 0.95)[::-1])
+    many_width = np.subtract(*many.speedup_interval("base", "cand", 0.95)[::-1])
+    assert many_width < few_width / 2  # about 1/sqrt(20) as wide
+    # A higher confidence gives a wider interval; equal timings give an equal (seeded) interval.
+    assert np.subtract(*few.speedup_interval("base", "cand", 0.99)[::-1]) > few_width
+    assert few.speedup_interval("base", "cand", 0.95) == few.speedup_interval("base", "cand", 0.95)
+
+
+class Clock:
+    """Stands in for time.perf_counter: runners advance it, so timings are exact and repeatable."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class ClockRunner(Runner):
+    """Takes `ms` milliseconds of the fake clock per call, with seeded noise of `jitter` ms."""
+
+    def __init__(self, name, clock, ms, jitter=0.05, seed=0):
+        self.name, self.backend, self.clock, self.ms = name, "test", clock, ms
+        self.jitter, self.rng = jitter, np.random.default_rng(seed)
+
+    def __call__(self, feed):
+        self.clock.now += (self.ms + self.rng.normal(0, self.jitter)) / 1000
+
+
+FEED = {"input_ids": np.ones((1, 4), dtype=np.int64)}
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = Clock()
+    monkeypatch.setattr("compressor.bench.time.perf_counter", fake)
+    return fake
+
+
+def test_a_clear_verdict_is_not_remeasured(clock):
+    bench = BenchmarkConfig(warmup=1, iterations=20, max_remeasure_seconds=5)
+    base, cand = ClockRunner("base", clock, 4.0, seed=1), ClockRunner("cand", clock, 1.0, seed=2)
+    timings, estimates, extra = measure([base, cand], FEED, bench, {"cand": [1.2]})
+    assert extra == 0.0 and len(timings.calls["cand"]) == 20
+    estimate = estimates["cand"]
+    assert not estimate.marginal and estimate.interval[0] > 1.2 and estimate.pairs == 20
+
+
+def test_a_close_call_is_remeasured_until_it_is_decided(clock):
+    # True speed-up 1.02 against a threshold of 1.0: 20 noisy pairs cannot tell, more can.
+    bench = BenchmarkConfig(warmup=1, iterations=20, max_remeasure_seconds=60)
+    base = ClockRunner("base", clock, 1.02, jitter=0.1, seed=1)
+    cand = ClockRunner("cand", clock, 1.0, jitter=0.1, seed=2)
+    short = measure([base, cand], FEED, BenchmarkConfig(warmup=1, iterations=20, max_remeasure_seconds=0),
+                    {"cand": [1.0]})[1]["cand"]
+    assert short.marginal
+    timings, estimates, extra = measure([base, cand], FEED, bench, {"cand": [1.0]})
+    assert 0 < extra < 60 and len(timings.calls["cand"]) > 20
+    assert not estimates["cand"].marginal and estimates["cand"].interval[0] > 1.0
+
+
+def test_a_close_call_is_remeasured_up_to_the_budget_then_marked_marginal(clock):
+    # Two runners that take the same time: a threshold of 1.0 stays inside the interval however long
+    # they are timed, so measuring goes on until the budget is spent, and no longer.
+    bench = BenchmarkConfig(warmup=1, iterations=20, max_remeasure_seconds=2.0)
+    base, cand = ClockRunner("base", clock, 1.0, seed=1), ClockRunner("cand", clock, 1.0, seed=2)
+    timings, estimates, extra = measure([base, cand], FEED, bench, {"cand": [1.0]})
+    round_trip = (20 + 4) * 2 / 1000  # one re-measuring step: 20 timed and 4 settling calls per runner
+    assert 2.0 <= extra < 2.0 + round_trip
+    assert len(timings.calls["cand"]) > 20 and len(timings.calls["base"]) == len(timings.calls["cand"])
+    assert estimates["cand"].marginal and estimates["cand"].straddles(1.0)
+
+
+def test_a_zero_budget_never_remeasures(clock):
+    bench = BenchmarkConfig(warmup=0, iterations=10, max_remeasure_seconds=0)
+    base, cand = ClockRunner("base", clock, 1.0, seed=1), ClockRunner("cand", clock, 1.0, seed=2)
+    timings, estimates, extra = measure([base, cand], FEED, bench, {"cand": [1.0]})
+    assert extra == 0.0 and len(timings.calls["cand"]) == 10 and estimates["cand"].marginal
+
+
+def _sides(base_p50, result_p50, interval):
+    latency = {"p50": result_p50, "p95": result_p50}
+    return ({"metrics": {}, "latency_ms": {"p50": base_p50, "p95": base_p50}, "size_mb": 1.0},
+            {"metrics": {}, "latency_ms": latency, "size_mb": 1.0,
+             "speedup": {"speedup": base_p50 / result_p50, "interval": interval}})
+
+
+def test_gate_attaches_the_interval_and_marks_a_threshold_inside_it():
+    goals = Goals(latency={"min_speedup": 2.0})
+    clear = check_goals(goals, *_sides(10.0, 4.0, [2.3, 2.7]))[0]
+    assert clear.passed and not clear.marginal and clear.interval == (2.3, 2.7)
+    close = check_goals(goals, *_sides(10.0, 4.9, [1.9, 2.2]))[0]
+    assert close.passed and close.marginal
+    assert not check_goals(goals, *_sides(10.0, 5.3, [1.85, 1.99]))[0].marginal
+
+
+def test_regression_goal_maps_the_interval_into_a_slow_down():
+    previous = {"baseline": {"latency_ms": {"p50": 10.0}}, "result": {"latency_ms": {"p50": 5.0}, "metrics": {}}}
+    regression = RegressionGoals(max_latency_increase=0.10)
+    base, result = _sides(10.0, 5.5, [1.7, 1.9])  # speed-up 1.82 against 2.0 before
+    verdict = check_regression(regression, "text-classification", previous, base, result)[0]
+    assert verdict.interval == pytest.approx((2 / 1.9 - 1, 2 / 1.7 - 1))
+    assert verdict.marginal  # 0.10 lies inside [0.053, 0.176]
+    goals = Goals(latency={"min_speedup": 1.5}, regression={"max_latency_increase": 0.10})
+    assert speedup_thresholds(goals, previous) == pytest.approx([1.5, 2.0 / 1.1])
+    assert speedup_thresholds(goals, None) == [1.5]
+
+
+def test_report_and_junit_say_marginal():
+    goal = GoalResult("latency.min_speedup", 2.0, 2.05, True, 0.05, "x", (1.9, 2.2), True)
+    report = {"recipe": "r", "verdict": "pass", "model": "m", "task": "text-classification",
+              "evaluation": {"samples": 1, "data": "d"}, "gate": [goal.as_dict()], "notes": [], "stages": [],
+              "baseline": {"metrics": {}, "latency_ms": {q: 1.0 for q in ("p50", "p90", "p95", "p99", "throughput")},
+                           "size_mb": 1.0, "backend": "torch"},
+              "result": {"metrics": {}, "latency_ms": {q: 1.0 for q in ("p50", "p90", "p95", "p99", "throughput")},
+                         "size_mb": 1.0, "backend": "onnx", "artifact": "a",
+                         "speedup": {"speedup": 2.05, "interval": [1.9, 2.2], "confidence": 0.95, "pairs": 80}},
+              "benchmark": {**BenchmarkConfig().model_dump(), "remeasured_seconds": 12.0}}
+    text = markdown(report)
+    assert "2.05x [1.9, 2.2]" in text and "pass (marginal)" in text and "80 interleaved pairs" in text
+    assert "12 s of it re-measuring" in text
+    failed = {**report, "gate": [{**goal.as_dict(), "passed": False}]}
+    assert "marginal" in junit(failed)
