@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
-ArtifactKind = Literal["torch", "onnx"]
+ArtifactKind = Literal["torch", "onnx", "engine"]
 
 
 def sha256_file(path: Path) -> str:
@@ -104,4 +104,31 @@ class OnnxModel:
         return self.size_mb() > EXTERNAL_DATA_ABOVE_MB
 
 
-Artifact = TorchModel | OnnxModel
+@dataclass
+class EngineModel:
+    """A serialized TensorRT engine (`model.engine`), the metadata it was built with
+    (`model.engine.json`) and the tokenizer and config files beside them."""
+
+    kind: ClassVar[ArtifactKind] = "engine"
+    path: Path
+    task: str
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+    def files(self) -> list[Path]:
+        return [self.path, self.metadata_path]
+
+    def digest(self) -> str:
+        return digest_files(self.files())
+
+    def size_mb(self) -> float:
+        return files_size_mb([self.path])
+
+
+Artifact = TorchModel | OnnxModel | EngineModel

@@ -97,13 +97,15 @@ def warm_up(runners: list[Runner], feed: dict[str, np.ndarray], calls: int) -> N
 
 
 class Timings:
-    """Every timed call of every runner, in the order taken. Call k of one runner and call k of another
-    were made in the same round, a few milliseconds apart: an interleaved pair."""
+    """Every timed call of every runner, in the order taken, with the round it was taken in. In each
+    round every runner times one block of calls right after the other's: the blocks of one round are
+    an interleaved pair."""
 
     def __init__(self, names: list[str], batch: int):
         self.names = names
         self.batch = batch
         self.calls: dict[str, list[float]] = {name: [] for name in names}
+        self.round_of: dict[str, list[int]] = {name: [] for name in names}
         self.rounds = 0
 
     def extend(self, runners: list[Runner], feed: dict[str, np.ndarray], iterations: int,
@@ -121,6 +123,7 @@ class Timings:
                     start = time.perf_counter()
                     runner(feed)
                     self.calls[runner.name].append((time.perf_counter() - start) * 1000)
+                    self.round_of[runner.name].append(self.rounds)
             self.rounds += 1
 
     def latency(self, name: str) -> Latency:
@@ -133,16 +136,36 @@ class Timings:
         """p50 of the baseline / p50 of the candidate: what latency.min_speedup is checked on."""
         return float(np.median(self.calls[baseline]) / np.median(self.calls[candidate]))
 
+    def _blocks(self, name: str, rounds: np.ndarray) -> np.ndarray:
+        """The runner's calls as a (round, call) array, NaN where a round had fewer calls."""
+        calls, where = np.asarray(self.calls[name]), np.asarray(self.round_of[name])
+        blocks = np.full((len(rounds), max(np.bincount(where).max(), 1)), np.nan)
+        for row, round_index in enumerate(rounds):
+            taken = calls[where == round_index]
+            blocks[row, :len(taken)] = taken
+        return blocks
+
     def speedup_interval(self, baseline: str, candidate: str, confidence: float, resamples: int = 2000,
                          seed: int = 0) -> tuple[float, float]:
-        """Bootstrap confidence interval of the speed-up: interleaved pairs resampled with replacement,
-        the p50 ratio recomputed on each resample. Seeded, so equal timings give an equal interval."""
-        base, cand = np.asarray(self.calls[baseline]), np.asarray(self.calls[candidate])
-        pairs = min(len(base), len(cand))
-        picks = np.random.default_rng(seed).integers(0, pairs, size=(resamples, pairs))
-        ratios = np.median(base[:pairs][picks], axis=1) / np.median(cand[:pairs][picks], axis=1)
+        """Bootstrap confidence interval of the speed-up, in two stages: rounds (interleaved pairs of
+        blocks) resampled with replacement, then calls within each chosen block, and the p50 ratio
+        recomputed on each resample. Rounds are the outer unit because a disturbance on a shared
+        machine lasts longer than one call and slows the calls around it together (resampling single
+        calls gave intervals too narrow to trust); calls are the inner one so that even a single round
+        has an interval. Seeded, so equal timings give an equal interval."""
+        rounds = np.intersect1d(self.round_of[baseline], self.round_of[candidate])
+        rng = np.random.default_rng(seed)
+        picks = rng.integers(0, len(rounds), size=(resamples, len(rounds)))
+        medians = []
+        for name in (baseline, candidate):
+            blocks = self._blocks(name, rounds)
+            counts = np.sum(~np.isnan(blocks), axis=1)[picks]  # calls in each chosen round
+            inner = (rng.random(picks.shape + blocks.shape[1:]) * counts[..., None]).astype(int)
+            values = blocks[picks[..., None], inner]
+            values[np.arange(blocks.shape[1]) >= counts[..., None]] = np.nan  # a short round keeps its count
+            medians.append(np.nanmedian(values.reshape(resamples, -1), axis=1))
         tail = (1.0 - confidence) / 2 * 100
-        low, high = np.percentile(ratios, [tail, 100 - tail])
+        low, high = np.percentile(medians[0] / medians[1], [tail, 100 - tail])
         return float(low), float(high)
 
 
@@ -153,7 +176,7 @@ class SpeedupEstimate:
     speedup: float
     interval: tuple[float, float]
     confidence: float
-    pairs: int
+    rounds: int  # interleaved pairs of blocks of calls the interval was resampled from
     marginal: bool  # the interval still holds a latency threshold after re-measuring
 
     def straddles(self, threshold: float) -> bool:
@@ -161,7 +184,7 @@ class SpeedupEstimate:
 
     def as_dict(self) -> dict:
         return {"speedup": round(self.speedup, 4), "interval": [round(v, 4) for v in self.interval],
-                "confidence": self.confidence, "pairs": self.pairs, "marginal": self.marginal}
+                "confidence": self.confidence, "rounds": self.rounds, "marginal": self.marginal}
 
 
 # Calls added per runner each time the interval still straddles a threshold.
@@ -199,5 +222,5 @@ def measure(runners: list[Runner], feed: dict[str, np.ndarray], bench, threshold
     for runner in runners[1:]:
         estimates[runner.name] = SpeedupEstimate(
             timings.speedup(base, runner.name), timings.speedup_interval(base, runner.name, bench.confidence),
-            bench.confidence, min(len(timings.calls[base]), len(timings.calls[runner.name])), runner.name in waiting)
+            bench.confidence, timings.rounds, runner.name in waiting)
     return timings, estimates, extra

@@ -4,7 +4,8 @@
 A stage's key is a sha256 over: the key of its input (the previous stage's key, or the digest of
 every file in the checkpoint folder), the stage's config, the recipe task, the benchmark threads
 (calibration passes run with them), the digest of any file or folder the config names by `path`,
-the versions of the packages that shape outputs, and a digest of compress's own source. Chaining
+the versions of the packages that shape outputs, a digest of compress's own source, and what
+the stage adds itself (build_engine: the GPU). Chaining
 keys rather than hashing each intermediate output means a stage is found again exactly when
 everything upstream of it is unchanged.
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .artifacts import Artifact, OnnxModel, TorchModel, sha256_file
+from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,14 @@ def _referenced_files(value: Any) -> dict[str, str]:
     return found
 
 
-def stage_key(input_key: str, config: Any, task: str, threads: int, trust_remote_code: bool) -> str:
+def stage_key(input_key: str, config: Any, task: str, threads: int, trust_remote_code: bool,
+              salt: Optional[dict] = None) -> str:
     from .report import package_versions
 
     stage = config.model_dump(mode="json")
     payload = {"cache": CACHE_VERSION, "input": input_key, "stage": stage, "task": task, "threads": threads,
                "trust_remote_code": trust_remote_code, "files": _referenced_files(stage),
-               "packages": package_versions(), "code": code_digest()}
+               "packages": package_versions(), "code": code_digest(), "salt": salt or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -168,6 +170,8 @@ def restore(entry: Entry, workdir: Path) -> Optional[Artifact]:
     path = workdir / entry.meta["artifact"]
     if entry.meta["kind"] == "onnx":
         return OnnxModel(path, entry.meta["task"], with_past=entry.meta["with_past"])
+    if entry.meta["kind"] == "engine":
+        return EngineModel(path, entry.meta["task"])
     return TorchModel(path, entry.meta["task"], transforms=entry.meta["transforms"])
 
 

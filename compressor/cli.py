@@ -130,23 +130,35 @@ def summary_table(report: dict) -> Table:
 
 
 def checkpoint_options(func):
-    """--model and the safety flags, shared by run and compare."""
+    """--model, the safety flags and the device options, shared by run and compare."""
     for option in reversed((
             click.option("--model", "model", required=True, help="Local Hugging Face checkpoint folder (safetensors)."),
             click.option("--allow-pickle", is_flag=True,
                          help="Allow pickle-based weights (.bin). Only for trusted files."),
             click.option("--trust-remote-code", is_flag=True,
-                         help="Allow model code shipped inside the checkpoint to run."))):
+                         help="Allow model code shipped inside the checkpoint to run."),
+            click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                         help="Where baseline and result run: torch, ONNX Runtime and TensorRT engines on cuda; "
+                              "exit 3 if this machine cannot (see compress doctor)."),
+            click.option("--torch-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+                         help="With --device cuda: run torch results in this dtype (the baseline stays float32)."),
+            click.option("--ort-provider", type=click.Choice(["cuda", "tensorrt"]), default="cuda",
+                         show_default=True, help="With --device cuda: ONNX Runtime's execution provider for ONNX "
+                                                 "results."))):
         func = option(func)
     return func
+
+
+def device_options(device: str, torch_dtype: str | None, ort_provider: str) -> dict:
+    if torch_dtype and device != "cuda":
+        raise click.UsageError("--torch-dtype applies to --device cuda only (CPU runs are float32)")
+    return {"device": device, "torch_dtype": torch_dtype, "ort_provider": ort_provider}
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @checkpoint_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/RECIPE_NAME].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where runners execute. This version has CPU runners only.")
 @click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/work.")
 @click.option("--against", type=click.Path(path_type=Path), default=None,
               help="A previous run's report.json: adds the recipe's goals.regression to the gate.")
@@ -156,8 +168,9 @@ def checkpoint_options(func):
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the stage cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @handle_errors
-def run(recipe: Path, model: str, out: Path | None, device: str, allow_pickle: bool, trust_remote_code: bool,
-        keep_intermediate: bool, against: Path | None, resume: bool, no_cache: bool, as_json: bool) -> None:
+def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: str | None, ort_provider: str,
+        allow_pickle: bool, trust_remote_code: bool, keep_intermediate: bool, against: Path | None, resume: bool,
+        no_cache: bool, as_json: bool) -> None:
     """Run RECIPE on a checkpoint; exit 0 if the gate passes, 1 if it fails."""
     import json
 
@@ -165,17 +178,13 @@ def run(recipe: Path, model: str, out: Path | None, device: str, allow_pickle: b
     from .pipeline import run as run_pipeline
     from .recipe import load_recipe
 
+    devices = device_options(device, torch_dtype, ort_provider)
     parsed = load_recipe(recipe)
-    if device == "cuda":
-        from .errors import BackendMissing
-
-        raise BackendMissing("--device cuda: this version of compress has CPU runners only (torch and ONNX Runtime "
-                             "on CPU); run with --device cpu")
     if resume and no_cache:
         raise click.UsageError("--resume reads the stage cache; it cannot be combined with --no-cache")
     options = RunOptions(out=out or Path("runs") / parsed.name, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate, against=against,
-                         cache=not no_cache, resume=resume)
+                         cache=not no_cache, resume=resume, **devices)
     result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))
     if as_json:
         click.echo(json.dumps(result.report, indent=2))
@@ -214,7 +223,8 @@ def compare_table(summary: dict) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
 @handle_errors
 def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool, trust_remote_code: bool,
-            keep_intermediate: bool, no_cache: bool, as_json: bool) -> None:
+            device: str, torch_dtype: str | None, ort_provider: str, keep_intermediate: bool, no_cache: bool,
+            as_json: bool) -> None:
     """Run several RECIPES (files, or .txt lists of them) against one baseline: a Pareto table and plot.
     Stages stored in the stage cache are reused (recipes that share a prefix of stages run it once).
     Exit 0 if at least one recipe passes its gate, 1 if none does."""
@@ -224,9 +234,10 @@ def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool
     from .compare import load_recipes
     from .pipeline import RunOptions
 
+    devices = device_options(device, torch_dtype, ort_provider)
     parsed = load_recipes(list(recipes))
     options = RunOptions(out=out, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                         keep_intermediate=keep_intermediate, cache=not no_cache, resume=not no_cache)
+                         keep_intermediate=keep_intermediate, cache=not no_cache, resume=not no_cache, **devices)
     result = run_compare(parsed, model, options, RichProgress(enabled=not as_json))
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
@@ -234,6 +245,29 @@ def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool
         stdout.print(compare_table(result.summary))
         stdout.print(f"written: {result.out / 'compare.md'}, compare.png, compare.json; one run folder per recipe")
     sys.exit(EXIT_PASS if result.any_passed else EXIT_FAIL)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@handle_errors
+def doctor(as_json: bool) -> None:
+    """What this machine can run: GPU, torch CUDA, ONNX Runtime providers, TensorRT, bitsandbytes."""
+    import json
+    from dataclasses import asdict
+
+    from .doctor import checks
+
+    found = checks()
+    if as_json:
+        click.echo(json.dumps([asdict(c) for c in found], indent=2))
+        return
+    table = Table(title="compress doctor", title_justify="left")
+    for column in ("component", "usable", "what is here", "why not / how to get it"):
+        table.add_column(column, overflow="fold")
+    for check in found:
+        table.add_row(check.component, "[green]yes[/]" if check.usable else "[red]no[/]", _escape(check.detail),
+                      _escape(check.reason))
+    stdout.print(table)
 
 
 @main.group()

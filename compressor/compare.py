@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
-from .pipeline import (Baseline, RunOptions, _baseline, _check_calibration_sources, _commit, _place, judge,
-                       measure_latency, plan, run_stages, start_partial)
+from .pipeline import (Baseline, RunOptions, _baseline, _check_calibration_sources, _commit, _place, check_device,
+                       judge, measure_latency, plan, run_stages, start_partial)
 from .progress import Progress, Silent
 from .recipe import Recipe, load_recipe
 
@@ -98,6 +98,8 @@ def compare(recipes: list[Recipe], model: str | Path, options: RunOptions, progr
 
     check_comparable(recipes)
     plans = [plan(recipe) for recipe in recipes]
+    for steps in plans:
+        check_device(options, steps)
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
     first = recipes[0]
     task, bench = first.task, first.benchmark
@@ -117,11 +119,11 @@ def compare(recipes: list[Recipe], model: str | Path, options: RunOptions, progr
 
         progress.phase("evaluating the baseline and every recipe on the same samples")
         tokenizer = load_tokenizer(checkpoint)
-        runner_args = {"threads": bench.threads, "allow_pickle": options.allow_pickle,
-                       "trust_remote_code": options.trust_remote_code}
+        runner_args = options.runner_args(bench.threads)
         base_runner, base_size, base_model = _baseline(first, source, runner_args)
         base_eval = evaluate(task, base_runner, tokenizer, samples, first.evaluation, progress=progress)
-        runners = [make_runner(final, recipe.name, **runner_args) for recipe, final in zip(recipes, finals)]
+        runners = [make_runner(final, recipe.name, **runner_args, torch_dtype=options.torch_dtype)
+                   for recipe, final in zip(recipes, finals)]
         evaluations = [evaluate(task, runner, tokenizer, samples, first.evaluation, reference=base_eval,
                                 progress=progress) for runner in runners]
 

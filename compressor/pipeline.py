@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .artifacts import Artifact, ArtifactKind, OnnxModel, TorchModel
+from .artifacts import Artifact, ArtifactKind, EngineModel, OnnxModel, TorchModel
 from .errors import BackendMissing, UserError
 from .progress import Progress, Silent
 from .recipe import Recipe
@@ -43,17 +43,11 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
             produced = "the checkpoint is" if index == 0 else f"stages[{index - 1}] outputs"
             need = " or ".join(stage.accepts)
             hint = HINTS.get((kind, stage.accepts[0]), "reorder the stages")
-            raise UserError(f"{where} needs a {need} model, but {produced} a {kind} model; {hint}")
-        problem = stage.check(config, kind, recipe.task) or stage.check_order(config, recipe.stages[:index])
+            raise UserError(f"{where} needs {_a(need)} model, but {produced} {_a(kind)} model; {hint}")
+        problem = (stage.check(config, kind, recipe.task) or stage.check_order(config, recipe.stages[:index])
+                   or stage.check_shapes(config, run_shapes(recipe)))
         if problem:
             raise UserError(f"{where}: {problem}")
-        for module in stage.backends(config, kind):
-            if importlib.util.find_spec(module.split(".")[0]) is None:
-                raise BackendMissing(f"{where} needs the Python package {module.split('.')[0]!r}, "
-                                     "which is not installed here")
-        missing = stage.unavailable(config, kind)
-        if missing:
-            raise BackendMissing(f"{where}: {missing}")
         fixed = getattr(config, "static_axes", None) or {}
         bench = recipe.benchmark
         for axis, wanted in (("batch_size", bench.batch_size), ("sequence_length", bench.seq_len)):
@@ -64,7 +58,28 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
         planned.append(PlannedStage(index, stage, config, kind, output))
         kind = output
     _check_goal_metrics(recipe)
+    # Backends last: a recipe's own mistakes (exit 2) are reported on any machine, not hidden behind
+    # a missing package (exit 3).
+    for step in planned:
+        where = f"{recipe.where('stages', step.index)}: stages[{step.index}] ({step.config.type})"
+        for module in step.stage.backends(step.config, step.input_kind):
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                raise BackendMissing(f"{where} needs the Python package {module.split('.')[0]!r}, "
+                                     "which is not installed here")
+        missing = step.stage.unavailable(step.config, step.input_kind)
+        if missing:
+            raise BackendMissing(f"{where}: {missing}")
     return planned
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeio' else 'a'} {word}"
+
+
+def run_shapes(recipe: Recipe) -> dict[str, tuple[int, int]]:
+    """The [batch, sequence] shapes a run feeds its result: the benchmark's, and evaluation's largest."""
+    return {"benchmark": (recipe.benchmark.batch_size, recipe.benchmark.seq_len),
+            "evaluation": (recipe.evaluation.batch_size, recipe.evaluation.max_length)}
 
 
 def _check_goal_metrics(recipe: Recipe) -> None:
@@ -87,6 +102,33 @@ class RunOptions:
     against: Optional[Path] = None  # a previous report.json that goals.regression compares with
     cache: bool = True  # store every finished stage in the stage cache
     resume: bool = False  # reuse stored stages whose key (input, config, versions) is unchanged
+    device: str = "cpu"  # where runners execute: cpu or cuda
+    torch_dtype: Optional[str] = None  # on cuda, torch results run in this dtype (the baseline stays float32)
+    ort_provider: str = "cuda"  # on cuda, ONNX results run on ONNX Runtime's cuda or tensorrt provider
+
+    def runner_args(self, threads: int) -> dict:
+        """make_runner's arguments for the baseline; a result adds torch_dtype."""
+        return {"threads": threads, "allow_pickle": self.allow_pickle, "trust_remote_code": self.trust_remote_code,
+                "device": self.device, "ort_provider": self.ort_provider}
+
+
+def check_device(options: RunOptions, steps: list[PlannedStage]) -> None:
+    """Stop with exit 3 before any stage runs when --device cuda cannot be honoured here, and with exit
+    2 when the result is an engine that would have to run on the CPU."""
+    final = steps[-1].output_kind if steps else "torch"
+    if options.device != "cuda":
+        if final == "engine":
+            raise UserError("the recipe builds a TensorRT engine, which runs on a GPU only; run with --device cuda")
+        return
+    from .doctor import cuda_problem, ort_provider_problem
+
+    problem = cuda_problem()
+    if problem:
+        raise BackendMissing(f"--device cuda: {problem}")
+    if final == "onnx":
+        problem = ort_provider_problem(options.ort_provider)
+        if problem:
+            raise BackendMissing(f"--device cuda: {problem}")
 
 
 @dataclass
@@ -99,9 +141,11 @@ class RunResult:
 
 def _place(artifact: Artifact, folder: Path) -> Artifact:
     """Move the final artifact into the run folder: model.onnx (with config and tokenizer) or model/."""
-    if isinstance(artifact, OnnxModel):
+    if isinstance(artifact, (OnnxModel, EngineModel)):
         for item in artifact.folder.iterdir():
             shutil.move(str(item), folder / item.name)
+        if isinstance(artifact, EngineModel):
+            return EngineModel(folder / artifact.path.name, artifact.task)
         return OnnxModel(folder / artifact.path.name, artifact.task, with_past=artifact.with_past)
     target = folder / "model"
     if artifact.path.is_relative_to(folder):  # a stage's output inside this run: move, don't copy
@@ -156,7 +200,8 @@ def _baseline(recipe: Recipe, source: TorchModel, runner_args: dict):
 
         adapters = read_adapters(first, source)
         wrapped = load_unmerged(first, source, runner_args["trust_remote_code"], adapters)
-        runner = TorchRunner(wrapped.get_base_model(), recipe.task, name="baseline", threads=runner_args["threads"])
+        runner = TorchRunner(wrapped.get_base_model(), recipe.task, name="baseline", threads=runner_args["threads"],
+                             device=runner_args["device"])
         size = source.size_mb() + sum(adapter.size_mb() for adapter in adapters)
         return runner, size, f"checkpoint + {len(adapters)} LoRA adapter(s), unmerged (PEFT)"
     return make_runner(source, "baseline", **runner_args), source.size_mb(), "checkpoint"
@@ -174,10 +219,11 @@ def run_stages(recipe: Recipe, steps: list[PlannedStage], source: TorchModel, wo
     input_key = cache.checkpoint_key(source.path) if options.cache else ""
     for step in steps:
         ctx = StageContext(workroot / f"{step.index:02d}-{step.config.type}", recipe.task, recipe.benchmark.threads,
-                           options.allow_pickle, options.trust_remote_code, progress=progress)
+                           options.allow_pickle, options.trust_remote_code, progress=progress,
+                           shapes=run_shapes(recipe))
         ctx.workdir.mkdir(parents=True)
-        key = cache.stage_key(input_key, step.config, recipe.task, ctx.threads, ctx.trust_remote_code) \
-            if options.cache else ""
+        key = cache.stage_key(input_key, step.config, recipe.task, ctx.threads, ctx.trust_remote_code,
+                              step.stage.cache_salt(step.config)) if options.cache else ""
         entry = cache.lookup(key) if options.cache and options.resume else None
         restored = cache.restore(entry, ctx.workdir) if entry else None
         if restored is not None:
@@ -313,6 +359,7 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
     from .runners import make_runner
 
     steps = plan(recipe)
+    check_device(options, steps)
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
     previous = _previous_report(recipe, options.against)
     out, partial = start_partial(options.out)
@@ -327,10 +374,9 @@ def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progre
 
         progress.phase("evaluating baseline and result on the same samples")
         tokenizer = load_tokenizer(checkpoint)
-        runner_args = {"threads": threads, "allow_pickle": options.allow_pickle,
-                       "trust_remote_code": options.trust_remote_code}
+        runner_args = options.runner_args(threads)
         base_runner, base_size, base_model = _baseline(recipe, source, runner_args)
-        result_runner = make_runner(final, "result", **runner_args)
+        result_runner = make_runner(final, "result", **runner_args, torch_dtype=options.torch_dtype)
         base_eval = evaluate(recipe.task, base_runner, tokenizer, samples, recipe.evaluation, progress=progress)
         result_eval = evaluate(recipe.task, result_runner, tokenizer, samples, recipe.evaluation,
                                reference=base_eval, progress=progress)

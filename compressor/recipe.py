@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .data import DataConfig
 from .errors import UserError
+from .stages.build_engine import BuildEngineConfig
 from .stages.export_onnx import ExportOnnxConfig
 from .stages.merge_lora import MergeLoraConfig
 from .stages.optimize_onnx import OptimizeOnnxConfig
@@ -21,7 +22,7 @@ Task = Literal["text-classification", "feature-extraction", "text-generation"]
 # Written out rather than generated from the registry so that the types stay visible to readers
 # and type checkers; tests check that it and the registry agree.
 StageConfig = Annotated[
-    Union[MergeLoraConfig, ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig],
+    Union[MergeLoraConfig, ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig, BuildEngineConfig],
     Field(discriminator="type"),
 ]
 
@@ -45,8 +46,8 @@ class BenchmarkConfig(Strict):
     warmup: int = Field(10, ge=0, description="untimed calls per runner before timing")
     iterations: int = Field(50, gt=0, description="timed calls per runner, taken in alternating blocks of 10")
     confidence: float = Field(
-        0.95, ge=0.5, lt=1.0, description="confidence level of the speed-up's bootstrap interval (over interleaved "
-                                          "pairs of calls)")
+        0.95, ge=0.5, lt=1.0, description="confidence level of the speed-up's bootstrap interval (over rounds: "
+                                          "interleaved pairs of blocks of calls)")
     max_remeasure_seconds: float = Field(
         60.0, ge=0, description="while the speed-up's interval still holds a latency threshold, keep timing for "
                                 "up to this many more seconds; a verdict still undecided then is marked marginal; "

@@ -12,10 +12,10 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from . import __version__
-from .artifacts import Artifact, OnnxModel, TorchModel, sha256_file
+from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel, sha256_file
 
-PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "peft", "bitsandbytes",
-            "numpy", "pydantic")
+PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu", "peft",
+            "bitsandbytes", "tensorrt", "numpy", "pydantic")
 
 
 def package_versions() -> dict[str, str]:
@@ -79,7 +79,7 @@ def build_report(recipe, checkpoint: Path, baseline: dict, result: dict, gate: l
 
 
 def build_manifest(recipe, checkpoint: Path, artifact: Artifact, folder: Path) -> dict:
-    files = artifact.files() if isinstance(artifact, OnnxModel) else sorted(
+    files = artifact.files() if isinstance(artifact, (OnnxModel, EngineModel)) else sorted(
         p for p in artifact.path.rglob("*") if p.is_file())
     return {
         "recipe": recipe.model_dump(mode="json"),
@@ -133,7 +133,7 @@ def markdown(report: dict) -> str:
     lines.append(f"| backend | {base['backend']} | {res['backend']} |")
     bench = report["benchmark"]
     speedup = res.get("speedup")
-    timed = f"{speedup['pairs']} interleaved pairs of calls" if speedup else f"{bench['iterations']} interleaved calls"
+    timed = f"{speedup['rounds']} interleaved rounds of calls" if speedup else f"{bench['iterations']} interleaved calls"
     lines += ["", f"Latency: batch {bench['batch_size']}, {bench['seq_len']} tokens, {bench['threads']} threads, "
               f"{timed} after {bench['warmup']} warm-up calls"
               + (f" ({bench['remeasured_seconds']:.0f} s of it re-measuring a close call)"

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .artifacts import Artifact, OnnxModel, TorchModel
-from .errors import UserError
+from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel
+from .errors import BackendMissing, UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +31,37 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    def __init__(self, module, task: str, name: str = "torch", threads: Optional[int] = None):
+    """A torch module on CPU, or on CUDA (optionally cast to float16 / bfloat16 there)."""
+
+    def __init__(self, module, task: str, name: str = "torch", threads: Optional[int] = None, device: str = "cpu",
+                 dtype: Optional[str] = None):
         import inspect
 
         import torch
 
         if threads:
             torch.set_num_threads(threads)
+        self.device = device
+        if device == "cuda":
+            quantized = getattr(module, "is_quantized", False) or getattr(module, "is_loaded_in_4bit", False)
+            if dtype and dtype != "float32" and not quantized:
+                # A copy: the module may be the baseline's too, which stays float32.
+                module = copy.deepcopy(module).to(device="cuda", dtype=getattr(torch, dtype))
+            else:
+                module = module.to("cuda")
         self.module, self.task, self.name = module, task, name
-        self.backend = "torch-cpu"
+        self.backend = f"torch-cuda-{dtype or 'float32'}" if device == "cuda" else "torch-cpu"
         self._accepted = set(inspect.signature(module.forward).parameters)
         self._torch = torch
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
-        inputs = {k: torch.from_numpy(v) for k, v in feed.items() if k in self._accepted}
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in feed.items() if k in self._accepted}
         if self.task == "text-generation":
             inputs["use_cache"] = False
         with torch.inference_mode():
             output = self.module(**inputs)
-        return output[MAIN_OUTPUT[self.task]].float().numpy()
+        return output[MAIN_OUTPUT[self.task]].float().cpu().numpy()  # .cpu() waits for the GPU
 
 
 def _ort_dtype(type_name: str):
@@ -74,8 +86,15 @@ def complete_feed(session_inputs, feed: dict[str, np.ndarray]) -> dict[str, np.n
     return inputs
 
 
+PROVIDER_LABEL = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
+                  "TensorrtExecutionProvider": "onnxruntime-tensorrt"}
+# --ort-provider on --device cuda -> the providers ONNX Runtime is asked for, in order of preference.
+CUDA_PROVIDERS = {"cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                  "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")}
+
+
 class OrtRunner(Runner):
-    """ONNX Runtime on CPU. Feeds empty past key/values to models exported with past, so that one
+    """ONNX Runtime, on CPU or through the CUDA / TensorRT execution providers. Feeds empty past key/values to models exported with past, so that one
     graph serves both full-sequence evaluation and (later) decoding."""
 
     def __init__(self, path: Path, task: str, name: str = "onnxruntime", threads: Optional[int] = None,
@@ -90,7 +109,13 @@ class OrtRunner(Runner):
             self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
             raise UserError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
-        self.task, self.name, self.backend = task, name, "onnxruntime-cpu"
+        # ONNX Runtime falls back to the CPU when an execution provider fails to load; a CUDA timing
+        # taken on the CPU would be a lie, so that is an error here.
+        if providers[0] not in self.session.get_providers():
+            raise BackendMissing(f"{path}: ONNX Runtime could not start {providers[0]} (running on "
+                                 f"{', '.join(self.session.get_providers())}); see `compress doctor`")
+        self.task, self.name = task, name
+        self.backend = PROVIDER_LABEL.get(providers[0], providers[0])
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._output = MAIN_OUTPUT[task]
         ids = self._inputs.get("input_ids")
@@ -104,12 +129,22 @@ class OrtRunner(Runner):
 
 
 def make_runner(artifact: Artifact, name: str, threads: Optional[int] = None, allow_pickle: bool = False,
-                trust_remote_code: bool = False) -> Runner:
+                trust_remote_code: bool = False, device: str = "cpu", torch_dtype: Optional[str] = None,
+                ort_provider: str = "cuda") -> Runner:
+    """The runner for an artifact on `device`: torch (torch_dtype on CUDA), ONNX Runtime (CPU, or the
+    CUDA / TensorRT execution provider), or a TensorRT engine (CUDA only)."""
+    if isinstance(artifact, EngineModel):
+        if device != "cuda":
+            raise UserError(f"{artifact.path}: a TensorRT engine runs on a GPU only; run with --device cuda")
+        from .engine import TrtRunner
+
+        return TrtRunner(artifact, name=name)
     if isinstance(artifact, OnnxModel):
-        return OrtRunner(artifact.path, artifact.task, name=name, threads=threads)
+        providers = CUDA_PROVIDERS[ort_provider] if device == "cuda" else ("CPUExecutionProvider",)
+        return OrtRunner(artifact.path, artifact.task, name=name, threads=threads, providers=providers)
     if isinstance(artifact, TorchModel):
         from .checkpoint import load_torch_model
 
         module = load_torch_model(artifact, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        return TorchRunner(module, artifact.task, name=name, threads=threads)
+        return TorchRunner(module, artifact.task, name=name, threads=threads, device=device, dtype=torch_dtype)
     raise TypeError(f"no runner for {type(artifact).__name__}")

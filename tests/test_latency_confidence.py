@@ -11,13 +11,15 @@ from compressor.report import junit, markdown
 from compressor.runners import Runner
 
 
-def _timings(base_ms, cand_ms) -> Timings:
+def _timings(base_ms, cand_ms, block=10) -> Timings:
     timings = Timings(["base", "cand"], batch=1)
     timings.calls = {"base": list(base_ms), "cand": list(cand_ms)}
+    timings.round_of = {name: [i // block for i in range(len(calls))] for name, calls in timings.calls.items()}
+    timings.rounds = -(-len(base_ms) // block)
     return timings
 
 
-def test_interval_holds_the_true_speedup_and_narrows_with_more_pairs():
+def test_interval_holds_the_true_speedup_and_narrows_with_more_rounds():
     rng = np.random.default_rng(1)
     few = _timings(10 + rng.normal(0, 1, 30), 5 + rng.normal(0, 0.5, 30))
     many = _timings(10 + rng.normal(0, 1, 600), 5 + rng.normal(0, 0.5, 600))
@@ -31,6 +33,17 @@ def test_interval_holds_the_true_speedup_and_narrows_with_more_pairs():
     # A higher confidence gives a wider interval; equal timings give an equal (seeded) interval.
     assert np.subtract(*few.speedup_interval("base", "cand", 0.99)[::-1]) > few_width
     assert few.speedup_interval("base", "cand", 0.95) == few.speedup_interval("base", "cand", 0.95)
+
+
+def test_rounds_not_calls_are_resampled_so_slow_spells_widen_the_interval():
+    # The machine slows the baseline by up to 30% for whole rounds at a time (a neighbour's burst):
+    # resampled by round, the interval reflects that; resampled call by call it would be much narrower.
+    rng = np.random.default_rng(2)
+    spells = np.repeat(1 + 0.3 * rng.random(12), 10)
+    base, cand = 10 * spells + rng.normal(0, 0.2, 120), 5 + rng.normal(0, 0.1, 120)
+    by_round = _timings(base, cand).speedup_interval("base", "cand", 0.95)
+    by_call = _timings(base, cand, block=1).speedup_interval("base", "cand", 0.95)
+    assert by_round[1] - by_round[0] > 1.5 * (by_call[1] - by_call[0])
 
 
 class Clock:
@@ -70,7 +83,7 @@ def test_a_clear_verdict_is_not_remeasured(clock):
     timings, estimates, extra = measure([base, cand], FEED, bench, {"cand": [1.2]})
     assert extra == 0.0 and len(timings.calls["cand"]) == 20
     estimate = estimates["cand"]
-    assert not estimate.marginal and estimate.interval[0] > 1.2 and estimate.pairs == 20
+    assert not estimate.marginal and estimate.interval[0] > 1.2 and estimate.rounds == 2
 
 
 def test_a_close_call_is_remeasured_until_it_is_decided(clock):
@@ -141,10 +154,10 @@ def test_report_and_junit_say_marginal():
                            "size_mb": 1.0, "backend": "torch"},
               "result": {"metrics": {}, "latency_ms": {q: 1.0 for q in ("p50", "p90", "p95", "p99", "throughput")},
                          "size_mb": 1.0, "backend": "onnx", "artifact": "a",
-                         "speedup": {"speedup": 2.05, "interval": [1.9, 2.2], "confidence": 0.95, "pairs": 80}},
+                         "speedup": {"speedup": 2.05, "interval": [1.9, 2.2], "confidence": 0.95, "rounds": 8}},
               "benchmark": {**BenchmarkConfig().model_dump(), "remeasured_seconds": 12.0}}
     text = markdown(report)
-    assert "2.05x [1.9, 2.2]" in text and "pass (marginal)" in text and "80 interleaved pairs" in text
+    assert "2.05x [1.9, 2.2]" in text and "pass (marginal)" in text and "8 interleaved rounds" in text
     assert "12 s of it re-measuring" in text
     failed = {**report, "gate": [{**goal.as_dict(), "passed": False}]}
     assert "marginal" in junit(failed)

@@ -33,7 +33,7 @@ def test_onnx_stage_before_export_is_refused_with_hint():
         plan(recipe("  - type: optimize_onnx\n  - type: export_onnx"))
     message = str(info.value)
     assert message.startswith("r.yaml:4: stages[0] (optimize_onnx)")
-    assert "needs a onnx model" in message and "add an export_onnx stage before it" in message
+    assert "needs an onnx model" in message and "add an export_onnx stage before it" in message
 
 
 def test_export_twice_is_refused():

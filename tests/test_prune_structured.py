@@ -212,8 +212,10 @@ def test_smollm2_loses_a_kv_group_and_a_quarter_of_its_ffn_then_reloads_and_expo
     assert config["intermediate_size"] == 1152  # 1536 x 0.75, already a multiple of 8
     assert details["reload_max_abs_diff"] == 0
     assert 0.6 < details["macs_ratio"] < 0.85 and details["params_ratio"] < 0.9
-    # 1e-3 as in the shipped SmolLM2 recipes (logits up to ~35). The pruned model is numerically
-    # touchier than the dense one: torch's own eager and SDPA attention differ by 2.5e-3 on it (9e-5 dense)
-    exported, export = run_stage(ExportOnnxConfig(type="export_onnx", atol=1e-3), pruned, tmp_path / "onnx",
+    # The pruned model is numerically touchier than the dense one: torch's own eager and SDPA attention
+    # differ by 2.5e-3 on it (9e-5 dense), so ONNX Runtime is held to that disagreement, not to the dense
+    # recipes' 1e-3 (measured 9e-4 on AVX-512 CPUs, 1.3e-3 on an AVX2-only one). A broken export
+    # differs by whole logits.
+    exported, export = run_stage(ExportOnnxConfig(type="export_onnx", atol=2.5e-3), pruned, tmp_path / "onnx",
                                  "text-generation")
-    assert export["max_abs_diff"] <= 1e-3
+    assert export["max_abs_diff"] <= 2.5e-3

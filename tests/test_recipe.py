@@ -104,6 +104,7 @@ def test_every_option_is_documented():
 
     from compressor.data import CalibrationConfig
     from compressor.recipe import AccuracyGoal, BenchmarkConfig, DataConfig, EvaluationConfig, RegressionGoals
+    from compressor.stages.build_engine import ShapeRange
     from compressor.stages.merge_lora import AdapterSpec
     from compressor.stages.prune_recover import RecoverConfig
     from compressor.stages.quantize import FallbackConfig
@@ -111,7 +112,7 @@ def test_every_option_is_documented():
     docs = (Path(__file__).parent.parent / "docs" / "RECIPES.md").read_text()
     models = [stage.config_model for stage in REGISTRY.values()] + [
         BenchmarkConfig, EvaluationConfig, DataConfig, CalibrationConfig, FallbackConfig, RecoverConfig, AccuracyGoal,
-        AdapterSpec, RegressionGoals]
+        AdapterSpec, RegressionGoals, ShapeRange]
     # an option counts as documented where a table row names it, e.g. | `data.segment` | or | `adapters[].weight` |
     missing = [f"{m.__name__}.{f}" for m in models for f in m.model_fields
                if f != "type" and not re.search(rf"\| `(\w+(\[\])?\.)*{f}` \|", docs) and f"{f}:" not in docs]

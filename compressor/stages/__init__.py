@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Stage, StageContext
+from .build_engine import BuildEngine
 from .export_onnx import ExportOnnx
 from .merge_lora import MergeLora
 from .optimize_onnx import OptimizeOnnx
@@ -10,6 +11,6 @@ from .prune import Prune
 from .quantize import Quantize
 
 REGISTRY: dict[str, Stage] = {stage.type: stage for stage in (MergeLora(), ExportOnnx(), OptimizeOnnx(), Prune(),
-                                                           Quantize())}
+                                                           Quantize(), BuildEngine())}
 
 __all__ = ["REGISTRY", "Stage", "StageContext"]

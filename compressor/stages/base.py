@@ -31,6 +31,8 @@ class StageContext:
     details: dict[str, Any] = field(default_factory=dict)  # what the stage reports about itself
     notes: list[str] = field(default_factory=list)  # what the report's reader must not miss
     progress: Progress = field(default_factory=Silent)  # for stages with long loops
+    # [batch, sequence] the run feeds the result: {"benchmark": (batch_size, seq_len), "evaluation": ...}
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Stage:
@@ -52,6 +54,15 @@ class Stage:
     def check_order(self, config: Any, earlier: list[Any]) -> Optional[str]:
         """Return why this stage cannot follow the `earlier` stage configs, or None; called by plan()."""
         return None
+
+    def check_shapes(self, config: Any, shapes: dict[str, tuple[int, int]]) -> Optional[str]:
+        """Return why this config cannot take the [batch, sequence] shapes the run will feed, or None."""
+        return None
+
+    def cache_salt(self, config: Any) -> dict:
+        """What besides input, config and package versions decides this stage's output (e.g. the GPU an
+        engine is built for); part of its stage-cache key."""
+        return {}
 
     def backends(self, config: Any, input_kind: ArtifactKind) -> list[str]:
         """Python modules this stage imports when it runs, checked by plan() before heavy work."""

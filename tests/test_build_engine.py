@@ -1,0 +1,261 @@
+"""TensorRT engines and GPU runners, checked without a GPU: precision to builder flags, profiles from the
+recipe's shapes, graphs TensorRT cannot parse, engine metadata and the refusal to load it elsewhere,
+`compress doctor`, and exit 3 before any heavy work where the backend is missing. The builds and runs
+themselves are in test_gpu.py, which skips here."""
+
+import importlib.util
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from compressor.artifacts import EngineModel
+from compressor.cli import main
+from compressor.engine import METADATA_FORMAT, check_compatible, read_metadata, write_metadata
+from compressor.errors import BackendMissing, UserError
+from compressor.pipeline import RunOptions, check_device, plan
+from compressor.recipe import parse_recipe
+from compressor.stages.build_engine import (ShapeRange, check_capability, check_graph, check_profile_covers,
+                                            default_profile, format_parser_errors, precision_plan)
+
+from .conftest import write_recipe
+
+RECIPE = """\
+name: engine
+task: text-classification
+stages:
+  - type: export_onnx
+{stages}
+evaluation:
+  data: {{dataset: sentiment-test}}
+  batch_size: 16
+  max_length: 256
+benchmark: {{batch_size: 4, seq_len: 128}}
+goals:
+  latency: {{min_speedup: 2.0}}
+"""
+STATIC = "  - type: quantize\n    scheme: int8-static\n    calibration: {data: {dataset: sentiment-train}}\n"
+
+
+def engine_recipe(stages: str):
+    return parse_recipe(RECIPE.format(stages=stages), "engine.yaml")
+
+
+def test_profile_from_the_recipe_covers_benchmark_and_evaluation():
+    profile = default_profile(benchmark=(4, 128), evaluation=(16, 256))
+    assert (profile.min, profile.opt, profile.max) == ((1, 1), (4, 128), (16, 256))
+    shapes = {"benchmark": (4, 128), "evaluation": (16, 256)}
+    assert check_profile_covers(profile, shapes) is None
+    narrow = ShapeRange(min=(1, 1), opt=(4, 128), max=(8, 128))
+    assert "evaluation shape [16, 256]" in check_profile_covers(narrow, shapes)
+    with pytest.raises(ValueError, match="sequence: need 1 <= min <= opt <= max"):
+        ShapeRange(min=(1, 64), opt=(1, 32), max=(1, 128))
+
+
+def test_an_explicit_profile_that_misses_the_run_shapes_stops_in_plan():
+    narrow = "  - type: build_engine\n    profile: {min: [1, 1], opt: [4, 128], max: [8, 128]}"
+    with pytest.raises(UserError, match=r"engine.yaml:5: stages\[1\] \(build_engine\): profile .* evaluation shape"):
+        plan(engine_recipe(narrow))
+
+
+@pytest.mark.parametrize("precision, major, strongly_typed, expected", [
+    ("fp32", 10, None, (False, [])),
+    ("fp16", 10, None, (False, ["FP16"])),
+    ("bf16", 10, None, (False, ["BF16"])),
+    ("int8", 10, None, (False, ["INT8", "FP16"])),
+    ("int8", 10, True, (True, [])),  # Q/DQ nodes carry the types
+    ("fp8", 10, None, (True, [])),
+    ("fp32", 11, None, (True, [])),
+    ("int8", 11, None, (True, [])),
+])
+def test_precision_maps_to_network_mode_and_builder_flags(precision, major, strongly_typed, expected):
+    assert precision_plan(precision, major, strongly_typed) == expected
+
+
+def test_precision_combinations_tensorrt_cannot_build_are_refused():
+    assert precision_plan("int8", 10, None, fp16_fallback=False) == (False, ["INT8"])
+    with pytest.raises(UserError, match="strongly typed network takes its types from the ONNX graph"):
+        precision_plan("fp16", 11, None)
+    with pytest.raises(UserError, match="fp8: FP8 engines are built strongly typed"):
+        precision_plan("fp8", 10, False)
+    with pytest.raises(UserError, match="TensorRT 11 builds strongly typed networks only"):
+        precision_plan("fp32", 11, False)
+
+
+def test_compute_capability_per_precision():
+    assert check_capability("bf16", (8, 0), "A100") is None
+    assert "bf16 needs compute capability 8.0" in check_capability("bf16", (7, 5), "T4")
+    assert check_capability("fp8", (9, 0), "H100") is None
+    assert "precision fp8 needs compute capability 8.9 or newer; A100 has 8.0" == check_capability("fp8", (8, 0), "A100")
+
+
+def test_graphs_tensorrt_cannot_take_are_refused_naming_the_stage():
+    with pytest.raises(UserError, match=r"MatMulInteger.*quantize int8-dynamic"):
+        check_graph(Counter({"MatMulInteger": 6, "MatMul": 2}), "fp16", ["input_ids"])
+    with pytest.raises(UserError, match=r"Attention, SkipLayerNormalization.*optimize_onnx"):
+        check_graph(Counter({"Attention": 2, "SkipLayerNormalization": 4}), "fp16", ["input_ids"])
+    with pytest.raises(UserError, match="no QuantizeLinear/DequantizeLinear pairs"):
+        check_graph(Counter({"MatMul": 6}), "int8", ["input_ids", "attention_mask"])
+    with pytest.raises(UserError, match="export without with_past"):
+        check_graph(Counter({"MatMul": 6}), "fp16", ["input_ids", "past_key_values.0.key"])
+    check_graph(Counter({"QuantizeLinear": 6, "DequantizeLinear": 12, "MatMul": 6}), "int8",
+                ["input_ids", "attention_mask", "token_type_ids"])
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("  - type: optimize_onnx\n  - type: build_engine", "optimize_onnx.*ONNX Runtime-only fused operators"),
+    ("  - type: quantize\n    scheme: int8-dynamic\n  - type: build_engine", "int8-dynamic.*use int8-static"),
+    ("  - type: build_engine\n    precision: int8", "precision int8 needs an explicitly quantized"),
+    ("  - type: build_engine\n  - type: quantize\n    scheme: int8-dynamic", "outputs an engine model"),
+])
+def test_plan_refuses_engine_recipes_that_cannot_work(stages, message):
+    with pytest.raises(UserError, match=message) as caught:
+        plan(engine_recipe(stages))
+    assert caught.value.exit_code == 2
+
+
+def test_missing_tensorrt_is_exit_3_in_plan():
+    if importlib.util.find_spec("tensorrt"):
+        pytest.skip("tensorrt is installed here; the missing-backend path cannot be shown")
+    with pytest.raises(BackendMissing, match="'tensorrt'") as caught:
+        plan(engine_recipe(STATIC + "  - type: build_engine\n    precision: int8"))
+    assert caught.value.exit_code == 3
+
+
+def test_cli_stops_with_exit_3_before_loading_anything(tmp_path):
+    recipe = write_recipe(tmp_path, RECIPE.format(stages="  - type: build_engine"))
+    # The checkpoint does not even exist: plan() must stop first.
+    outcome = CliRunner().invoke(main, ["run", str(recipe), "--model", str(tmp_path / "nope"), "--device", "cuda"])
+    assert outcome.exit_code == 3, outcome.output
+    assert "cannot run here" in outcome.output and "checkpoint not found" not in outcome.output
+
+
+def test_device_cuda_without_a_gpu_is_exit_3_and_an_engine_on_cpu_exit_2():
+    from compressor.doctor import cuda_problem
+
+    if cuda_problem() is None:
+        pytest.skip("a CUDA GPU is present")
+    steps = plan(engine_recipe(""))
+    with pytest.raises(BackendMissing, match="--device cuda: torch .*CPU-only build|sees no GPU") as caught:
+        check_device(RunOptions(out=None, device="cuda"), steps)
+    assert caught.value.exit_code == 3
+    fake_engine_plan = [SimpleNamespace(output_kind="engine")]
+    with pytest.raises(UserError, match="runs on a GPU only; run with --device cuda"):
+        check_device(RunOptions(out=None), fake_engine_plan)
+
+
+def test_torch_dtype_needs_cuda(tmp_path):
+    recipe = write_recipe(tmp_path, RECIPE.format(stages=""))
+    outcome = CliRunner().invoke(main, ["run", str(recipe), "--model", str(tmp_path), "--torch-dtype", "float16"])
+    assert outcome.exit_code == 2 and "--torch-dtype applies to --device cuda only" in outcome.output
+
+
+class FakeParserError:
+    def __init__(self, index, desc, name="", operator=""):
+        self._index, self._desc, self._name, self._operator = index, desc, name, operator
+
+    def node(self):
+        return self._index
+
+    def desc(self):
+        return self._desc
+
+    def node_name(self):
+        return self._name
+
+    def node_operator(self):
+        return self._operator
+
+
+def test_parser_errors_name_the_onnx_nodes():
+    errors = [FakeParserError(3, "Unsupported operator MatMulInteger", "", "MatMulInteger"),
+              FakeParserError(-1, "Invalid graph", "/encoder/layer.0/Add", "Add")]
+    text = format_parser_errors(errors, ["a", "b", "c", "/encoder/layer.0/attention/MatMul_q"])
+    assert text == ("node /encoder/layer.0/attention/MatMul_q (MatMulInteger): Unsupported operator MatMulInteger; "
+                    "node /encoder/layer.0/Add (Add): Invalid graph")
+
+
+METADATA = {"format": METADATA_FORMAT, "tensorrt": "10.13.0.35", "gpu": {"name": "NVIDIA H100 80GB HBM3",
+                                                                          "capability": [9, 0]},
+            "precision": "fp16", "strongly_typed": False, "flags": ["FP16"],
+            "profiles": [{"input_ids": {"min": [1, 1], "opt": [1, 128], "max": [32, 128]}}],
+            "onnx_sha256": "0" * 64, "built": "2026-11-23T12:00:00Z", "build_seconds": 41.0}
+H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": (9, 0), "memory_gb": 79.1}
+
+
+def test_engine_metadata_round_trips_and_is_checked_against_the_machine(tmp_path):
+    engine = EngineModel(tmp_path / "model.engine", "text-classification")
+    engine.path.write_bytes(b"serialized engine")
+    write_metadata(engine, METADATA)
+    assert read_metadata(engine) == METADATA
+    check_compatible(METADATA, "10.13.0.35", H100, engine.path)  # the machine it was built on
+    with pytest.raises(UserError, match="built with TensorRT 10.13.0.35, this machine has TensorRT 10.14.1.48; "
+                                        "engines do not move between TensorRT versions; rebuild it on this machine"):
+        check_compatible(METADATA, "10.14.1.48", H100, engine.path)
+    a100 = {"name": "NVIDIA A100-SXM4-80GB", "capability": (8, 0), "memory_gb": 79.2}
+    with pytest.raises(UserError, match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9.0\), this machine "
+                                        r"has NVIDIA A100-SXM4-80GB \(8.0\)"):
+        check_compatible(METADATA, "10.13.0.35", a100, engine.path)
+    h100_pcie = {**H100, "name": "NVIDIA H100 PCIe"}  # same capability, another model: refused too
+    with pytest.raises(UserError, match="engines are tuned to one GPU model"):
+        check_compatible(METADATA, "10.13.0.35", h100_pcie, engine.path)
+    with pytest.raises(BackendMissing, match="needs the tensorrt package"):
+        check_compatible(METADATA, None, H100, engine.path)
+    with pytest.raises(BackendMissing, match="needs a CUDA GPU"):
+        check_compatible(METADATA, "10.13.0.35", None, engine.path)
+
+
+def test_engines_without_or_with_foreign_metadata_are_refused(tmp_path):
+    engine = EngineModel(tmp_path / "model.engine", "text-classification")
+    engine.path.write_bytes(b"x")
+    with pytest.raises(UserError, match="model.engine.json: missing"):
+        read_metadata(engine)
+    engine.metadata_path.write_text(json.dumps({**METADATA, "format": 99}))
+    with pytest.raises(UserError, match="metadata format 99"):
+        read_metadata(engine)
+    engine.metadata_path.write_text("{not json")
+    with pytest.raises(UserError, match="unreadable engine metadata"):
+        read_metadata(engine)
+
+
+def test_an_engine_result_on_the_cpu_is_refused(tmp_path):
+    from compressor.runners import make_runner
+
+    engine = EngineModel(tmp_path / "model.engine", "text-classification")
+    with pytest.raises(UserError, match="runs on a GPU only"):
+        make_runner(engine, "result")
+
+
+def test_doctor_lists_every_component_with_a_reason_for_what_is_missing():
+    outcome = CliRunner().invoke(main, ["doctor", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    rows = {row["component"]: row for row in json.loads(outcome.output)}
+    assert set(rows) == {"GPU", "torch CUDA", "ONNX Runtime", "ONNX Runtime cuda provider",
+                         "ONNX Runtime tensorrt provider", "TensorRT", "bitsandbytes"}
+    for row in rows.values():
+        assert row["usable"] or row["reason"], row  # nothing missing without a why
+    assert rows["ONNX Runtime"]["usable"] and "CPUExecutionProvider" in rows["ONNX Runtime"]["detail"]
+    if not importlib.util.find_spec("tensorrt"):
+        assert not rows["TensorRT"]["usable"] and "pip install tensorrt" in rows["TensorRT"]["reason"]
+    table = CliRunner().invoke(main, ["doctor"], terminal_width=160)
+    assert table.exit_code == 0 and "TensorRT" in table.output and "bitsandbytes" in table.output
+
+
+def test_an_ort_provider_that_fails_to_start_is_not_silently_replaced_by_the_cpu(tiny_classifier, tmp_path):
+    """ONNX Runtime falls back to the CPU when a provider cannot load; the runner must say so instead."""
+    import onnxruntime as ort
+
+    from compressor.artifacts import TorchModel
+    from compressor.runners import OrtRunner
+    from compressor.stages.export_onnx import ExportOnnx, ExportOnnxConfig
+    from compressor.stages.base import StageContext
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    (tmp_path / "export").mkdir()
+    onnx_model = ExportOnnx().run(ExportOnnxConfig(type="export_onnx"), TorchModel(tiny_classifier,
+                                  "text-classification"), StageContext(tmp_path / "export", "text-classification"))
+    with pytest.raises(BackendMissing, match="could not start CUDAExecutionProvider"):
+        OrtRunner(onnx_model.path, "text-classification", providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
