@@ -225,12 +225,15 @@ def run_stages(recipe: Recipe, steps: list[PlannedStage], source: TorchModel, wo
         key = cache.stage_key(input_key, step.config, recipe.task, ctx.threads, ctx.trust_remote_code,
                               step.stage.cache_salt(step.config)) if options.cache else ""
         entry = cache.lookup(key) if options.cache and options.resume else None
+        started = time.perf_counter()
         restored = cache.restore(entry, ctx.workdir) if entry else None
         if restored is not None:
             progress.phase(f"{recipe.name}: stage {step.index + 1}/{len(steps)}: {step.config.type} (cached)")
             artifact = restored
-            records.append({**entry.meta["record"], "cached": True, "cache_key": key[:16],
-                            "cached_from": entry.meta["created"]})
+            stored = entry.meta["record"]
+            records.append({**stored, "seconds": round(time.perf_counter() - started, 3), "cached": True,
+                            "cache_key": key[:16], "cached_from": entry.meta["created"],
+                            "stage_seconds": stored["seconds"]})
         else:
             progress.phase(f"{recipe.name}: stage {step.index + 1}/{len(steps)}: {step.config.type}")
             started = time.perf_counter()

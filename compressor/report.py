@@ -133,7 +133,8 @@ def markdown(report: dict) -> str:
     lines.append(f"| backend | {base['backend']} | {res['backend']} |")
     bench = report["benchmark"]
     speedup = res.get("speedup")
-    timed = f"{speedup['rounds']} interleaved rounds of calls" if speedup else f"{bench['iterations']} interleaved calls"
+    timed = (f"{speedup['rounds']} interleaved rounds of calls" if speedup
+             else f"{bench['iterations']} interleaved calls")
     lines += ["", f"Latency: batch {bench['batch_size']}, {bench['seq_len']} tokens, {bench['threads']} threads, "
               f"{timed} after {bench['warmup']} warm-up calls"
               + (f" ({bench['remeasured_seconds']:.0f} s of it re-measuring a close call)"
@@ -141,11 +142,13 @@ def markdown(report: dict) -> str:
               + (f" Speed-up {speedup['speedup']:.3f}x, {speedup['confidence']:.0%} bootstrap interval "
                  f"[{speedup['interval'][0]:.3f}, {speedup['interval'][1]:.3f}]." if speedup else ""), "",
               "## Stages", "", "| stage | seconds | cache | details |", "|---|---|---|---|"]
-    hidden = ("type", "seconds", "cached", "notes", "cache_key", "cached_from")
+    hidden = ("type", "seconds", "cached", "notes", "cache_key", "cached_from", "stage_seconds")
     for stage in report["stages"]:
         details = ", ".join(f"{k}={_fmt(v)}" for k, v in stage.items() if k not in hidden)
-        cache = f"reused `{stage['cache_key']}` (stored {stage['cached_from']})" if stage.get("cached") \
-            else ("stored" if stage.get("cache_key") else "-")
+        cache = "stored" if stage.get("cache_key") else "-"
+        if stage.get("cached"):
+            cache = (f"reused `{stage['cache_key']}` (stored {stage['cached_from']}, the stage took "
+                     f"{stage['stage_seconds']} s)")
         lines.append(f"| {stage['type']} | {stage['seconds']} | {cache} | {details} |")
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]

@@ -94,8 +94,9 @@ CUDA_PROVIDERS = {"cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime, on CPU or through the CUDA / TensorRT execution providers. Feeds empty past key/values to models exported with past, so that one
-    graph serves both full-sequence evaluation and (later) decoding."""
+    """ONNX Runtime, on CPU or through the CUDA / TensorRT execution providers. Feeds empty past
+    key/values to models exported with past, so that one graph serves both full-sequence evaluation
+    and decoding."""
 
     def __init__(self, path: Path, task: str, name: str = "onnxruntime", threads: Optional[int] = None,
                  providers: tuple[str, ...] = ("CPUExecutionProvider",)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def session_stage_cache(tmp_path_factory):
         os.environ.pop("COMPRESS_CACHE", None)
     else:
         os.environ["COMPRESS_CACHE"] = previous
+    shutil.rmtree(root, ignore_errors=True)  # several GB of SmolLM2 stage outputs; pytest keeps old tmp dirs
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,8 @@ def test_compute_capability_per_precision():
     assert check_capability("bf16", (8, 0), "A100") is None
     assert "bf16 needs compute capability 8.0" in check_capability("bf16", (7, 5), "T4")
     assert check_capability("fp8", (9, 0), "H100") is None
-    assert "precision fp8 needs compute capability 8.9 or newer; A100 has 8.0" == check_capability("fp8", (8, 0), "A100")
+    expected = "precision fp8 needs compute capability 8.9 or newer; A100 has 8.0"
+    assert check_capability("fp8", (8, 0), "A100") == expected
 
 
 def test_graphs_tensorrt_cannot_take_are_refused_naming_the_stage():
@@ -243,19 +244,179 @@ def test_doctor_lists_every_component_with_a_reason_for_what_is_missing():
     assert table.exit_code == 0 and "TensorRT" in table.output and "bitsandbytes" in table.output
 
 
-def test_an_ort_provider_that_fails_to_start_is_not_silently_replaced_by_the_cpu(tiny_classifier, tmp_path):
+def test_an_ort_provider_that_fails_to_start_is_not_silently_replaced_by_the_cpu(exported):
     """ONNX Runtime falls back to the CPU when a provider cannot load; the runner must say so instead."""
     import onnxruntime as ort
 
-    from compressor.artifacts import TorchModel
     from compressor.runners import OrtRunner
-    from compressor.stages.export_onnx import ExportOnnx, ExportOnnxConfig
-    from compressor.stages.base import StageContext
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this ONNX Runtime has the CUDA provider")
-    (tmp_path / "export").mkdir()
-    onnx_model = ExportOnnx().run(ExportOnnxConfig(type="export_onnx"), TorchModel(tiny_classifier,
-                                  "text-classification"), StageContext(tmp_path / "export", "text-classification"))
     with pytest.raises(BackendMissing, match="could not start CUDAExecutionProvider"):
-        OrtRunner(onnx_model.path, "text-classification", providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+        OrtRunner(exported.path, "text-classification", providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+
+
+class FakeTensorRT:
+    """A stand-in for the tensorrt module with the calls build() makes, recording them. It checks
+    compress's side of the conversation (flags, profiles, timing cache, metadata, parser errors),
+    not TensorRT: that needs a GPU (tests/test_gpu.py)."""
+
+    __version__ = "10.13.0.35"
+
+    def __init__(self, parse_errors=()):
+        fake = self
+        self.calls = {"flags": [], "profiles": {}, "network_flags": None, "timing_cache_in": None}
+        self.parse_errors = list(parse_errors)
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+        self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)
+        self.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+        self.BuilderFlag = SimpleNamespace(FP16="FP16", BF16="BF16", INT8="INT8", FP8="FP8")
+
+        class Cache:
+            def __init__(self, data):
+                self.data = data
+
+            def serialize(self):
+                return self.data + b"+timings"
+
+        class Config:
+            builder_optimization_level = None
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls["workspace"] = (pool, size)
+
+            def set_flag(self, flag):
+                fake.calls["flags"].append(flag)
+
+            def add_optimization_profile(self, profile):
+                fake.calls["profiles"] = profile.shapes
+
+            def create_timing_cache(self, data):
+                fake.calls["timing_cache_in"] = bytes(data)
+                return Cache(bytes(data))
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache, fake.calls["ignore_mismatch"] = cache, ignore_mismatch
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Network:
+            def __init__(self):
+                self.names = []
+
+            @property
+            def num_inputs(self):
+                return len(self.names)
+
+            def get_input(self, index):
+                return SimpleNamespace(name=self.names[index])
+
+        class Parser:
+            def __init__(self, network, logger):
+                self.network, self.num_errors = network, 0
+
+            def parse_from_file(self, path):
+                import onnx
+
+                graph = onnx.load(path, load_external_data=False).graph
+                self.network.names = [i.name for i in graph.input]
+                self.num_errors = len(fake.parse_errors)
+                return not fake.parse_errors
+
+            def get_error(self, index):
+                return fake.parse_errors[index]
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, low, opt, high):
+                self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls["network_flags"] = flags
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"serialized engine"
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_classifier, tmp_path_factory):
+    from compressor.artifacts import TorchModel
+    from compressor.stages.base import StageContext
+    from compressor.stages.export_onnx import ExportOnnx, ExportOnnxConfig
+
+    folder = tmp_path_factory.mktemp("export")
+    return ExportOnnx().run(ExportOnnxConfig(type="export_onnx"), TorchModel(tiny_classifier, "text-classification"),
+                            StageContext(folder, "text-classification"))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setattr("compressor.engine.gpu_identity", lambda: H100)
+
+
+def _build(fake, exported, tmp_path, monkeypatch, **options):
+    import sys
+
+    from compressor.engine import build
+    from compressor.progress import Silent
+    from compressor.stages.build_engine import BuildEngineConfig
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    config = BuildEngineConfig(type="build_engine", **options)
+    out = EngineModel(tmp_path / f"model-{len(list(tmp_path.glob('*.engine')))}.engine", "text-classification")
+    profile = default_profile((1, 32), (8, 128))
+    return out, build(exported, out, config, profile, tmp_path / "timing.cache", Silent())
+
+
+def test_build_sets_flags_profiles_and_timing_cache_then_stamps_the_engine(exported, tmp_path,
+                                                                            monkeypatch, fake_gpu):
+    from compressor.artifacts import sha256_file
+
+    fake = FakeTensorRT()
+    engine, metadata = _build(fake, exported, tmp_path, monkeypatch, precision="fp16", workspace_mb=512)
+    assert fake.calls["flags"] == ["FP16"] and fake.calls["network_flags"] == 0
+    assert fake.calls["workspace"] == ("WORKSPACE", 512 << 20) and fake.calls["ignore_mismatch"] is False
+    assert fake.calls["profiles"] == {name: ((1, 1), (1, 32), (8, 128))
+                                      for name in ("input_ids", "attention_mask", "token_type_ids")}
+    assert engine.path.read_bytes() == b"serialized engine"
+    assert read_metadata(engine) == metadata
+    assert metadata["onnx_sha256"] == sha256_file(exported.path)
+    assert metadata["gpu"] == {"name": H100["name"], "capability": [9, 0]} and metadata["tensorrt"] == "10.13.0.35"
+    assert metadata["timing_cache"]["reused_bytes"] == 0
+    # The next build reads the timing cache the first one wrote.
+    assert (tmp_path / "timing.cache").read_bytes() == b"+timings"
+    _, again = _build(fake, exported, tmp_path, monkeypatch, precision="fp16")
+    assert fake.calls["timing_cache_in"] == b"+timings" and again["timing_cache"]["reused_bytes"] == 8
+
+
+def test_build_reports_parser_errors_with_node_names(exported, tmp_path, monkeypatch, fake_gpu):
+    import onnx
+
+    from compressor.errors import StageFailed
+
+    first_node = onnx.load(str(exported.path)).graph.node[0]
+    fake = FakeTensorRT(parse_errors=[FakeParserError(0, "Assertion failed: unsupported", "", first_node.op_type)])
+    with pytest.raises(StageFailed, match=f"node {first_node.name} \\({first_node.op_type}\\): Assertion failed"):
+        _build(fake, exported, tmp_path, monkeypatch)
+    assert not list(tmp_path.glob("*.engine"))
+
+
+def test_build_checks_the_graph_before_tensorrt_sees_it(exported, tmp_path, monkeypatch, fake_gpu):
+    with pytest.raises(UserError, match="no QuantizeLinear/DequantizeLinear pairs"):
+        _build(FakeTensorRT(), exported, tmp_path, monkeypatch, precision="int8")

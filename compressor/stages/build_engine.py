@@ -192,7 +192,8 @@ class BuildEngine(Stage):
 
         gpu = gpu_identity()
         if gpu is None:
-            return "build_engine needs an NVIDIA GPU with a CUDA build of torch; this machine has none (compress doctor)"
+            return ("build_engine needs an NVIDIA GPU with a CUDA build of torch; this machine has none "
+                    "(see compress doctor)")
         return check_capability(config.precision, gpu["capability"], gpu["name"])
 
     def run(self, config: BuildEngineConfig, artifact: OnnxModel, ctx: StageContext) -> EngineModel:
