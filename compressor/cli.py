@@ -313,8 +313,9 @@ def cache_clear() -> None:
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @handle_errors
 def validate(recipes: tuple[Path, ...]) -> None:
-    """Check recipes (schema and stage plan) without loading any model."""
-    from .errors import UserError
+    """Check recipes (schema and stage plan) without loading any model. Exit 2 if one is invalid; a valid
+    recipe that needs a backend this machine lacks (TensorRT, a GPU) is reported but still valid."""
+    from .errors import BackendMissing, UserError
     from .pipeline import plan
     from .recipe import load_recipe
 
@@ -325,6 +326,11 @@ def validate(recipes: tuple[Path, ...]) -> None:
         except UserError as exc:
             failed += 1
             console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
+            continue
+        except BackendMissing as exc:
+            # plan() checks backends only after every stage passed its own checks: the recipe is valid.
+            stdout.print(f"[green]ok[/] {path}: valid; [yellow]cannot run on this machine:[/] {_escape(str(exc))}",
+                         highlight=False, soft_wrap=True)
             continue
         chain = " -> ".join(["torch"] + [f"{s.config.type} -> {s.output_kind}" for s in steps])
         stdout.print(f"[green]ok[/] {path}: {_escape(chain)}", highlight=False, soft_wrap=True)

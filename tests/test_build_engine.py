@@ -133,6 +133,18 @@ def test_cli_stops_with_exit_3_before_loading_anything(tmp_path):
     assert "cannot run here" in outcome.output and "checkpoint not found" not in outcome.output
 
 
+def test_validate_calls_an_engine_recipe_valid_where_it_cannot_run(tmp_path):
+    if importlib.util.find_spec("tensorrt"):
+        pytest.skip("tensorrt is installed here")
+    good = write_recipe(tmp_path, RECIPE.format(stages="  - type: build_engine"), "good.yaml")
+    bad = write_recipe(tmp_path, RECIPE.format(stages="  - type: optimize_onnx\n  - type: build_engine"), "bad.yaml")
+    outcome = CliRunner().invoke(main, ["validate", str(good)], terminal_width=200)
+    assert outcome.exit_code == 0 and "valid; cannot run on this machine" in outcome.output
+    assert "'tensorrt'" in outcome.output
+    outcome = CliRunner().invoke(main, ["validate", str(good), str(bad)], terminal_width=200)
+    assert outcome.exit_code == 2 and "ONNX Runtime-only fused operators" in outcome.output
+
+
 def test_device_cuda_without_a_gpu_is_exit_3_and_an_engine_on_cpu_exit_2():
     from compressor.doctor import cuda_problem
 
