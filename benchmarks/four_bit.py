@@ -41,14 +41,14 @@ ANCHORS = "anchors: GPTQ 4-bit OPT-125M 1.125x fp16; AWQ Llama-2-7B 1.024x"
 
 def int4_config(variant: str):
     """`rtn:32`, `gptq:128`, `rtn:32:al4` -> a quantize config."""
-    from compressor.stages.quantize import QuantizeConfig
+    from compressor.stages.int4_onnx import Int4WeightOnlyConfig
 
     algorithm, block, *rest = variant.split(":")
     extra = {"calibration": CALIBRATION} if algorithm == "gptq" else {}
     if rest:
         extra["accuracy_level"] = int(rest[0].removeprefix("al"))
-    return QuantizeConfig(type="quantize", scheme="int4-weight-only", algorithm=algorithm, block_size=int(block),
-                          **extra)
+    return Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", algorithm=algorithm,
+                                block_size=int(block), **extra)
 
 
 def measure_against(base_runner, base_metrics, candidates, tokenizer, samples, evaluation, feed, iterations):
@@ -113,7 +113,7 @@ class DecodeStep:
         import numpy as np
         import onnxruntime as ort
 
-        from compressor.runners import complete_feed
+        from compressor.onnx_graph import complete_feed
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
@@ -161,7 +161,7 @@ def bnb_section(stage, checkpoint, tokenizer, samples, evaluation, feed) -> None
     from compressor.artifacts import TorchModel
     from compressor.evaluate import evaluate
     from compressor.runners import make_runner
-    from compressor.stages.quantize import QuantizeConfig
+    from compressor.stages.bnb_4bit import Bnb4bitConfig
 
     source = TorchModel(checkpoint, TASK)
     fp32_runner = make_runner(source, "fp32", threads=2)
@@ -169,7 +169,7 @@ def bnb_section(stage, checkpoint, tokenizer, samples, evaluation, feed) -> None
 
     def maker(scheme):
         def make():
-            quantized, seconds = stage(QuantizeConfig(type="quantize", scheme=scheme), source, scheme)
+            quantized, seconds = stage(Bnb4bitConfig(type="quantize", scheme=scheme), source, scheme)
             return TorchModel(quantized.path, TASK), seconds, quantized.size_mb() / source.size_mb()
         return make
 
@@ -230,7 +230,7 @@ def main() -> None:
     from compressor.checkpoint import load_tokenizer
     from compressor.data import DataConfig, load_samples
     from compressor.recipe import EvaluationConfig
-    from compressor.report import package_versions
+    from compressor.machine import package_versions
     from compressor.stages import REGISTRY, StageContext
 
     torch.set_num_threads(2)

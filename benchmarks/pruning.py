@@ -64,12 +64,12 @@ def structured(args) -> None:
     from compressor.data import DataConfig, load_samples
     from compressor.evaluate import evaluate
     from compressor.recipe import EvaluationConfig
-    from compressor.report import package_versions
+    from compressor.machine import package_versions
     from compressor.runners import make_runner
     from compressor.stages import REGISTRY, StageContext
     from compressor.stages.export_onnx import ExportOnnxConfig
     from compressor.stages.prune import PruneConfig
-    from compressor.stages.quantize import QuantizeConfig
+    from compressor.stages.quantize import Int8DynamicConfig
 
     torch.set_num_threads(2)
     task = "text-classification"
@@ -107,7 +107,7 @@ def structured(args) -> None:
         ort_latency = interleaved([make_runner(exported[n], n, threads=2) for n in ("dense", "pruned+recovery")],
                                   feed, warmup=10, iterations=300)
         # and after int8 dynamic quantization of both: does pruning still pay once int8 has?
-        int8 = QuantizeConfig(type="quantize", scheme="int8-dynamic", per_channel=True)
+        int8 = Int8DynamicConfig(type="quantize", scheme="int8-dynamic", per_channel=True)
         quantized = {n: stage(int8, exported[n], f"int8-{n}")[0] for n in exported}
         int8_latency = interleaved([make_runner(quantized[n], n, threads=2) for n in ("dense", "pruned+recovery")],
                                    feed, warmup=10, iterations=300)
@@ -153,7 +153,7 @@ def unstructured(args) -> None:
     from compressor.artifacts import TorchModel
     from compressor.checkpoint import load_tokenizer, load_torch_model
     from compressor.data import DataConfig, load_samples, token_windows
-    from compressor.report import package_versions
+    from compressor.machine import package_versions
     from compressor.stages import REGISTRY, StageContext
     from compressor.stages.prune import PruneConfig
 

@@ -30,13 +30,13 @@ def build(workdir: Path) -> dict[str, str]:
     from compressor.artifacts import TorchModel
     from compressor.stages import REGISTRY, StageContext
     from compressor.stages.export_onnx import ExportOnnxConfig
-    from compressor.stages.quantize import QuantizeConfig
+    from compressor.stages.quantize import Int8DynamicConfig
 
     checkpoint = fixtures.ensure("minilm")
     paths = {"torch fp32": str(checkpoint)}
     artifact = TorchModel(checkpoint, "feature-extraction")
     for name, config in (("ORT fp32", ExportOnnxConfig(type="export_onnx")),
-                         ("ORT int8", QuantizeConfig(type="quantize", scheme="int8-dynamic"))):
+                         ("ORT int8", Int8DynamicConfig(type="quantize", scheme="int8-dynamic"))):
         folder = workdir / name.replace(" ", "-")
         folder.mkdir()
         artifact = REGISTRY[config.type].run(config, artifact, StageContext(folder, "feature-extraction", 2))

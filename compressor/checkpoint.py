@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .artifacts import TorchModel
 from .errors import BackendMissing, UserError
+from .torch_transforms import apply_torch_transform, load_weight_only_torch
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,8 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
         transforms = json.loads(transforms_file.read_text()).get("transforms", [])
     if transforms and transforms[0].get("stored"):
         # The files hold the transformed weights themselves (int8 weight-only), not a float checkpoint.
-        from .stages.weight_only import load_weight_only_torch
-
-        artifact.module = load_weight_only_torch(artifact, transforms[0], trust_remote_code)
+        artifact.module = load_weight_only_torch(artifact, transforms[0], model_class(artifact.task),
+                                                 trust_remote_code)
         artifact.transforms = transforms
         return artifact.module
     use_safetensors = any(artifact.path.glob("*.safetensors"))
@@ -131,8 +131,6 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
         raise UserError(f"{artifact.path}: transformers could not load it as a {artifact.task} model: {exc}") from None
     module.eval()
     for name in transforms:
-        from .stages.quantize import apply_torch_transform
-
         module = apply_torch_transform(module, name)
     artifact.module = module
     artifact.transforms = transforms

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from . import fixtures
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ def load_card(name: str) -> dict:
 
 
 def _card_file(card: dict) -> Path:
-    from . import fixtures
-
     path = fixtures.ensure(card["source"]["fixture"]) / card["source"]["file"]
     expected = card.get("sha256")
     if expected:

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Optional
 
+from . import engine
+from .stages.bnb_4bit import bnb_unavailable
+
 
 @dataclass
 class Check:
@@ -54,11 +57,9 @@ def ort_provider_problem(provider: str) -> Optional[str]:
 
 
 def _gpu() -> Check:
-    from .engine import gpu_identity
-
     if cuda_problem():
         return Check("GPU", False, "none visible to torch", "see torch CUDA")
-    gpu = gpu_identity()
+    gpu = engine.gpu_identity()
     major, minor = gpu["capability"]
     return Check("GPU", True, f"{gpu['name']}, compute capability {major}.{minor}, {gpu['memory_gb']} GiB")
 
@@ -88,9 +89,7 @@ def _onnxruntime() -> list[Check]:
 
 
 def _tensorrt() -> Check:
-    from .engine import tensorrt_version
-
-    version = tensorrt_version()
+    version = engine.tensorrt_version()
     if version is None:
         return Check("TensorRT", False, "not installed",
                      "pip install tensorrt on a machine with an NVIDIA GPU and driver (its wheels fetch the "
@@ -100,8 +99,6 @@ def _tensorrt() -> Check:
 
 
 def _bitsandbytes() -> Check:
-    from .stages.bnb_4bit import bnb_unavailable
-
     version = _version("bitsandbytes")
     if version is None:
         return Check("bitsandbytes", False, "not installed", "pip install bitsandbytes; needed by quantize nf4 / fp4")

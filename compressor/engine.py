@@ -1,5 +1,9 @@
-"""TensorRT engines: building one (TensorRT's Python API, imported only here and only when used),
-the metadata written beside it, the refusal to load it where it was not built for, and a runner.
+"""TensorRT engines: what TensorRT can build (precision plan, capability and graph checks, parser
+errors), building one (TensorRT's Python API, imported only here and only when used), the metadata
+written beside it, and the refusal to load it where it was not built for.
+
+The decisions are plain functions, checked without a GPU; the build_engine stage calls them and
+`build()`, and runners.TrtRunner loads what `build()` wrote.
 
 An engine is specific to the GPU model and the TensorRT version that built it, so `model.engine.json`
 records both (with the precision, profiles, ONNX digest and build time), and loading compares them
@@ -11,19 +15,26 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
-import numpy as np
-
-from .artifacts import EngineModel, OnnxModel
+from .artifacts import EngineModel, OnnxModel, sha256_file
 from .errors import BackendMissing, StageFailed, UserError
-from .runners import MAIN_OUTPUT, Runner, complete_feed
 
 log = logging.getLogger(__name__)
 
 METADATA_FORMAT = 1
+
+# Minimum compute capability per precision (TensorRT's support matrix: bf16 from Ampere, fp8 from Ada).
+MIN_CAPABILITY = {"fp32": (0, 0), "fp16": (0, 0), "bf16": (8, 0), "int8": (0, 0), "fp8": (8, 9)}
+# Inputs shaped [batch, sequence] that a profile covers; other inputs (past key/values) are refused.
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# ONNX Runtime-only operators that TensorRT's parser does not know, and the stage that puts them there.
+ORT_ONLY_OPS = {"MatMulInteger": "quantize int8-dynamic", "DynamicQuantizeLinear": "quantize int8-dynamic",
+                "MatMulNBits": "quantize int4-weight-only", "Attention": "optimize_onnx",
+                "SkipLayerNormalization": "optimize_onnx", "EmbedLayerNormalization": "optimize_onnx",
+                "FastGelu": "optimize_onnx", "BiasGelu": "optimize_onnx"}
 
 
 def gpu_identity() -> Optional[dict]:
@@ -45,6 +56,71 @@ def tensorrt_version() -> Optional[str]:
     except ImportError:
         return None
     return tensorrt.__version__
+
+
+def precision_plan(precision: str, tensorrt_major: int, strongly_typed: Optional[bool],
+                   fp16_fallback: bool = True) -> tuple[bool, list[str]]:
+    """(strongly typed network?, BuilderFlag names to set) for a precision on a TensorRT major version.
+
+    Weakly typed (TensorRT 10): precision flags let the builder choose lower-precision kernels, and
+    Q/DQ nodes fix the int8 layers. Strongly typed: every tensor's type comes from the graph, and
+    setting precision flags is an error, so fp16/bf16 need a graph already in that type."""
+    strong = strongly_typed if strongly_typed is not None else (precision == "fp8" or tensorrt_major >= 11)
+    if precision == "fp8" and not strong:
+        raise UserError("build_engine precision fp8: FP8 engines are built strongly typed (the FP8 Q/DQ nodes "
+                        "carry the types); remove strongly_typed: false")
+    if tensorrt_major >= 11 and not strong:
+        raise UserError(f"build_engine: TensorRT {tensorrt_major} builds strongly typed networks only; "
+                        "remove strongly_typed: false")
+    if strong:
+        if precision in ("fp16", "bf16"):
+            raise UserError(f"build_engine precision {precision}: a strongly typed network takes its types from "
+                            f"the ONNX graph, which is fp32 here; use TensorRT 10 with strongly_typed: false, or "
+                            f"an ONNX graph converted to {precision}")
+        return True, []
+    flags = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8"] + (["FP16"] if fp16_fallback else [])}
+    return False, flags[precision]
+
+
+def check_capability(precision: str, capability: tuple[int, int], gpu: str) -> Optional[str]:
+    need = MIN_CAPABILITY[precision]
+    if capability < need:
+        return (f"precision {precision} needs compute capability {need[0]}.{need[1]} or newer; {gpu} has "
+                f"{capability[0]}.{capability[1]}")
+    return None
+
+
+def check_graph(op_counts: Counter, precision: str, input_names: list[str]) -> None:
+    """Refuse graphs TensorRT cannot parse or that do not fit the precision, naming the cause."""
+    foreign = sorted(op for op in op_counts if op in ORT_ONLY_OPS)
+    if foreign:
+        stages = sorted({ORT_ONLY_OPS[op] for op in foreign})
+        raise UserError(f"build_engine: the ONNX graph has ONNX Runtime-only operators ({', '.join(foreign)}) that "
+                        f"TensorRT cannot parse; they come from {' and '.join(stages)}: build the engine from the "
+                        "exported graph (or one quantized with int8-static) instead")
+    quantized = op_counts.get("QuantizeLinear", 0) and op_counts.get("DequantizeLinear", 0)
+    if precision in ("int8", "fp8") and not quantized:
+        raise UserError(f"build_engine precision {precision}: the graph has no QuantizeLinear/DequantizeLinear "
+                        "pairs; add `quantize scheme: int8-static` before build_engine (fp8: Q/DQ nodes from a "
+                        "tool that writes FP8 ones)")
+    past = [name for name in input_names if name not in TOKEN_INPUTS]
+    if past:
+        raise UserError(f"build_engine: inputs {past[:3]} are not [batch, sequence] token inputs; export without "
+                        "with_past to build an engine")
+
+
+def format_parser_errors(errors: list[Any], node_names: list[str]) -> str:
+    """TensorRT's ONNX parser errors with the ONNX node each one is about."""
+    lines = []
+    for error in errors:
+        name = error.node_name() if hasattr(error, "node_name") else ""
+        index = error.node()
+        if not name and 0 <= index < len(node_names):
+            name = node_names[index]
+        operator = error.node_operator() if hasattr(error, "node_operator") else ""
+        where = f"node {name or index}" + (f" ({operator})" if operator else "")
+        lines.append(f"{where}: {error.desc()}")
+    return "; ".join(lines)
 
 
 def write_metadata(engine: EngineModel, metadata: dict) -> None:
@@ -98,9 +174,6 @@ def _onnx_summary(path: Path):
 def build(onnx_model: OnnxModel, out: EngineModel, config, profile, timing_cache: Path, progress) -> dict:
     """Parse the ONNX file, configure precision, profile, workspace, optimisation level and timing
     cache, build and serialize the engine, and write its metadata. Returns the metadata."""
-    from .artifacts import sha256_file
-    from .stages.build_engine import check_graph, format_parser_errors, precision_plan
-
     ops, inputs, node_names = _onnx_summary(onnx_model.path)
     check_graph(ops, config.precision, inputs)
     import tensorrt as trt
@@ -157,52 +230,3 @@ def build(onnx_model: OnnxModel, out: EngineModel, config, profile, timing_cache
     write_metadata(out, metadata)
     return metadata
 
-
-class TrtRunner(Runner):
-    """A TensorRT engine on CUDA device 0: inputs copied to device tensors, the first profile's shapes
-    set per call, execute_async_v3 on a dedicated stream, the main output copied back."""
-
-    def __init__(self, engine: EngineModel, name: str = "tensorrt"):
-        metadata = read_metadata(engine)
-        check_compatible(metadata, tensorrt_version(), gpu_identity(), engine.path)
-        import tensorrt as trt
-        import torch
-
-        self._trt, self._torch = trt, torch
-        self.name, self.task, self.backend = name, engine.task, f"tensorrt-{metadata['precision']}"
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(engine.path.read_bytes())
-        if self.engine is None:
-            raise UserError(f"{engine.path}: TensorRT could not deserialize it (corrupt file?)")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if n not in self.inputs]
-        self._output = MAIN_OUTPUT[self.task]
-        if self._output not in self.outputs:
-            raise UserError(f"{engine.path}: has outputs {self.outputs}, not {self._output!r}")
-
-    def _torch_dtype(self, name: str):
-        trt, torch = self._trt, self._torch
-        return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8,
-                trt.bool: torch.bool}[self.engine.get_tensor_dtype(name)]
-
-    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        torch = self._torch
-        inputs = complete_feed([SimpleNamespace(name=n) for n in self.inputs], feed)
-        with torch.cuda.stream(self.stream):
-            tensors: dict[str, Any] = {}
-            for name in self.inputs:
-                tensors[name] = torch.from_numpy(inputs[name]).to("cuda", self._torch_dtype(name), non_blocking=True)
-                self.context.set_input_shape(name, tuple(tensors[name].shape))
-                self.context.set_tensor_address(name, tensors[name].data_ptr())
-            for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
-                tensors[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-                self.context.set_tensor_address(name, tensors[name].data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise StageFailed(f"{self.name}: TensorRT execution failed")
-            result = tensors[self._output].float().cpu()  # waits for the stream
-        return result.numpy()

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .data import DataConfig
 from .errors import UserError
+from .stages import REGISTRY
 from .stages.build_engine import BuildEngineConfig
 from .stages.export_onnx import ExportOnnxConfig
 from .stages.merge_lora import MergeLoraConfig
@@ -20,7 +21,8 @@ from .stages.quantize import QuantizeConfig
 Task = Literal["text-classification", "feature-extraction", "text-generation"]
 
 # Written out rather than generated from the registry so that the types stay visible to readers
-# and type checkers; tests check that it and the registry agree.
+# and type checkers; tests check that it and the registry agree. QuantizeConfig is itself a union on
+# `scheme`, so a quantize stage's errors carry two tags.
 StageConfig = Annotated[
     Union[MergeLoraConfig, ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig, BuildEngineConfig],
     Field(discriminator="type"),
@@ -143,9 +145,13 @@ def _line_index(node: yaml.Node, path: tuple = (), index: dict | None = None) ->
     return index
 
 
+# Fields whose value picks a union member: the stage's `type`, then a quantize stage's `scheme`.
+UNION_TAGS = ("type", "scheme")
+
+
 def _data_path(loc: tuple, data) -> tuple:
-    """The error location as a path into the YAML document. pydantic also inserts the union member's
-    tag (the stage's `type` value), which names no YAML node, so it is dropped."""
+    """The error location as a path into the YAML document. pydantic also inserts each union member's
+    tag (the stage's `type` value, then its `scheme` value), which names no YAML node, so it is dropped."""
     path, cursor = [], data
     for part in loc:
         in_dict = isinstance(cursor, dict) and part in cursor
@@ -153,7 +159,7 @@ def _data_path(loc: tuple, data) -> tuple:
         if in_dict or in_list:
             cursor = cursor[part]
             path.append(part)
-        elif isinstance(cursor, dict) and part == cursor.get("type"):
+        elif isinstance(cursor, dict) and any(part == cursor.get(tag) for tag in UNION_TAGS):
             continue
         else:
             path.append(part)  # a missing or unknown key: it names the field
@@ -168,18 +174,52 @@ def format_path(path: tuple) -> str:
     return text or "(top level)"
 
 
+def _wrong_variant(loc: tuple) -> Optional[str]:
+    """For a field unknown to the scheme it was given to but taken by another (loc: "stages", index, type,
+    scheme, field), which schemes take it; None for a field no scheme has, or a stage without schemes."""
+    if len(loc) != 5 or loc[0] != "stages" or loc[2] not in REGISTRY:
+        return None
+    variants = REGISTRY[loc[2]].config_variants()
+    given = next((v for v in variants if loc[3] in v.values), None)
+    owners = [" / ".join(v.values) for v in variants if loc[4] in v.model.model_fields]
+    if given is None or not owners:
+        return None
+    listed = ", ".join(owners[:-1]) + " and " + owners[-1] if len(owners) > 1 else owners[0]
+    takes = f"{given.tag} {listed} takes" if len(owners) == 1 else f"{given.tag}s {listed} take"
+    return (f"unknown field for {given.label}; only {takes} it (`compress stages` "
+            "lists the options of each)")
+
+
+def _tag_choices(loc: tuple) -> list[str]:
+    """What a missing union tag may be: a stage type, or one of the stage's schemes."""
+    if len(loc) == 2 and loc[0] == "stages":
+        return list(REGISTRY)
+    if len(loc) == 3 and loc[0] == "stages" and loc[2] in REGISTRY:
+        return [value for variant in REGISTRY[loc[2]].config_variants() for value in variant.values]
+    return []
+
+
 def _explain(error: dict, data, lines: dict[tuple, int], source: str) -> str:
     path = _data_path(error["loc"], data)
+    tag_error = error["type"] in ("union_tag_invalid", "union_tag_not_found")
+    if tag_error:  # the tag field itself is wrong or missing: point at it
+        path += (error["ctx"]["discriminator"].strip("'"),)
     line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
     where = f"{source}:{line}" if line else source
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = "unknown field (check the spelling; `compress stages` lists every option)"
+        message = _wrong_variant(error["loc"]) or \
+            "unknown field (check the spelling; `compress stages` lists every option)"
     elif error["type"] == "union_tag_invalid":
-        message = f"unknown stage type {error.get('input', {}).get('type')!r}; `compress stages` lists them"
+        kind = "stage type" if path[-1] == "type" else path[-1]
+        expected = error["ctx"]["expected_tags"].replace("'", "")
+        message = f"unknown {kind} {error['ctx']['tag']!r}; expected one of {expected} (`compress stages` lists them)"
+    elif error["type"] == "union_tag_not_found":
+        choices = _tag_choices(error["loc"])
+        message = "field required" + (f": one of {', '.join(choices)}" if choices else "")
     elif error["type"] == "missing":
         message = "field required"
-    if "input" in error and error["type"] not in ("missing", "extra_forbidden", "union_tag_invalid") \
+    if "input" in error and error["type"] not in ("missing", "extra_forbidden") and not tag_error \
             and not isinstance(error["input"], (dict, list)):
         message += f", got {error['input']!r}"
     return f"{where}: {format_path(path)}: {message}"
@@ -213,4 +253,6 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(f"{path}: recipe file not found") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a recipe: byte {exc.start} is not UTF-8 text (a recipe is a YAML file)") from None
     return parse_recipe(text, str(path))

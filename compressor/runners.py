@@ -1,16 +1,21 @@
-"""One Runner interface (numpy in, numpy out) over torch and ONNX Runtime; evaluation and benchmark use it."""
+"""One Runner interface (numpy in, numpy out) over torch, ONNX Runtime and TensorRT engines; evaluation
+and benchmark use it."""
 
 from __future__ import annotations
 
 import copy
 import logging
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import numpy as np
 
 from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel
-from .errors import BackendMissing, UserError
+from .checkpoint import load_torch_model
+from .engine import check_compatible, gpu_identity, read_metadata, tensorrt_version
+from .errors import BackendMissing, StageFailed, UserError
+from .onnx_graph import complete_feed
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +69,6 @@ class TorchRunner(Runner):
         return output[MAIN_OUTPUT[self.task]].float().cpu().numpy()  # .cpu() waits for the GPU
 
 
-def _ort_dtype(type_name: str):
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32}.get(type_name, np.float32)
-
-
-def complete_feed(session_inputs, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inputs an ONNX graph takes, from a tokenizer's output: drop what it does not take and fill
-    in what tokenizers do not produce (position ids, token type ids, empty past key/values)."""
-    wanted = {i.name: i for i in session_inputs}
-    inputs = {k: v for k, v in feed.items() if k in wanted}
-    batch, length = feed["input_ids"].shape
-    if "position_ids" in wanted and "position_ids" not in inputs:
-        inputs["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
-    if "token_type_ids" in wanted and "token_type_ids" not in inputs:
-        inputs["token_type_ids"] = np.zeros_like(feed["input_ids"])
-    for name, meta in wanted.items():
-        if name.startswith("past_key_values"):
-            heads, head_dim = meta.shape[1], meta.shape[3]
-            inputs[name] = np.zeros((batch, heads, 0, head_dim), dtype=_ort_dtype(meta.type))
-    return inputs
-
-
 PROVIDER_LABEL = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
                   "TensorrtExecutionProvider": "onnxruntime-tensorrt"}
 # --ort-provider on --device cuda -> the providers ONNX Runtime is asked for, in order of preference.
@@ -129,6 +112,56 @@ class OrtRunner(Runner):
         return output.astype(np.float32, copy=False)
 
 
+class TrtRunner(Runner):
+    """A TensorRT engine on CUDA device 0: inputs copied to device tensors, the first profile's shapes
+    set per call, execute_async_v3 on a dedicated stream, the main output copied back."""
+
+    def __init__(self, engine: EngineModel, name: str = "tensorrt"):
+        metadata = read_metadata(engine)
+        check_compatible(metadata, tensorrt_version(), gpu_identity(), engine.path)
+        import tensorrt as trt
+        import torch
+
+        self._trt, self._torch = trt, torch
+        self.name, self.task, self.backend = name, engine.task, f"tensorrt-{metadata['precision']}"
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(engine.path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{engine.path}: TensorRT could not deserialize it (corrupt file?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self._output = MAIN_OUTPUT[self.task]
+        if self._output not in self.outputs:
+            raise UserError(f"{engine.path}: has outputs {self.outputs}, not {self._output!r}")
+
+    def _torch_dtype(self, name: str):
+        trt, torch = self._trt, self._torch
+        return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                trt.int32: torch.int32, trt.int64: torch.int64, trt.int8: torch.int8,
+                trt.bool: torch.bool}[self.engine.get_tensor_dtype(name)]
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        inputs = complete_feed([SimpleNamespace(name=n) for n in self.inputs], feed)
+        with torch.cuda.stream(self.stream):
+            tensors: dict[str, Any] = {}
+            for name in self.inputs:
+                tensors[name] = torch.from_numpy(inputs[name]).to("cuda", self._torch_dtype(name), non_blocking=True)
+                self.context.set_input_shape(name, tuple(tensors[name].shape))
+                self.context.set_tensor_address(name, tensors[name].data_ptr())
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                tensors[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+                self.context.set_tensor_address(name, tensors[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise StageFailed(f"{self.name}: TensorRT execution failed")
+            result = tensors[self._output].float().cpu()  # waits for the stream
+        return result.numpy()
+
+
 def make_runner(artifact: Artifact, name: str, threads: Optional[int] = None, allow_pickle: bool = False,
                 trust_remote_code: bool = False, device: str = "cpu", torch_dtype: Optional[str] = None,
                 ort_provider: str = "cuda") -> Runner:
@@ -137,15 +170,11 @@ def make_runner(artifact: Artifact, name: str, threads: Optional[int] = None, al
     if isinstance(artifact, EngineModel):
         if device != "cuda":
             raise UserError(f"{artifact.path}: a TensorRT engine runs on a GPU only; run with --device cuda")
-        from .engine import TrtRunner
-
         return TrtRunner(artifact, name=name)
     if isinstance(artifact, OnnxModel):
         providers = CUDA_PROVIDERS[ort_provider] if device == "cuda" else ("CPUExecutionProvider",)
         return OrtRunner(artifact.path, artifact.task, name=name, threads=threads, providers=providers)
     if isinstance(artifact, TorchModel):
-        from .checkpoint import load_torch_model
-
         module = load_torch_model(artifact, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         return TorchRunner(module, artifact.task, name=name, threads=threads, device=device, dtype=torch_dtype)
     raise TypeError(f"no runner for {type(artifact).__name__}")

@@ -11,9 +11,9 @@ import torch
 from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_torch_model, quantization_method
 from compressor.errors import BackendMissing, UserError
-from compressor.pipeline import plan
+from compressor.planning import plan
 from compressor.recipe import parse_recipe
-from compressor.stages.quantize import QuantizeConfig
+from compressor.stages.bnb_4bit import Bnb4bitConfig
 
 from .test_stages import outputs, run_stage, sqnr_db
 
@@ -21,7 +21,7 @@ pytest.importorskip("bitsandbytes")
 
 
 def nf4(**fields):
-    return QuantizeConfig(type="quantize", **{"scheme": "nf4", **fields})
+    return Bnb4bitConfig(type="quantize", **{"scheme": "nf4", **fields})
 
 
 @pytest.fixture(scope="module", params=["nf4", "fp4"])
@@ -148,8 +148,10 @@ goals: {{size: {{max_ratio: 0.5}}}}
 
 @pytest.mark.parametrize("stages, message", [
     ("  - {type: export_onnx}\n  - {type: quantize, scheme: nf4}", "quantizes torch models through bitsandbytes"),
-    ("  - {type: quantize, scheme: int8-weight-only, double_quant: false}", "double_quant applies to nf4 / fp4"),
-    ("  - {type: quantize, scheme: nf4, per_channel: false}", "per_channel do not apply"),
+    ("  - {type: quantize, scheme: int8-weight-only, double_quant: false}",
+     r"stages\[0\].double_quant: unknown field for scheme int8-weight-only; only scheme nf4 / fp4 takes it"),
+    ("  - {type: quantize, scheme: nf4, per_channel: false}",
+     r"stages\[0\].per_channel: unknown field for scheme nf4 / fp4; only schemes int8-dynamic and int8-static"),
     ("  - {type: quantize, scheme: int8-weight-only}\n  - {type: quantize, scheme: fp4}", "already quantized"),
 ])
 def test_plan_refuses_bad_4bit_configs(stages, message):

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from compressor.artifacts import EngineModel
 from compressor.cli import main
-from compressor.engine import METADATA_FORMAT, check_compatible, read_metadata, write_metadata
+from compressor.engine import (METADATA_FORMAT, check_capability, check_compatible, check_graph, format_parser_errors,
+                               precision_plan, read_metadata, write_metadata)
 from compressor.errors import BackendMissing, UserError
-from compressor.pipeline import RunOptions, check_device, plan
+from compressor.planning import check_device, plan
 from compressor.recipe import parse_recipe
-from compressor.stages.build_engine import (ShapeRange, check_capability, check_graph, check_profile_covers,
-                                            default_profile, format_parser_errors, precision_plan)
+from compressor.stages.build_engine import ShapeRange, check_profile_covers, default_profile
 
 from .conftest import write_recipe
 
@@ -152,11 +152,11 @@ def test_device_cuda_without_a_gpu_is_exit_3_and_an_engine_on_cpu_exit_2():
         pytest.skip("a CUDA GPU is present")
     steps = plan(engine_recipe(""))
     with pytest.raises(BackendMissing, match="--device cuda: torch .*CPU-only build|sees no GPU") as caught:
-        check_device(RunOptions(out=None, device="cuda"), steps)
+        check_device("cuda", "cuda", steps)
     assert caught.value.exit_code == 3
     fake_engine_plan = [SimpleNamespace(output_kind="engine")]
     with pytest.raises(UserError, match="runs on a GPU only; run with --device cuda"):
-        check_device(RunOptions(out=None), fake_engine_plan)
+        check_device("cpu", "cuda", fake_engine_plan)
 
 
 def test_torch_dtype_needs_cuda(tmp_path):

@@ -11,11 +11,13 @@ from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_tokenizer, load_torch_model
 from compressor.data import CalibrationConfig, DataConfig, calibration_batches, encode
 from compressor.errors import UserError
-from compressor.runners import complete_feed, make_runner
+from compressor.onnx_graph import complete_feed
+from compressor.runners import make_runner
 from compressor.stages import REGISTRY
 from compressor.stages.onnx_static import _count_quantized, _session, smooth_activations
 from compressor.stages.optimize_onnx import OptimizeOnnxConfig
-from compressor.stages.quantize import QuantizeConfig
+from compressor.stages.onnx_static_config import Int8StaticConfig
+from compressor.stages.weight_only import Int8WeightOnlyConfig
 
 from .test_stages import TEXTS, exported_classifier, exported_encoder, run_stage, sqnr_db  # noqa: F401
 
@@ -26,7 +28,7 @@ def calibration(sentences_jsonl):
 
 
 def static(calibration, **extra):
-    return QuantizeConfig(type="quantize", scheme="int8-static", calibration=calibration, **extra)
+    return Int8StaticConfig(type="quantize", scheme="int8-static", calibration=calibration, **extra)
 
 
 def outputs(artifact):
@@ -142,16 +144,14 @@ def test_fallback_leaves_measured_nodes_in_float(exported_encoder, calibration, 
     ({"method": "entropy", "calibration": {"data": {"path": "x.jsonl"}}}, "padding: max_length"),
 ])
 def test_static_config_errors(extra, message):
-    config = QuantizeConfig(type="quantize", scheme="int8-static", **extra)
+    config = Int8StaticConfig(type="quantize", scheme="int8-static", **extra)
     assert message in REGISTRY["quantize"].check(config, "onnx", "feature-extraction")
 
 
-def test_static_needs_onnx_and_static_fields_need_static():
+def test_static_needs_onnx():
     stage = REGISTRY["quantize"]
-    config = QuantizeConfig(type="quantize", scheme="int8-static", calibration={"data": {"path": "x.jsonl"}})
+    config = Int8StaticConfig(type="quantize", scheme="int8-static", calibration={"data": {"path": "x.jsonl"}})
     assert "add an export_onnx stage" in stage.check(config, "torch", "feature-extraction")
-    dynamic = QuantizeConfig(type="quantize", scheme="int8-dynamic", smooth_alpha=0.5)
-    assert "smooth_alpha applies to int8-static only" in stage.check(dynamic, "onnx", "feature-extraction")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_static_needs_onnx_and_static_fields_need_static():
 
 def test_onnx_weight_only_stores_int8_and_stays_close(exported_classifier, tmp_path):
     onnx_model, _ = exported_classifier
-    config = QuantizeConfig(type="quantize", scheme="int8-weight-only")
+    config = Int8WeightOnlyConfig(type="quantize", scheme="int8-weight-only")
     result, details = run_stage(config, onnx_model, tmp_path / "w", "text-classification")
     model = onnx.load(str(result.path))
     onnx.checker.check_model(model)
@@ -177,7 +177,7 @@ def test_torch_weight_only_saves_int8_and_reloads(tiny_llama, tmp_path):
     from safetensors import safe_open
 
     source = TorchModel(tiny_llama, "text-generation")
-    config = QuantizeConfig(type="quantize", scheme="int8-weight-only", exclude=["lm_head"])
+    config = Int8WeightOnlyConfig(type="quantize", scheme="int8-weight-only", exclude=["lm_head"])
     result, details = run_stage(config, source, tmp_path / "w", "text-generation")
     assert details["quantized_linear_layers"] == 2 * 7  # q k v o gate up down per layer
     with safe_open(str(result.path / "model.safetensors"), framework="pt") as handle:
@@ -200,7 +200,7 @@ def test_torch_weight_only_saves_int8_and_reloads(tiny_llama, tmp_path):
 def test_weight_only_refuses_a_quantized_model(tiny_llama, tmp_path):
     source = TorchModel(tiny_llama, "text-generation", transforms=[{"name": "int8-dynamic"}])
     with pytest.raises(UserError, match="already quantized"):
-        run_stage(QuantizeConfig(type="quantize", scheme="int8-weight-only"), source, tmp_path, "text-generation")
+        run_stage(Int8WeightOnlyConfig(type="quantize", scheme="int8-weight-only"), source, tmp_path, "text-generation")
 
 
 def test_static_leaves_nothing_in_the_working_directory(exported_encoder, calibration, tmp_path, monkeypatch):

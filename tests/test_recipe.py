@@ -86,15 +86,17 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_union_and_registry_agree():
-    union_types = {cls.model_fields["type"].annotation.__args__[0] for cls in get_args(get_args(StageConfig)[0])}
-    assert union_types == set(REGISTRY)
+    members = get_args(get_args(StageConfig)[0])  # a class, or a union of classes (quantize's schemes)
+    assert len(members) == len(REGISTRY)
+    assert all(any(stage.config_model is member for stage in REGISTRY.values()) for member in members)
     for name, stage in REGISTRY.items():
-        assert stage.config_model.model_fields["type"].annotation.__args__ == (name,)
+        for variant in stage.config_variants():
+            assert variant.model.model_fields["type"].annotation.__args__ == (name,)
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
-    from compressor.pipeline import plan
+    from compressor.planning import plan
 
     assert plan(load_recipe(path))
 
@@ -107,13 +109,24 @@ def test_every_option_is_documented():
     from compressor.stages.build_engine import ShapeRange
     from compressor.stages.merge_lora import AdapterSpec
     from compressor.stages.prune_recover import RecoverConfig
-    from compressor.stages.quantize import FallbackConfig
+    from compressor.stages.onnx_static_config import FallbackConfig
+    from compressor.stages.quantize_base import QuantizeConfigBase
 
     docs = (Path(__file__).parent.parent / "docs" / "RECIPES.md").read_text()
-    models = [stage.config_model for stage in REGISTRY.values()] + [
+    models = [v.model for stage in REGISTRY.values() for v in stage.config_variants() if not v.tag] + [
         BenchmarkConfig, EvaluationConfig, DataConfig, CalibrationConfig, FallbackConfig, RecoverConfig, AccuracyGoal,
-        AdapterSpec, RegressionGoals, ShapeRange]
+        AdapterSpec, RegressionGoals, ShapeRange, QuantizeConfigBase]
     # an option counts as documented where a table row names it, e.g. | `data.segment` | or | `adapters[].weight` |
+    row = r"\| `(\w+(\[\])?\.)*{}` \|"
     missing = [f"{m.__name__}.{f}" for m in models for f in m.model_fields
-               if f != "type" and not re.search(rf"\| `(\w+(\[\])?\.)*{f}` \|", docs) and f"{f}:" not in docs]
+               if f != "type" and not re.search(row.format(f), docs) and f"{f}:" not in docs]
+    # a scheme's own options belong in its section of the quantize chapter, headed e.g. #### `scheme: nf4` ...
+    chapter = docs.split("### `quantize`")[1].split("\n### ")[0]
+    sections = re.findall(r"^#### (.*)\n((?:(?!^#### ).*\n?)*)", chapter, flags=re.M)
+    for variant in REGISTRY["quantize"].config_variants():
+        section = next((body for heading, body in sections
+                        if all(f"`{variant.tag}: {value}`" in heading for value in variant.values)), "")
+        missing += [f"{variant.model.__name__}.{f} (under {variant.label})" for f in variant.model.model_fields
+                    if f not in QuantizeConfigBase.model_fields and f != variant.tag
+                    and not re.search(row.format(f), section)]
     assert not missing, f"document these in docs/RECIPES.md: {missing}"

@@ -14,7 +14,7 @@ from compressor.runners import OrtRunner, make_runner
 from compressor.stages import REGISTRY, StageContext
 from compressor.stages.export_onnx import ExportOnnxConfig
 from compressor.stages.optimize_onnx import OptimizeOnnxConfig
-from compressor.stages.quantize import QuantizeConfig
+from compressor.stages.quantize import Int8DynamicConfig
 
 TEXTS = ["the film was good and funny", "a dull boring mess", "this story is not very sad but the cast is great"]
 
@@ -93,7 +93,7 @@ def test_optimize_fuses_and_keeps_outputs(exported_classifier, tmp_path):
 
 def test_quantize_onnx_int8_dynamic(exported_encoder, tmp_path):
     source, _ = exported_encoder
-    quantized, details = run_stage(QuantizeConfig(type="quantize", scheme="int8-dynamic"), source, tmp_path,
+    quantized, details = run_stage(Int8DynamicConfig(type="quantize", scheme="int8-dynamic"), source, tmp_path,
                                    "feature-extraction")
     ops = Counter(n.op_type for n in onnx.load(str(quantized.path)).graph.node)
     assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] >= 12  # 6 weight MatMuls per layer, 2 layers
@@ -110,7 +110,7 @@ def test_quantize_fused_graph(exported_encoder, tmp_path):
     """The fused graph's com.microsoft ops defeat ONNX type inference; the stage must still work."""
     source, _ = exported_encoder
     fused, _ = run_stage(OptimizeOnnxConfig(type="optimize_onnx"), source, tmp_path / "f", "feature-extraction")
-    quantized, details = run_stage(QuantizeConfig(type="quantize", scheme="int8-dynamic"), fused, tmp_path / "q",
+    quantized, details = run_stage(Int8DynamicConfig(type="quantize", scheme="int8-dynamic"), fused, tmp_path / "q",
                                    "feature-extraction")
     assert details["quantized_nodes"].get("QAttention") == 2
     reference, _ = outputs(source, source.folder)
@@ -120,12 +120,12 @@ def test_quantize_fused_graph(exported_encoder, tmp_path):
 
 def test_quantize_exclude_keeps_nodes_float(exported_classifier, tmp_path):
     source, _ = exported_classifier
-    config = QuantizeConfig(type="quantize", scheme="int8-dynamic", exclude=["*/output/dense/MatMul"])
+    config = Int8DynamicConfig(type="quantize", scheme="int8-dynamic", exclude=["*/output/dense/MatMul"])
     quantized, details = run_stage(config, source, tmp_path, "text-classification")
     names = {n.name for n in onnx.load(str(quantized.path)).graph.node if n.op_type == "MatMul"}
     assert details["excluded_nodes"] >= 2 and any("/output/dense/MatMul" in n for n in names)
     with pytest.raises(UserError, match="no node matches"):
-        run_stage(QuantizeConfig(type="quantize", scheme="int8-dynamic", exclude=["nothing*"]), source,
+        run_stage(Int8DynamicConfig(type="quantize", scheme="int8-dynamic", exclude=["nothing*"]), source,
                   tmp_path / "x", "text-classification")
 
 
@@ -135,7 +135,7 @@ def test_quantize_torch_int8_dynamic_and_reload(tiny_encoder, tmp_path):
     from compressor.checkpoint import load_torch_model
 
     source = TorchModel(tiny_encoder, "feature-extraction")
-    quantized, details = run_stage(QuantizeConfig(type="quantize", scheme="int8-dynamic", exclude=["pooler.*"]),
+    quantized, details = run_stage(Int8DynamicConfig(type="quantize", scheme="int8-dynamic", exclude=["pooler.*"]),
                                    source, tmp_path, "feature-extraction")
     dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
     int8_layers = [m for m in quantized.module.modules() if isinstance(m, dynamic_linear)]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, NamedTuple, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict
 
 from ..artifacts import Artifact, ArtifactKind
+from ..checkpoint import quantization_method
+from ..errors import UserError
 from ..progress import Progress, Silent
 
 log = logging.getLogger(__name__)
@@ -35,14 +37,38 @@ class StageContext:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+class ConfigVariant(NamedTuple):
+    """One class a stage's config takes, and the values of the field that select it (none when it is the only one)."""
+
+    model: type[StageConfigBase]
+    tag: str = ""
+    values: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """e.g. "scheme nf4 / fp4"; empty for a stage with one config class."""
+        return f"{self.tag} {' / '.join(self.values)}" if self.tag else ""
+
+
 class Stage:
     """A capability that turns one artifact into another. Subclasses fill in the class attributes."""
 
     type: ClassVar[str]
     summary: ClassVar[str]
-    config_model: ClassVar[type[StageConfigBase]]
+    # A StageConfigBase subclass, or Annotated[Union[...], Field(discriminator=...)] of them (quantize: one
+    # class per scheme)
+    config_model: ClassVar[Any]
     accepts: ClassVar[tuple[ArtifactKind, ...]]
     needs_calibration: ClassVar[bool | str] = False  # a string says when
+
+    @classmethod
+    def config_variants(cls) -> list[ConfigVariant]:
+        """Each class the config takes: the model alone, or every member of a union with its tag values."""
+        if isinstance(cls.config_model, type):
+            return [ConfigVariant(cls.config_model)]
+        union, *metadata = get_args(cls.config_model)
+        tag = next(m.discriminator for m in metadata if getattr(m, "discriminator", None))
+        return [ConfigVariant(model, tag, get_args(model.model_fields[tag].annotation)) for model in get_args(union)]
 
     def output_kind(self, config: Any, input_kind: ArtifactKind) -> ArtifactKind:
         return input_kind
@@ -76,6 +102,16 @@ class Stage:
     def run(self, config: Any, artifact: Artifact, ctx: StageContext) -> Artifact:
         raise NotImplementedError
 
+    def baseline(self, config: Any, source: Artifact, task: str, runner_args: dict) -> Optional[tuple[Any, float, str]]:
+        """For a recipe's first stage: (runner, size in MB, description) of what its result should be judged
+        against when that is not the checkpoint itself, or None for the checkpoint."""
+        return None
+
+    def baseline_key(self, config: Any) -> Optional[str]:
+        """For a recipe's first stage: what makes its baseline differ from the checkpoint's, or None; recipes
+        compared together must have equal keys."""
+        return None
+
 
 def refuse_after_quantize(earlier: list[Any], what: str) -> Optional[str]:
     """For stages that need float torch weights: why they cannot follow a quantize stage, or None."""
@@ -87,9 +123,6 @@ def refuse_after_quantize(earlier: list[Any], what: str) -> Optional[str]:
 
 def refuse_quantized_checkpoint(artifact: Any, what: str) -> None:
     """Raise when the checkpoint folder itself holds quantized weights (bitsandbytes, compress int8)."""
-    from ..checkpoint import quantization_method
-    from ..errors import UserError
-
     method = quantization_method(artifact.path)
     if method:
         raise UserError(f"{artifact.path}: holds quantized weights ({method}); {what} float weights, so give "

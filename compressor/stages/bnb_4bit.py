@@ -11,17 +11,46 @@ from __future__ import annotations
 import fnmatch
 import importlib.metadata
 import logging
-from typing import Optional
+from typing import Literal, Optional
 
-from ..artifacts import TorchModel
+from pydantic import Field
+
+from ..artifacts import ArtifactKind, TorchModel
 from ..checkpoint import copy_checkpoint_files, model_class, quantization_of
 from ..errors import BackendMissing, UserError
 from .base import StageContext
+from .quantize_base import QuantizeConfigBase
 
 log = logging.getLogger(__name__)
 
 # bitsandbytes before 0.43.1 loads CUDA libraries at import and has no CPU path for 4-bit.
 FIRST_CPU_RELEASE = (0, 43, 1)
+
+
+class Bnb4bitConfig(QuantizeConfigBase):
+    """nf4 / fp4: 4-bit weights in blocks of 64 through bitsandbytes (torch)."""
+
+    scheme: Literal["nf4", "fp4"] = Field(
+        description="4-bit normal-float (nf4) or float (fp4) weights in blocks of 64 through bitsandbytes "
+                    "(torch only), saved as a Hugging Face folder that from_pretrained reloads; the output "
+                    "head (lm_head or classifier) always stays in float")
+    double_quant: bool = Field(True, description="quantize the per-block scales too (8-bit, blocks of 256), "
+                                                 "saving about 0.4 bits per weight")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the type weights are dequantized to for each matmul; float32 on CPUs, "
+                               "bfloat16 or float16 on GPUs")
+
+    def problem(self, input_kind: ArtifactKind) -> Optional[str]:
+        if input_kind == "onnx":
+            return (f"{self.scheme} quantizes torch models through bitsandbytes; for a 4-bit ONNX model "
+                    "use scheme int4-weight-only after export_onnx")
+        return None
+
+    def backends(self, input_kind: ArtifactKind) -> list[str]:
+        return ["bitsandbytes", "accelerate"]
+
+    def unavailable(self) -> Optional[str]:
+        return bnb_unavailable()
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -63,7 +92,7 @@ def skipped_modules(module, patterns: list[str]) -> list[str]:
     return sorted(set(skip + ([head] if head else [])))
 
 
-def quantize_bnb_4bit(config, artifact: TorchModel, ctx: StageContext) -> TorchModel:
+def quantize_bnb_4bit(config: Bnb4bitConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
     import torch
     from transformers import BitsAndBytesConfig
 

@@ -1,36 +1,29 @@
 """build_engine: a TensorRT engine from an ONNX artifact, with the metadata that says where it may run.
 
-The decisions (precision to builder flags, optimisation profiles from the recipe's shapes, which
-earlier stages leave an ONNX graph TensorRT can parse) are plain functions, checked without a GPU.
-Only `build()` touches TensorRT, imported when the stage runs; `plan()` stops with exit 3 before any
-heavy work where TensorRT or a CUDA GPU is missing.
+The stage's own decisions (optimisation profiles from the recipe's shapes, which earlier stages leave
+an ONNX graph TensorRT can parse) are plain functions, checked without a GPU; what TensorRT itself
+decides (precision flags, capability, graph checks) and the build live in engine.py, which imports
+TensorRT only when the stage runs. `plan()` stops with exit 3 before any heavy work where TensorRT or
+a CUDA GPU is missing.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .. import engine
 from ..artifacts import EngineModel, OnnxModel
-from ..errors import UserError
+from ..cache import cache_root
 from .base import Stage, StageConfigBase, StageContext
+from .export_onnx import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 
-# Minimum compute capability per precision (TensorRT's support matrix: bf16 from Ampere, fp8 from Ada).
-MIN_CAPABILITY = {"fp32": (0, 0), "fp16": (0, 0), "bf16": (8, 0), "int8": (0, 0), "fp8": (8, 9)}
-# Inputs shaped [batch, sequence] that a profile covers; other inputs (past key/values) are refused.
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-# ONNX Runtime-only operators that TensorRT's parser does not know, and the stage that puts them there.
-ORT_ONLY_OPS = {"MatMulInteger": "quantize int8-dynamic", "DynamicQuantizeLinear": "quantize int8-dynamic",
-                "MatMulNBits": "quantize int4-weight-only", "Attention": "optimize_onnx",
-                "SkipLayerNormalization": "optimize_onnx", "EmbedLayerNormalization": "optimize_onnx",
-                "FastGelu": "optimize_onnx", "BiasGelu": "optimize_onnx"}
 
 
 class ShapeRange(BaseModel):
@@ -88,71 +81,6 @@ def check_profile_covers(profile: ShapeRange, shapes: dict[str, tuple[int, int]]
     return None
 
 
-def precision_plan(precision: str, tensorrt_major: int, strongly_typed: Optional[bool],
-                   fp16_fallback: bool = True) -> tuple[bool, list[str]]:
-    """(strongly typed network?, BuilderFlag names to set) for a precision on a TensorRT major version.
-
-    Weakly typed (TensorRT 10): precision flags let the builder choose lower-precision kernels, and
-    Q/DQ nodes fix the int8 layers. Strongly typed: every tensor's type comes from the graph, and
-    setting precision flags is an error, so fp16/bf16 need a graph already in that type."""
-    strong = strongly_typed if strongly_typed is not None else (precision == "fp8" or tensorrt_major >= 11)
-    if precision == "fp8" and not strong:
-        raise UserError("build_engine precision fp8: FP8 engines are built strongly typed (the FP8 Q/DQ nodes "
-                        "carry the types); remove strongly_typed: false")
-    if tensorrt_major >= 11 and not strong:
-        raise UserError(f"build_engine: TensorRT {tensorrt_major} builds strongly typed networks only; "
-                        "remove strongly_typed: false")
-    if strong:
-        if precision in ("fp16", "bf16"):
-            raise UserError(f"build_engine precision {precision}: a strongly typed network takes its types from "
-                            f"the ONNX graph, which is fp32 here; use TensorRT 10 with strongly_typed: false, or "
-                            f"an ONNX graph converted to {precision}")
-        return True, []
-    flags = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8"] + (["FP16"] if fp16_fallback else [])}
-    return False, flags[precision]
-
-
-def check_capability(precision: str, capability: tuple[int, int], gpu: str) -> Optional[str]:
-    need = MIN_CAPABILITY[precision]
-    if capability < need:
-        return (f"precision {precision} needs compute capability {need[0]}.{need[1]} or newer; {gpu} has "
-                f"{capability[0]}.{capability[1]}")
-    return None
-
-
-def check_graph(op_counts: Counter, precision: str, input_names: list[str]) -> None:
-    """Refuse graphs TensorRT cannot parse or that do not fit the precision, naming the cause."""
-    foreign = sorted(op for op in op_counts if op in ORT_ONLY_OPS)
-    if foreign:
-        stages = sorted({ORT_ONLY_OPS[op] for op in foreign})
-        raise UserError(f"build_engine: the ONNX graph has ONNX Runtime-only operators ({', '.join(foreign)}) that "
-                        f"TensorRT cannot parse; they come from {' and '.join(stages)}: build the engine from the "
-                        "exported graph (or one quantized with int8-static) instead")
-    quantized = op_counts.get("QuantizeLinear", 0) and op_counts.get("DequantizeLinear", 0)
-    if precision in ("int8", "fp8") and not quantized:
-        raise UserError(f"build_engine precision {precision}: the graph has no QuantizeLinear/DequantizeLinear "
-                        "pairs; add `quantize scheme: int8-static` before build_engine (fp8: Q/DQ nodes from a "
-                        "tool that writes FP8 ones)")
-    past = [name for name in input_names if name not in TOKEN_INPUTS]
-    if past:
-        raise UserError(f"build_engine: inputs {past[:3]} are not [batch, sequence] token inputs; export without "
-                        "with_past to build an engine")
-
-
-def format_parser_errors(errors: list[Any], node_names: list[str]) -> str:
-    """TensorRT's ONNX parser errors with the ONNX node each one is about."""
-    lines = []
-    for error in errors:
-        name = error.node_name() if hasattr(error, "node_name") else ""
-        index = error.node()
-        if not name and 0 <= index < len(node_names):
-            name = node_names[index]
-        operator = error.node_operator() if hasattr(error, "node_operator") else ""
-        where = f"node {name or index}" + (f" ({operator})" if operator else "")
-        lines.append(f"{where}: {error.desc()}")
-    return "; ".join(lines)
-
-
 class BuildEngine(Stage):
     type = "build_engine"
     summary = "Build a TensorRT engine from the ONNX model, stamped with the GPU and TensorRT it was built for"
@@ -182,30 +110,23 @@ class BuildEngine(Stage):
         return ["tensorrt"]
 
     def cache_salt(self, config: BuildEngineConfig) -> dict:
-        from ..engine import gpu_identity
-
-        gpu = gpu_identity()
+        gpu = engine.gpu_identity()
         return {"gpu": gpu and {"name": gpu["name"], "capability": list(gpu["capability"])}}
 
     def unavailable(self, config: BuildEngineConfig, input_kind) -> Optional[str]:
-        from ..engine import gpu_identity
-
-        gpu = gpu_identity()
+        gpu = engine.gpu_identity()
         if gpu is None:
             return ("build_engine needs an NVIDIA GPU with a CUDA build of torch; this machine has none "
                     "(see compress doctor)")
-        return check_capability(config.precision, gpu["capability"], gpu["name"])
+        return engine.check_capability(config.precision, gpu["capability"], gpu["name"])
 
     def run(self, config: BuildEngineConfig, artifact: OnnxModel, ctx: StageContext) -> EngineModel:
-        from ..engine import build
-        from .export_onnx import copy_tokenizer_files
-
         benchmark = ctx.shapes.get("benchmark", (1, 128))
         evaluation = ctx.shapes.get("evaluation", benchmark)
         profile = config.profile or default_profile(benchmark, evaluation)
         out = EngineModel(ctx.workdir / "model.engine", artifact.task)
         started = time.perf_counter()
-        metadata = build(artifact, out, config, profile, timing_cache_path(config), ctx.progress)
+        metadata = engine.build(artifact, out, config, profile, timing_cache_path(config), ctx.progress)
         copy_tokenizer_files(artifact.folder, ctx.workdir)
         for leftover in ctx.workdir.glob("*.onnx*"):  # only the engine and its metadata ship
             leftover.unlink()
@@ -218,7 +139,5 @@ class BuildEngine(Stage):
 
 
 def timing_cache_path(config: BuildEngineConfig) -> Path:
-    from ..cache import cache_root
-
     return Path(config.timing_cache).expanduser() if config.timing_cache else cache_root() / "tensorrt-timing.cache"
 

@@ -10,7 +10,10 @@ import numpy as np
 from pydantic import Field
 
 from ..artifacts import OnnxModel, TorchModel
+from ..checkpoint import load_tokenizer
+from ..data import encode
 from ..errors import StageFailed, UserError
+from ..runners import make_runner
 from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
 
 log = logging.getLogger(__name__)
@@ -93,10 +96,6 @@ def _fix_axes(model: OnnxModel, axes: dict[str, int]) -> None:
 
 def max_abs_difference(reference, candidate, ctx: StageContext) -> float:
     """Largest |torch - candidate| on the task's main output for a couple of real sentences."""
-    from ..checkpoint import load_tokenizer
-    from ..data import encode
-    from ..runners import make_runner
-
     tokenizer = load_tokenizer(reference.path if isinstance(reference, TorchModel) else reference.folder)
     expected_runner = make_runner(reference, "reference", threads=ctx.threads, allow_pickle=ctx.allow_pickle)
     actual_runner = make_runner(candidate, "candidate", threads=ctx.threads)

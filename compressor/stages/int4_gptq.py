@@ -18,6 +18,7 @@ import logging
 import numpy as np
 
 from ..errors import StageFailed
+from ..onnx_graph import complete_feed
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ def hessians(model, nodes, feeds: list[dict]) -> dict[str, np.ndarray]:
     """X^T X / rows for every distinct MatMul input, from one pass over the calibration feeds."""
     import onnx
     import onnxruntime as ort
-
-    from ..runners import complete_feed
 
     names = sorted({n.input[0] for n in nodes})
     augmented = onnx.ModelProto()

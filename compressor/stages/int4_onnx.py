@@ -14,17 +14,60 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Literal, Optional
 
-from ..artifacts import OnnxModel
+from pydantic import Field
+
+from ..artifacts import ArtifactKind, OnnxModel
+from ..checkpoint import load_tokenizer
+from ..data import CalibrationConfig, calibration_batches
 from ..errors import StageFailed, UserError
+from ..onnx_graph import match_nodes
 from .base import StageContext
 from .export_onnx import copy_tokenizer_files
-from .quantize import match_nodes
+from .int4_gptq import gptq_onnx
+from .quantize_base import QuantizeConfigBase
 
 log = logging.getLogger(__name__)
 
 
-def int4_weight_only_onnx(config, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:
+class Int4WeightOnlyConfig(QuantizeConfigBase):
+    """4-bit weights in blocks, float activations (ONNX, ONNX Runtime's MatMulNBits)."""
+
+    scheme: Literal["int4-weight-only"] = Field(
+        description="4-bit weights in blocks, float activations (ONNX only, ONNX Runtime's MatMulNBits)")
+    algorithm: Literal["rtn", "gptq", "hqq"] = Field(
+        "rtn", description="rtn rounds each block to nearest; gptq compensates rounding error with calibration "
+                           "data; hqq optimises each block's scale and zero point")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        32, description="input rows sharing one scale; smaller is more accurate and larger on disk")
+    symmetric: bool = Field(False, description="rtn and gptq: no zero point (hqq always uses one)")
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
+        None, description="rtn and gptq: MatMulNBits compute type on CPU: 0 or unset as the graph (fp32), "
+                          "1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest, least exact)")
+    calibration: Optional[CalibrationConfig] = Field(
+        None, description="algorithm gptq only, and required there: the samples whose layer inputs guide "
+                          "rounding (see Calibration data)")
+
+    def problem(self, input_kind: ArtifactKind) -> Optional[str]:
+        if input_kind == "torch":
+            return "int4-weight-only quantizes ONNX models; add an export_onnx stage before it"
+        if self.algorithm == "gptq" and self.calibration is None:
+            return "algorithm gptq needs `calibration:` data"
+        if self.algorithm != "gptq" and self.calibration is not None:
+            return f"calibration applies to algorithm gptq; {self.algorithm} uses no data"
+        # model_fields_set: the defaults are fine for hqq, only an explicit setting is refused
+        if self.algorithm == "hqq" and "symmetric" in self.model_fields_set:
+            return "symmetric applies to rtn and gptq; hqq always fits a zero point"
+        if self.algorithm == "hqq" and "accuracy_level" in self.model_fields_set:
+            return "accuracy_level applies to rtn and gptq; ONNX Runtime's hqq quantizer does not set it"
+        return None
+
+    def backends(self, input_kind: ArtifactKind) -> list[str]:
+        return ["onnxruntime.quantization.matmul_nbits_quantizer"]
+
+
+def int4_weight_only_onnx(config: Int4WeightOnlyConfig, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
@@ -34,10 +77,6 @@ def int4_weight_only_onnx(config, artifact: OnnxModel, ctx: StageContext) -> Onn
     excluded = match_nodes([node.name for node in model.graph.node], config.exclude, "exclude")
     out = OnnxModel(ctx.workdir / "model.onnx", artifact.task, with_past=artifact.with_past)
     if config.algorithm == "gptq":
-        from ..checkpoint import load_tokenizer
-        from ..data import calibration_batches
-        from .int4_gptq import gptq_onnx
-
         feeds = calibration_batches(config.calibration, load_tokenizer(artifact.folder))
         gptq_onnx(model, set(excluded), feeds, config.block_size, config.symmetric, config.accuracy_level,
                   ctx.progress)

@@ -16,9 +16,11 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
+from .. import fixtures
 from ..artifacts import TorchModel, files_size_mb
-from ..checkpoint import copy_checkpoint_files, quantization_of
+from ..checkpoint import copy_checkpoint_files, load_torch_model, quantization_of
 from ..errors import StageFailed, UserError
+from ..runners import TorchRunner
 from .base import Stage, StageConfigBase, StageContext
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ class AdapterSpec(StageConfigBase):
 
     def folder(self) -> Path:
         if self.fixture is not None:
-            from .. import fixtures
-
             if self.fixture not in fixtures.ADAPTERS:
                 raise UserError(f"merge_lora: no adapter fixture {self.fixture!r}; built-in: "
                                 f"{', '.join(fixtures.ADAPTERS)}")
@@ -88,6 +88,18 @@ class MergeLora(Stage):
 
     def backends(self, config, input_kind):
         return ["peft", "safetensors"]
+
+    def baseline(self, config: MergeLoraConfig, source: TorchModel, task: str, runner_args: dict):
+        """The checkpoint with the adapters attached unmerged: how the model is served without this recipe."""
+        adapters = read_adapters(config, source)
+        wrapped = load_unmerged(config, source, runner_args["trust_remote_code"], adapters)
+        runner = TorchRunner(wrapped.get_base_model(), task, name="baseline", threads=runner_args["threads"],
+                             device=runner_args["device"])
+        size = source.size_mb() + sum(adapter.size_mb() for adapter in adapters)
+        return runner, size, f"checkpoint + {len(adapters)} LoRA adapter(s), unmerged (PEFT)"
+
+    def baseline_key(self, config: MergeLoraConfig) -> str:
+        return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
     def run(self, config: MergeLoraConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
         import torch
@@ -236,8 +248,6 @@ def load_unmerged(config: MergeLoraConfig, artifact: TorchModel, trust_remote_co
     Fresh because merging changes the base weights in place, and the run's baseline uses the checkpoint."""
     import torch
     from peft import PeftModel
-
-    from ..checkpoint import load_torch_model
 
     adapters = adapters if adapters is not None else read_adapters(config, artifact)
     # Seeded: layers the checkpoint lacks (a new classification head that an adapter replaces) are

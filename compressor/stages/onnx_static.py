@@ -14,10 +14,13 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from ..artifacts import OnnxModel
+from ..checkpoint import load_tokenizer
+from ..data import calibration_batches
 from ..errors import StageFailed, UserError
+from ..onnx_graph import complete_feed, graph_float_type, match_nodes
+from ..runners import MAIN_OUTPUT
 from .base import StageContext
 from .export_onnx import copy_tokenizer_files
-from .quantize import graph_float_type, match_nodes
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +217,6 @@ def quantize_static_onnx(config, artifact: OnnxModel, ctx: StageContext) -> Onnx
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as _quantize_static
-
-    from ..checkpoint import load_tokenizer
-    from ..data import calibration_batches
-    from ..runners import MAIN_OUTPUT, complete_feed
 
     if artifact.needs_external_data():
         raise UserError("quantize int8-static: models above 2 GB (external data) are not supported yet")

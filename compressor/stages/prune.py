@@ -10,6 +10,7 @@ before and after, and the saved folder is reloaded with from_pretrained as a che
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 from typing import Literal, Optional
@@ -17,14 +18,17 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..artifacts import TorchModel
-from ..data import CalibrationConfig
+from ..checkpoint import copy_checkpoint_files, load_tokenizer, load_torch_model
+from ..data import CalibrationConfig, calibration_batches
 from ..errors import StageFailed, UserError
+from ..sparsity import PATTERNS, nm_mask
 from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
-from .prune_recover import RecoverConfig
+from .prune_calibrated import prune_with_calibration
+from .prune_recover import RecoverConfig, distill
+from .prune_structured import check_reload, prune_structured, size_and_macs
 
 log = logging.getLogger(__name__)
 
-PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
 UNSTRUCTURED_ONLY = ("method", "sparsity", "pattern", "targets", "ignore", "block_size", "dampening")
 STRUCTURED_ONLY = ("heads", "channels", "importance", "round_to", "recover")
 
@@ -117,11 +121,7 @@ class Prune(Stage):
         return ["torch"]
 
     def run(self, config: PruneConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
-        import copy
-
         import torch
-
-        from ..checkpoint import copy_checkpoint_files, load_torch_model
 
         if artifact.transforms:
             raise UserError(f"prune: the model is already quantized ({artifact.transforms[-1]['name']}); "
@@ -136,8 +136,6 @@ class Prune(Stage):
             if config.method == "magnitude":
                 prune_magnitude(layers, config)
             else:
-                from .prune_calibrated import prune_with_calibration
-
                 prune_with_calibration(module, layers, config, artifact, ctx)
         out = ctx.workdir / "model"
         module.save_pretrained(out, safe_serialization=True)
@@ -150,11 +148,6 @@ class Prune(Stage):
 
 
     def _run_structured(self, config: PruneConfig, artifact: TorchModel, original, module, ctx) -> TorchModel:
-        from ..checkpoint import copy_checkpoint_files, load_tokenizer
-        from ..data import calibration_batches
-        from .prune_recover import distill
-        from .prune_structured import check_reload, prune_structured, size_and_macs
-
         vocab = module.config.vocab_size
         feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path)) if config.calibration else None
         params_before, macs_before = size_and_macs(module, vocab)
@@ -191,29 +184,6 @@ def select_linears(module, targets: list[str], ignore: list[str]) -> dict:
     if not layers:
         raise UserError(f"prune: no nn.Linear matches targets {targets} outside ignore {ignore}")
     return layers
-
-
-def nm_mask(scores, n: int, m: int):
-    """True where a weight is pruned: in each group of m consecutive inputs of a row, the m - n
-    lowest scores."""
-    import torch
-
-    rows, cols = scores.shape
-    if cols % m:
-        raise UserError(f"prune: a layer with {cols} inputs cannot take a {n}:{m} pattern")
-    groups = scores.reshape(rows, cols // m, m)
-    lowest = torch.topk(groups, m - n, dim=-1, largest=False).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, lowest, True)
-    return mask.reshape(rows, cols)
-
-
-def row_mask(scores, sparsity: float):
-    """True for the `sparsity` share of lowest scores in each output row."""
-    import torch
-
-    count = int(scores.shape[1] * sparsity)
-    lowest = torch.topk(scores, count, dim=1, largest=False).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
 
 
 def prune_magnitude(layers: dict, config: PruneConfig) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 
+from ..checkpoint import load_tokenizer
+from ..data import calibration_batches, torch_inputs
 from ..errors import UserError
+from ..sparsity import PATTERNS, nm_mask, row_mask
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,6 @@ def _blocks(module, layers: dict):
 
 def _block_inputs(module, blocks, feeds: list[dict], task: str):
     """Run the model up to the first block and keep, per batch, what that block was called with."""
-    from ..data import torch_inputs
-
     recorded = []
 
     def hook(_module, args, kwargs):
@@ -73,10 +74,6 @@ def _with_hidden(args: tuple, kwargs: dict, hidden) -> tuple[tuple, dict]:
 
 
 def prune_with_calibration(module, layers: dict, config, artifact, ctx) -> None:
-    from ..checkpoint import load_tokenizer
-    from ..data import calibration_batches
-    from .prune import PATTERNS
-
     tokenizer = load_tokenizer(artifact.path)
     feeds = calibration_batches(config.calibration, tokenizer)
     prefix, blocks = _blocks(module, layers)
@@ -124,8 +121,6 @@ class _Statistics:
 
 
 def _wanda(layer, stats: _Statistics, sparsity: float, group) -> None:
-    from .prune import nm_mask, row_mask
-
     scores = layer.weight.abs().double() * stats.value.sqrt()[None, :]
     mask = nm_mask(scores, *group) if group else row_mask(scores, sparsity)
     layer.weight[mask] = 0

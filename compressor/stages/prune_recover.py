@@ -14,6 +14,7 @@ import time
 
 from pydantic import Field
 
+from ..data import torch_inputs
 from .base import StageConfigBase
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ def _loss(task: str, student_out, teacher_out, mask, temperature: float):
 def distill(student, teacher, feeds: list[dict], task: str, config: RecoverConfig, progress) -> dict:
     """Train `student` in place; return the loss at the start and end and the time taken."""
     import torch
-
-    from ..data import torch_inputs
 
     if not feeds:
         return {}

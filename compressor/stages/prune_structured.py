@@ -28,6 +28,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..checkpoint import model_class
+from ..data import torch_inputs
 from ..errors import StageFailed, UserError
 
 log = logging.getLogger(__name__)
@@ -121,8 +123,6 @@ def magnitude_scores(module, unit: Units):
 def activation_scores(module, units: list[Units], feeds: list[dict], task: str) -> None:
     """Run the calibration batches once, gathering the squared input of every output projection."""
     import torch
-
-    from ..data import torch_inputs
 
     sums = {unit.output: torch.zeros(module.get_submodule(unit.output).in_features, dtype=torch.float64)
             for unit in units}
@@ -295,8 +295,6 @@ def check_reload(module, folder, task: str, vocab_size: int) -> float:
     """Load the saved folder with from_pretrained and return the largest output difference from the
     in-memory pruned model; a wrong config or shape fails here rather than for the user."""
     import torch
-
-    from ..checkpoint import model_class
 
     try:
         reloaded = model_class(task).from_pretrained(folder)

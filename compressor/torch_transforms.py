@@ -1,0 +1,107 @@
+"""Torch transforms recorded in compress_transforms.json, and their replay when a checkpoint is loaded.
+
+Two kinds: int8-dynamic (torch.ao), kept as the float checkpoint plus a record because packed int8
+weights have no safetensors form; and int8-weight-only, whose int8 weights and scales are stored
+("stored": true) and loaded into swapped-in layers. The quantize stage writes them; checkpoint.py
+replays them, so this module sits below both and imports neither.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+
+from .artifacts import TorchModel
+from .errors import UserError
+
+INT8_DYNAMIC = "int8-dynamic"
+INT8_WEIGHT_ONLY = "int8-weight-only"
+
+
+def per_channel_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per slice along `axis` (the output channels)."""
+    reduce = tuple(i for i in range(weight.ndim) if i != axis)
+    peak = np.abs(weight).max(axis=reduce, keepdims=True)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    quantized = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+    return quantized, scale.reshape(-1)
+
+
+def torch_dynamic_int8(module, transform: dict):
+    """torch.ao dynamic int8 of every nn.Linear not excluded; returns (new module, layers quantized)."""
+    import torch
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    qconfig = per_channel_dynamic_qconfig if transform["per_channel"] else default_dynamic_qconfig
+    names = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)
+             and not any(fnmatch.fnmatchcase(name, p) for p in transform["exclude"])]
+    quantized = quantize_dynamic(module, {name: qconfig for name in names}, dtype=torch.qint8, inplace=False)
+    return quantized, len(names)
+
+
+def apply_torch_transform(module, transform: dict):
+    """Replay a transform recorded in compress_transforms.json on a freshly loaded module."""
+    if transform.get("name") != INT8_DYNAMIC:
+        raise UserError(f"unknown transform {transform!r} in compress_transforms.json")
+    return torch_dynamic_int8(module, transform)[0]
+
+
+def int8_linear_class():
+    """The nn.Module class of an int8 weight-only linear layer (a factory, so torch loads on first use)."""
+    import torch
+    import torch.nn.functional as F
+
+    class Int8WeightOnlyLinear(torch.nn.Module):
+        """nn.Linear with an int8 weight and a float scale per output channel; dequantized per call."""
+
+        def __init__(self, in_features: int, out_features: int, bias: bool):
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+            self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+
+        @classmethod
+        def from_linear(cls, linear):
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+            quantized, scale = per_channel_int8(linear.weight.detach().float().numpy(), axis=0)
+            module.weight_int8.copy_(torch.from_numpy(quantized))
+            module.weight_scale.copy_(torch.from_numpy(scale))
+            if linear.bias is not None:
+                module.bias.data.copy_(linear.bias.detach().float())
+            return module
+
+        def forward(self, x):
+            weight = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
+            return F.linear(x, weight, self.bias)
+
+    return Int8WeightOnlyLinear
+
+
+def swap_modules(module, names: list[str], build) -> None:
+    """Replace each named submodule by build(old submodule), in place."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, build(getattr(parent, child)))
+
+
+def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, trust_remote_code: bool):
+    """Rebuild the model (`model_cls`, a transformers Auto class) from its config, swap in the int8
+    layers, and load the stored tensors."""
+    import torch
+    from safetensors.torch import load_model
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(artifact.path, trust_remote_code=trust_remote_code)
+    module = model_cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    linear = int8_linear_class()
+    swap_modules(module, transform["layers"],
+                 lambda old: linear(old.in_features, old.out_features, old.bias is not None))
+    missing, unexpected = load_model(module, str(artifact.path / "model.safetensors"), strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise UserError(f"{artifact.path / 'model.safetensors'}: does not match its int8-weight-only layout "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return module.eval()
