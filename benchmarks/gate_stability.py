@@ -57,12 +57,15 @@ def gate_once(runners, feed, bench, threshold: float) -> dict:
     from compressor.bench import measure
     from compressor.gate import check_goals
     from compressor.recipe import Goals
+    from compressor.report_schema import BaselineSide, ResultSide, Speedup
 
     timings, estimates, extra = measure(runners, feed, bench, {runners[1].name: [threshold]})
     base, cand = (timings.latency(r.name).as_dict() for r in runners)
     estimate = estimates[runners[1].name]
-    verdict = check_goals(Goals(latency={"min_speedup": threshold}), {"metrics": {}, "latency_ms": base, "size_mb": 1},
-                          {"metrics": {}, "latency_ms": cand, "size_mb": 1, "speedup": estimate.as_dict()})[0]
+    verdict = check_goals(Goals(latency={"min_speedup": threshold}),
+                          BaselineSide(model="checkpoint", metrics={}, latency_ms=base, size_mb=1, backend="torch"),
+                          ResultSide(metrics={}, latency_ms=cand, size_mb=1, backend="onnx", artifact="-",
+                                     speedup=Speedup(**estimate.as_dict())))[0]
     return {"passed": verdict.passed, "speedup": estimate.speedup, "interval": estimate.interval,
             "marginal": verdict.marginal, "remeasured": extra, "rounds": estimate.rounds}
 
@@ -79,7 +82,8 @@ def main() -> None:
     from compressor.bench import benchmark_feed
     from compressor.checkpoint import load_tokenizer
     from compressor.data import load_samples
-    from compressor.pipeline import RunOptions, plan, run_stages
+    from compressor.pipeline import RunOptions, run_stages
+    from compressor.planning import plan
     from compressor.recipe import load_recipe
     from compressor.runners import make_runner
 

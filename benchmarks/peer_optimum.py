@@ -68,7 +68,7 @@ def main() -> None:
     from compressor.data import load_samples
     from compressor.evaluate import evaluate
     from compressor.recipe import EvaluationConfig
-    from compressor.report import package_versions
+    from compressor.machine import package_versions
     from compressor.runners import OrtRunner, make_runner
 
     checkpoint = fixtures.ensure("minilm")

@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["minilm", "classifier", "both"], default="both")
     args = parser.parse_args()
 
-    from compressor.report import package_versions
+    from compressor.machine import package_versions
 
     for model in (["minilm", "classifier"] if args.model == "both" else [args.model]):
         measure(model, args.iterations, args.warmup)

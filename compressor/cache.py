@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel, sha256_file
+from .fixtures import home
+from .machine import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ TEMPORARY = ".tmp-"
 
 def cache_root() -> Path:
     """$COMPRESS_CACHE, else the `stages` folder beside the fixtures ($COMPRESS_HOME or ~/.cache/compress)."""
-    from .fixtures import home
-
     configured = os.environ.get("COMPRESS_CACHE")
     return Path(configured).expanduser() if configured else home() / "stages"
 
@@ -92,8 +92,6 @@ def _referenced_files(value: Any) -> dict[str, str]:
 
 def stage_key(input_key: str, config: Any, task: str, threads: int, trust_remote_code: bool,
               salt: Optional[dict] = None) -> str:
-    from .report import package_versions
-
     stage = config.model_dump(mode="json")
     payload = {"cache": CACHE_VERSION, "input": input_key, "stage": stage, "task": task, "threads": threads,
                "trust_remote_code": trust_remote_code, "files": _referenced_files(stage),

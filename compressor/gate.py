@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
 from pathlib import Path
 from typing import Optional
 
+from pydantic import ValidationError
+
 from .errors import UserError
 from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
-
-
-@dataclass
-class GoalResult:
-    goal: str
-    threshold: float
-    measured: float
-    passed: bool
-    margin: float  # how far inside the threshold (positive) or outside it (negative)
-    unit: str = ""
-    interval: Optional[tuple[float, float]] = None  # confidence interval of `measured`, for latency goals
-    marginal: bool = False  # the interval still held the threshold after re-measuring: a close call
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from .report_schema import SCHEMA_VERSION, BaselineSide, Environment, GateRow, Report, ResultSide, Speedup
 
 
 def _round_off(threshold: float) -> float:
@@ -30,24 +18,25 @@ def _round_off(threshold: float) -> float:
     return 1e-9 * max(1.0, abs(threshold))
 
 
-def _at_most(goal: str, measured: float, threshold: float, unit: str = "") -> GoalResult:
+def _at_most(goal: str, measured: float, threshold: float, unit: str = "") -> GateRow:
     passed = measured <= threshold + _round_off(threshold)
-    return GoalResult(goal, threshold, measured, passed, threshold - measured, unit)
+    return GateRow(goal=goal, threshold=threshold, measured=measured, passed=passed, margin=threshold - measured,
+                   unit=unit)
 
 
-def _at_least(goal: str, measured: float, threshold: float, unit: str = "") -> GoalResult:
+def _at_least(goal: str, measured: float, threshold: float, unit: str = "") -> GateRow:
     passed = measured >= threshold - _round_off(threshold)
-    return GoalResult(goal, threshold, measured, passed, measured - threshold, unit)
+    return GateRow(goal=goal, threshold=threshold, measured=measured, passed=passed, margin=measured - threshold,
+                   unit=unit)
 
 
-def check_goals(goals, baseline: dict, result: dict) -> list[GoalResult]:
-    """`baseline` / `result` hold "metrics", "latency_ms" (p50, p95 ...) and "size_mb"."""
-    verdicts: list[GoalResult] = []
+def check_goals(goals, baseline: BaselineSide, result: ResultSide) -> list[GateRow]:
+    verdicts: list[GateRow] = []
     for goal in goals.accuracy:
-        if goal.metric not in result["metrics"]:
+        if goal.metric not in result.metrics:
             raise UserError(f"goals.accuracy: metric {goal.metric!r} is not measured for this task "
-                            f"(measured: {', '.join(result['metrics'])})")
-        base, cand = baseline["metrics"][goal.metric], result["metrics"][goal.metric]
+                            f"(measured: {', '.join(result.metrics)})")
+        base, cand = baseline.metrics[goal.metric], result.metrics[goal.metric]
         worse = (base - cand) if HIGHER_IS_BETTER[goal.metric] else (cand - base)
         name = f"accuracy.{goal.metric}"
         if goal.max_drop is not None:
@@ -61,74 +50,111 @@ def check_goals(goals, baseline: dict, result: dict) -> list[GoalResult]:
             verdicts.append(_at_most(f"{name}.max", cand, goal.max))
     latency = goals.latency
     if latency.min_speedup is not None:
-        speedup = baseline["latency_ms"]["p50"] / result["latency_ms"]["p50"]
+        speedup = baseline.latency_ms.p50 / result.latency_ms.p50
         verdict = _at_least("latency.min_speedup", speedup, latency.min_speedup, "x")
-        verdicts.append(_with_interval(verdict, result.get("speedup"), lambda s: s))
+        verdicts.append(_with_interval(verdict, result.speedup, lambda s: s))
     if latency.max_p95_ms is not None:
-        verdicts.append(_at_most("latency.max_p95_ms", result["latency_ms"]["p95"], latency.max_p95_ms, "ms"))
+        verdicts.append(_at_most("latency.max_p95_ms", result.latency_ms.p95, latency.max_p95_ms, "ms"))
     if goals.size.max_ratio is not None:
-        ratio = result["size_mb"] / baseline["size_mb"]
+        ratio = result.size_mb / baseline.size_mb
         verdicts.append(_at_most("size.max_ratio", ratio, goals.size.max_ratio, "x"))
     return verdicts
 
 
-def _with_interval(verdict: GoalResult, estimate: Optional[dict], to_measured) -> GoalResult:
+def _with_interval(verdict: GateRow, estimate: Optional[Speedup], to_measured) -> GateRow:
     """Attach the speed-up's confidence interval, mapped into the goal's units, and whether the
     threshold still lies inside it (a marginal verdict)."""
-    if not estimate:
+    if estimate is None:
         return verdict
-    low, high = sorted(to_measured(v) for v in estimate["interval"])
+    low, high = sorted(to_measured(v) for v in estimate.interval)
     verdict.interval = (low, high)
     verdict.marginal = low < verdict.threshold < high
     return verdict
 
 
-def speedup_thresholds(goals, previous: Optional[dict]) -> list[float]:
+def machine_differences(before: Environment, now: Environment) -> list[str]:
+    """What differs between the machines two reports were timed on, in the facts that move speed-ups:
+    CPU model and ISA extensions (int8 speed-ups differ up to 3x between AVX2 and AVX-512 VNNI), threads,
+    device and GPU."""
+    differences = []
+    for field, label in (("cpu_model", "CPU"), ("isa_flags", "CPU extensions"), ("threads", "threads"),
+                         ("device", "device"), ("gpu", "GPU")):
+        old, new = getattr(before, field), getattr(now, field)
+        if field == "isa_flags":
+            old, new = " ".join(old) or "unknown", " ".join(new) or "unknown"
+        if old != new:
+            differences.append(f"{label}: {old} then, {new} now")
+    return differences
+
+
+def speedup_thresholds(goals, previous: Optional[Report], same_machine: bool = True) -> list[float]:
     """The speed-ups at which a latency verdict flips: latency.min_speedup, and the speed-up below
-    which goals.regression.max_latency_increase fails against a stored report."""
+    which goals.regression.max_latency_increase fails against a stored report of the same machine."""
     thresholds = []
     if goals.latency.min_speedup is not None:
         thresholds.append(goals.latency.min_speedup)
-    if previous is not None and goals.regression.max_latency_increase is not None:
-        before = previous["baseline"]["latency_ms"]["p50"] / previous["result"]["latency_ms"]["p50"]
+    if previous is not None and same_machine and goals.regression.max_latency_increase is not None:
+        before = previous.baseline.latency_ms.p50 / previous.result.latency_ms.p50
         thresholds.append(before / (1.0 + goals.regression.max_latency_increase))
     return thresholds
 
 
-def load_previous(path: Path, task: str) -> dict:
-    """A report.json from an earlier run of the same task, checked enough to compare against."""
-    import json
+def _field_path(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
+
+def load_report(path: Path, what: str = "report") -> Report:
+    """A report.json validated against the schema; a bad file is a user error naming the field."""
     try:
-        previous = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: --against report not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: --against is not a readable report.json ({exc})") from None
+        raise UserError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable report.json ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a compress report.json (a JSON object is expected)")
+    version = data.setdefault("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UserError(f"{path}: schema_version {version!r} is newer than this compress reads ({SCHEMA_VERSION}); "
+                        "upgrade compress")
     try:
-        metrics, latency = previous["result"]["metrics"], previous["result"]["latency_ms"]["p50"]
-        previous["baseline"]["latency_ms"]["p50"]
-    except (KeyError, TypeError):
-        raise UserError(f"{path}: not a compress report.json (no result metrics and latency)") from None
-    if previous.get("task") != task:
-        raise UserError(f"{path}: a {previous.get('task')} report; this recipe's task is {task}")
-    if MAIN_METRIC[task] not in metrics or not latency:
-        raise UserError(f"{path}: has no {MAIN_METRIC[task]} or latency to compare with")
+        return Report.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
+        raise UserError(f"{path}: not a valid compress report.json: " + "; ".join(problems)) from None
+
+
+def load_previous(path: Path, task: str) -> Report:
+    """A report.json from an earlier run of the same task, to compare against."""
+    previous = load_report(path, "--against report")
+    if previous.task != task:
+        raise UserError(f"{path}: a {previous.task} report; this recipe's task is {task}")
+    if MAIN_METRIC[task] not in previous.result.metrics:
+        raise UserError(f"{path}: result.metrics has no {MAIN_METRIC[task]} to compare with")
     return previous
 
 
-def check_regression(regression, task: str, previous: dict, baseline: dict, result: dict) -> list[GoalResult]:
+def check_regression(regression, task: str, previous: Report, baseline: BaselineSide, result: ResultSide,
+                     differences: list[str]) -> list[GateRow]:
     """Goals relative to a stored report: slow-down of the speed-up over each run's baseline, and the
-    worsening of the task's main metric."""
+    worsening of the task's main metric. A latency regression against a report timed on another machine
+    is reported but not judged: the same model's speed-up differs by machine, not by regression."""
     verdicts = []
     if regression.max_latency_increase is not None:
-        before = previous["baseline"]["latency_ms"]["p50"] / previous["result"]["latency_ms"]["p50"]
-        now = baseline["latency_ms"]["p50"] / result["latency_ms"]["p50"]
+        before = previous.baseline.latency_ms.p50 / previous.result.latency_ms.p50
+        now = baseline.latency_ms.p50 / result.latency_ms.p50
         verdict = _at_most("regression.latency_increase", before / now - 1.0, regression.max_latency_increase)
-        verdicts.append(_with_interval(verdict, result.get("speedup"), lambda s: before / s - 1.0))
+        verdict = _with_interval(verdict, result.speedup, lambda s: before / s - 1.0)
+        if differences:
+            verdict.passed, verdict.judged, verdict.marginal = True, False, False
+            verdict.note = "not judged: the stored report was timed on another machine (" + "; ".join(differences) + ")"
+        verdicts.append(verdict)
     if regression.max_accuracy_drop is not None:
         metric = MAIN_METRIC[task]
-        before, now = previous["result"]["metrics"][metric], result["metrics"][metric]
+        before, now = previous.result.metrics[metric], result.metrics[metric]
         worse = (before - now) if HIGHER_IS_BETTER[metric] else (now - before)
         verdicts.append(_at_most(f"regression.{metric}.drop", worse, regression.max_accuracy_drop))
     return verdicts

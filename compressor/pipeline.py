@@ -1,96 +1,35 @@
-"""plan() checks a recipe's chain before heavy work; run() executes it, evaluates, benchmarks and gates."""
+"""One path for `compress run` and `compress compare`: run each recipe's stages, evaluate the baseline once
+and every result on the same samples, time them together in one interleaved benchmark, gate each result
+and write its run folder. A run is a comparison of one recipe."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .artifacts import Artifact, ArtifactKind, EngineModel, OnnxModel, TorchModel
-from .errors import BackendMissing, UserError
+from . import cache
+from . import report as reporting
+from .artifacts import Artifact, TorchModel
+from .bench import OtherLoad, benchmark_feed, measure
+from .checkpoint import inspect_checkpoint, load_tokenizer
+from .data import load_samples
+from .errors import UserError
+from .evaluate import Evaluation, evaluate
+from .gate import check_goals, check_regression, load_previous, machine_differences, speedup_thresholds
+from .machine import has_int8_dot_product
+from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
 from .progress import Progress, Silent
 from .recipe import Recipe
-from .stages import REGISTRY, Stage, StageContext
+from .report_schema import Against, BaselineSide, Environment, GateRow, Report, ResultSide, Speedup, StageRecord
+from .run_folder import RunFolder, place
+from .runners import Runner, make_runner
+from .stages import REGISTRY, StageContext
 
 log = logging.getLogger(__name__)
-
-HINTS = {("torch", "onnx"): "add an export_onnx stage before it",
-         ("onnx", "torch"): "move it before export_onnx"}
-
-
-@dataclass
-class PlannedStage:
-    index: int
-    stage: Stage
-    config: Any
-    input_kind: ArtifactKind
-    output_kind: ArtifactKind
-
-
-def plan(recipe: Recipe) -> list[PlannedStage]:
-    """Check artifact kinds between stages, per-stage constraints and backends; no model is loaded."""
-    kind: ArtifactKind = "torch"
-    planned = []
-    for index, config in enumerate(recipe.stages):
-        stage = REGISTRY[config.type]
-        where = f"{recipe.where('stages', index)}: stages[{index}] ({config.type})"
-        if kind not in stage.accepts:
-            produced = "the checkpoint is" if index == 0 else f"stages[{index - 1}] outputs"
-            need = " or ".join(stage.accepts)
-            hint = HINTS.get((kind, stage.accepts[0]), "reorder the stages")
-            raise UserError(f"{where} needs {_a(need)} model, but {produced} {_a(kind)} model; {hint}")
-        problem = (stage.check(config, kind, recipe.task) or stage.check_order(config, recipe.stages[:index])
-                   or stage.check_shapes(config, run_shapes(recipe)))
-        if problem:
-            raise UserError(f"{where}: {problem}")
-        fixed = getattr(config, "static_axes", None) or {}
-        bench = recipe.benchmark
-        for axis, wanted in (("batch_size", bench.batch_size), ("sequence_length", bench.seq_len)):
-            if axis in fixed and fixed[axis] != wanted:
-                raise UserError(f"{where}: static_axes.{axis}={fixed[axis]} but the benchmark uses {wanted}; "
-                                "make them equal or leave the axis dynamic")
-        output = stage.output_kind(config, kind)
-        planned.append(PlannedStage(index, stage, config, kind, output))
-        kind = output
-    _check_goal_metrics(recipe)
-    # Backends last: a recipe's own mistakes (exit 2) are reported on any machine, not hidden behind
-    # a missing package (exit 3).
-    for step in planned:
-        where = f"{recipe.where('stages', step.index)}: stages[{step.index}] ({step.config.type})"
-        for module in step.stage.backends(step.config, step.input_kind):
-            if importlib.util.find_spec(module.split(".")[0]) is None:
-                raise BackendMissing(f"{where} needs the Python package {module.split('.')[0]!r}, "
-                                     "which is not installed here")
-        missing = step.stage.unavailable(step.config, step.input_kind)
-        if missing:
-            raise BackendMissing(f"{where}: {missing}")
-    return planned
-
-
-def _a(word: str) -> str:
-    return f"{'an' if word[0] in 'aeio' else 'a'} {word}"
-
-
-def run_shapes(recipe: Recipe) -> dict[str, tuple[int, int]]:
-    """The [batch, sequence] shapes a run feeds its result: the benchmark's, and evaluation's largest."""
-    return {"benchmark": (recipe.benchmark.batch_size, recipe.benchmark.seq_len),
-            "evaluation": (recipe.evaluation.batch_size, recipe.evaluation.max_length)}
-
-
-def _check_goal_metrics(recipe: Recipe) -> None:
-    from .evaluate import TASK_METRICS
-
-    measured = TASK_METRICS[recipe.task]
-    for index, goal in enumerate(recipe.goals.accuracy):
-        if goal.metric not in measured:
-            where = recipe.where("goals", "accuracy", index, "metric")
-            raise UserError(f"{where}: goals.accuracy[{index}].metric: {recipe.task} measures "
-                            f"{', '.join(measured)}, not {goal.metric!r}")
 
 
 @dataclass
@@ -105,6 +44,9 @@ class RunOptions:
     device: str = "cpu"  # where runners execute: cpu or cuda
     torch_dtype: Optional[str] = None  # on cuda, torch results run in this dtype (the baseline stays float32)
     ort_provider: str = "cuda"  # on cuda, ONNX results run on ONNX Runtime's cuda or tensorrt provider
+    # Overrides every recipe's benchmark.max_remeasure_seconds when set: 0 reports latency with its interval
+    # but spends nothing on settling close calls (for checks that do not judge latency).
+    max_remeasure_seconds: Optional[float] = None
 
     def runner_args(self, threads: int) -> dict:
         """make_runner's arguments for the baseline; a result adds torch_dtype."""
@@ -112,99 +54,20 @@ class RunOptions:
                 "device": self.device, "ort_provider": self.ort_provider}
 
 
-def check_device(options: RunOptions, steps: list[PlannedStage]) -> None:
-    """Stop with exit 3 before any stage runs when --device cuda cannot be honoured here, and with exit
-    2 when the result is an engine that would have to run on the CPU."""
-    final = steps[-1].output_kind if steps else "torch"
-    if options.device != "cuda":
-        if final == "engine":
-            raise UserError("the recipe builds a TensorRT engine, which runs on a GPU only; run with --device cuda")
-        return
-    from .doctor import cuda_problem, ort_provider_problem
-
-    problem = cuda_problem()
-    if problem:
-        raise BackendMissing(f"--device cuda: {problem}")
-    if final == "onnx":
-        problem = ort_provider_problem(options.ort_provider)
-        if problem:
-            raise BackendMissing(f"--device cuda: {problem}")
-
-
 @dataclass
 class RunResult:
     out: Path
-    report: dict
+    report: Report
     passed: bool
-    gate: list = field(default_factory=list)
 
+    @property
+    def gate(self) -> list[GateRow]:
+        return self.report.gate
 
-def _place(artifact: Artifact, folder: Path) -> Artifact:
-    """Move the final artifact into the run folder: model.onnx (with config and tokenizer) or model/."""
-    if isinstance(artifact, (OnnxModel, EngineModel)):
-        for item in artifact.folder.iterdir():
-            shutil.move(str(item), folder / item.name)
-        if isinstance(artifact, EngineModel):
-            return EngineModel(folder / artifact.path.name, artifact.task)
-        return OnnxModel(folder / artifact.path.name, artifact.task, with_past=artifact.with_past)
-    target = folder / "model"
-    if artifact.path.is_relative_to(folder):  # a stage's output inside this run: move, don't copy
-        shutil.move(str(artifact.path), target)
-    else:
-        shutil.copytree(artifact.path, target)
-    return TorchModel(target, artifact.task, transforms=artifact.transforms, module=artifact.module)
-
-
-def _check_replaceable(out: Path) -> None:
-    """Only an earlier run folder may be replaced; anything else at --out is the user's and stays."""
-    if out.exists() and not (out / "manifest.json").exists():
-        raise UserError(f"{out}: exists and is not a compress run folder; choose another --out")
-
-
-def _commit(partial: Path, out: Path) -> None:
-    """Rename the finished run folder into place, replacing an earlier run folder at the same path."""
-    _check_replaceable(out)  # again: something may have appeared there while the run was busy
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        partial.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(out)
-
-
-def _check_calibration_sources(recipe: Recipe) -> None:
-    """Read every stage's calibration source once, so a wrong path or field stops the run before
-    any stage spends minutes on the model."""
-    from .data import read
-
-    for index, config in enumerate(recipe.stages):
-        calibration = getattr(config, "calibration", None)
-        if calibration is not None:
-            try:
-                read(calibration.data)
-            except UserError as exc:
-                raise UserError(f"{recipe.where('stages', index, 'calibration')}: stages[{index}].calibration: "
-                                f"{exc}") from None
-
-
-def _baseline(recipe: Recipe, source: TorchModel, runner_args: dict):
-    """The runner, size and description of what the result is judged against: the checkpoint, or, for a
-    recipe that starts by merging LoRA adapters, the checkpoint with those adapters attached unmerged,
-    which is how the model would be served without this recipe."""
-    from .runners import TorchRunner, make_runner
-
-    first = recipe.stages[0]
-    if first.type == "merge_lora":
-        from .stages.merge_lora import load_unmerged, read_adapters
-
-        adapters = read_adapters(first, source)
-        wrapped = load_unmerged(first, source, runner_args["trust_remote_code"], adapters)
-        runner = TorchRunner(wrapped.get_base_model(), recipe.task, name="baseline", threads=runner_args["threads"],
-                             device=runner_args["device"])
-        size = source.size_mb() + sum(adapter.size_mb() for adapter in adapters)
-        return runner, size, f"checkpoint + {len(adapters)} LoRA adapter(s), unmerged (PEFT)"
-    return make_runner(source, "baseline", **runner_args), source.size_mb(), "checkpoint"
+    @property
+    def json(self) -> dict:
+        """report.json as written."""
+        return self.report.as_json()
 
 
 def run_stages(recipe: Recipe, steps: list[PlannedStage], source: TorchModel, workroot: Path, options: RunOptions,
@@ -212,8 +75,6 @@ def run_stages(recipe: Recipe, steps: list[PlannedStage], source: TorchModel, wo
     """Run every planned stage in order, each in its own folder under `workroot`; return the last
     artifact and one record per stage for the report. With options.cache each finished stage is stored
     in the stage cache; with options.resume too, a stage whose key is stored is restored instead of run."""
-    from . import cache
-
     artifact: Artifact = source
     records = []
     input_key = cache.checkpoint_key(source.path) if options.cache else ""
@@ -254,147 +115,159 @@ def run_stages(recipe: Recipe, steps: list[PlannedStage], source: TorchModel, wo
 
 
 @dataclass
-class Baseline:
-    """What every result is judged against, evaluated once."""
+class BaselineSpec:
+    """What every result is judged against: a runner, its size and what it is."""
 
-    runner: Any
+    runner: Runner
     size_mb: float
     model: str
-    evaluation: Any
+
+
+def baseline_for(recipe: Recipe, source: TorchModel, runner_args: dict) -> BaselineSpec:
+    """The checkpoint, unless the recipe's first stage says what the model would be served as without
+    the recipe (merge_lora: the checkpoint with its adapters attached, unmerged)."""
+    first = recipe.stages[0]
+    special = REGISTRY[first.type].baseline(first, source, recipe.task, runner_args)
+    if special is not None:
+        runner, size_mb, model = special
+        return BaselineSpec(runner, size_mb, model)
+    return BaselineSpec(make_runner(source, "baseline", **runner_args), source.size_mb(), "checkpoint")
+
+
+def baseline_key(recipe: Recipe) -> str:
+    """Recipes with equal keys are judged against the same baseline (and may share one evaluation)."""
+    first = recipe.stages[0]
+    return REGISTRY[first.type].baseline_key(first) or "checkpoint"
 
 
 @dataclass
-class Measured:
-    """What one interleaved benchmark found: every runner's latency, each candidate's speed-up estimate,
-    the share of the CPU other processes used and the seconds spent re-measuring close calls."""
+class Prepared:
+    """Everything checked before any heavy work: plans, the checkpoint, a stored report to compare with."""
 
-    latency: dict
-    speedups: dict
-    other_cpu_share: Optional[float]
-    remeasured_seconds: float
+    recipes: list[Recipe]
+    plans: list[list[PlannedStage]]
+    checkpoint: Path
+    previous: Optional[Report]
+    options: RunOptions
 
 
-def measure_latency(base_runner, candidates: list[tuple[Any, Recipe]], feed: dict, previous: Optional[dict],
-                    progress: Progress) -> Measured:
-    """Time the baseline and each (runner, recipe) candidate interleaved, re-measuring while a speed-up's
-    confidence interval still holds one of its recipe's latency thresholds."""
-    from .bench import OtherLoad, measure
-    from .gate import speedup_thresholds
+def prepare(recipes: list[Recipe], model: str | Path, options: RunOptions) -> Prepared:
+    plans = [plan(recipe) for recipe in recipes]
+    for steps in plans:
+        check_device(options.device, options.ort_provider, steps)
+    checkpoint = inspect_checkpoint(model, options.allow_pickle)
+    previous = None
+    if options.against is not None:
+        if len(recipes) != 1:
+            raise UserError("--against compares one recipe's run with a stored report; give one recipe")
+        regression = recipes[0].goals.regression
+        if regression.max_latency_increase is None and regression.max_accuracy_drop is None:
+            raise UserError(f"{recipes[0].where('goals')}: --against needs goals.regression (max_latency_increase "
+                            "and/or max_accuracy_drop) to say what counts as a regression")
+        previous = load_previous(options.against, recipes[0].task)
+    return Prepared(recipes, plans, checkpoint, previous, options)
 
-    runners = [base_runner] + [runner for runner, _ in candidates]
-    thresholds = {runner.name: speedup_thresholds(recipe.goals, previous) for runner, recipe in candidates}
+
+@dataclass
+class Outcome:
+    """One recipe's judged result, written into its (not yet committed) run folder."""
+
+    recipe: Recipe
+    report: Report
+    passed: bool
+
+
+def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = Silent(), nested: bool = False
+            ) -> list[Outcome]:
+    """Run, evaluate, time and gate every prepared recipe against one baseline. Run folders are written
+    under `partial` (the recipe's own subfolder when `nested`), to be committed to `out` by the caller."""
+    recipes, options = prepared.recipes, prepared.options
+    first = recipes[0]
+    task, bench = first.task, first.benchmark
+    samples = load_samples(first.evaluation.data, task)  # fail on bad data before stages run
+    for recipe in recipes:
+        check_calibration_sources(recipe)
+    # One object for the checkpoint: the first stage and the baseline share its loaded module.
+    source = TorchModel(prepared.checkpoint, task)
+    folders = [partial / recipe.name if nested else partial for recipe in recipes]
+    finals, records = [], []
+    for recipe, steps, folder in zip(recipes, prepared.plans, folders):
+        folder.mkdir(exist_ok=True)
+        artifact, stage_records = run_stages(recipe, steps, source, folder / "work", options, progress)
+        finals.append(place(artifact, folder))
+        records.append(stage_records)
+
+    progress.phase("evaluating the baseline and " + ("every result" if nested else "the result")
+                   + " on the same samples")
+    tokenizer = load_tokenizer(prepared.checkpoint)
+    runner_args = options.runner_args(bench.threads)
+    baseline = baseline_for(first, source, runner_args)
+    base_eval = evaluate(task, baseline.runner, tokenizer, samples, first.evaluation, progress=progress)
+    runners = [make_runner(final, recipe.name if nested else "result", **runner_args, torch_dtype=options.torch_dtype)
+               for recipe, final in zip(recipes, finals)]
+    evaluations = [evaluate(task, runner, tokenizer, samples, first.evaluation, reference=base_eval,
+                            progress=progress) for runner in runners]
+
+    env = reporting.environment(threads=bench.threads, device=options.device)
+    differences = machine_differences(prepared.previous.environment, env) if prepared.previous else []
+    progress.phase("benchmarking the baseline and " + ("every result" if nested else "the result")
+                   + ", in alternating blocks")
+    feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
+    thresholds = {runner.name: speedup_thresholds(recipe.goals, prepared.previous, same_machine=not differences)
+                  for runner, recipe in zip(runners, recipes)}
+    if options.max_remeasure_seconds is not None:
+        bench = bench.model_copy(update={"max_remeasure_seconds": options.max_remeasure_seconds})
     with OtherLoad() as load:
-        timings, speedups, extra = measure(runners, feed, candidates[0][1].benchmark, thresholds, progress)
-    return Measured({name: timings.latency(name) for name in timings.names}, speedups, load.share, extra)
+        timings, speedups, remeasured = measure([baseline.runner] + runners, feed, bench, thresholds, progress)
+    base_side = BaselineSide(model=baseline.model, metrics=base_eval.metrics,
+                             latency_ms=timings.latency(baseline.runner.name).as_dict(),
+                             size_mb=round(baseline.size_mb, 3), backend=baseline.runner.backend)
+    outcomes = []
+    for recipe, runner, final, evaluation, stage_records, folder in zip(recipes, runners, finals, evaluations,
+                                                                         records, folders):
+        final_folder = out / recipe.name if nested else out
+        result_side = ResultSide(metrics=evaluation.metrics, latency_ms=timings.latency(runner.name).as_dict(),
+                                 speedup=Speedup(**speedups[runner.name].as_dict()),
+                                 size_mb=round(final.size_mb(), 3), backend=runner.backend,
+                                 artifact=str(final_folder / final.path.relative_to(folder)))
+        gate = check_goals(recipe.goals, base_side, result_side)
+        if prepared.previous is not None:
+            gate += check_regression(recipe.goals.regression, task, prepared.previous, base_side, result_side,
+                                     differences)
+        report = reporting.build_report(recipe, prepared.checkpoint, base_side, result_side, gate,
+                                        [StageRecord(**r) for r in stage_records], evaluated=base_eval.samples,
+                                        data_source=samples.source, env=env, other_cpu_share=load.share,
+                                        remeasured_seconds=remeasured)
+        report.notes += _machine_notes(recipe, runner, env)
+        regression = recipe.goals.regression
+        if prepared.previous is not None:
+            report.against = Against(report=str(options.against), recipe=prepared.previous.recipe,
+                                     created=prepared.previous.created, verdict=prepared.previous.verdict,
+                                     same_machine=not differences, machine_differences=differences)
+        elif regression.max_latency_increase is not None or regression.max_accuracy_drop is not None:
+            report.notes.append("goals.regression was not checked: run with --against PREVIOUS/report.json")
+        if not options.keep_intermediate:
+            shutil.rmtree(folder / "work", ignore_errors=True)
+        reporting.write_all(folder, report, reporting.build_manifest(recipe, prepared.checkpoint, final, folder))
+        outcomes.append(Outcome(recipe, report, report.verdict == "pass"))
+    return outcomes
 
 
-def judge(recipe: Recipe, checkpoint: Path, baseline: Baseline, runner, final: Artifact, evaluation,
-          measured: Measured, records: list[dict], data_source: str, folder: Path, final_folder: Path,
-          keep_intermediate: bool, previous: Optional[dict] = None, against: Optional[Path] = None
-          ) -> tuple[dict, list]:
-    """Gate one result against the baseline and write its run folder documents into `folder`, which
-    will be renamed to `final_folder`; return the report and the per-goal verdicts."""
-    from . import report as reporting
-    from .gate import check_goals, check_regression
-
-    latency = measured.latency
-    base_side = {"model": baseline.model, "metrics": baseline.evaluation.metrics,
-                 "latency_ms": latency[baseline.runner.name].as_dict(), "size_mb": round(baseline.size_mb, 3),
-                 "backend": baseline.runner.backend}
-    result_side = {"metrics": evaluation.metrics, "latency_ms": latency[runner.name].as_dict(),
-                   "speedup": measured.speedups[runner.name].as_dict(),
-                   "size_mb": round(final.size_mb(), 3), "backend": runner.backend,
-                   "artifact": str(final_folder / final.path.relative_to(folder))}
-    gate = check_goals(recipe.goals, base_side, result_side)
-    regression = recipe.goals.regression
-    if previous is not None:
-        gate += check_regression(regression, recipe.task, previous, base_side, result_side)
-    report = reporting.build_report(recipe, checkpoint, base_side, result_side, gate, records,
-                                    evaluated=baseline.evaluation.samples, data_source=data_source,
-                                    other_cpu_share=measured.other_cpu_share,
-                                    remeasured_seconds=measured.remeasured_seconds)
-    if previous is not None:
-        report["against"] = {"report": str(against), "recipe": previous.get("recipe"),
-                             "created": previous.get("created"), "verdict": previous.get("verdict")}
-    elif regression.max_latency_increase is not None or regression.max_accuracy_drop is not None:
-        report["notes"].append("goals.regression was not checked: run with --against PREVIOUS/report.json")
-    if not keep_intermediate:
-        shutil.rmtree(folder / "work", ignore_errors=True)
-    reporting.write_all(folder, report, reporting.build_manifest(recipe, checkpoint, final, folder))
-    return report, gate
-
-
-def start_partial(out: Path) -> tuple[Path, Path]:
-    """The resolved output folder and the hidden folder a run is written into before it is renamed."""
-    from .cache import process_alive
-
-    out = out.resolve()
-    _check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run of the same --out
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    return out, partial
-
-
-def _previous_report(recipe: Recipe, against: Optional[Path]) -> Optional[dict]:
-    """The stored report that goals.regression compares with, read before any heavy work."""
-    if against is None:
-        return None
-    from .gate import load_previous
-
-    regression = recipe.goals.regression
-    if regression.max_latency_increase is None and regression.max_accuracy_drop is None:
-        raise UserError(f"{recipe.where('goals')}: --against needs goals.regression (max_latency_increase and/or "
-                        "max_accuracy_drop) to say what counts as a regression")
-    return load_previous(against, recipe.task)
+def _machine_notes(recipe: Recipe, runner: Runner, env: Environment) -> list[str]:
+    """What a reader on this machine must know to read the speed-up."""
+    int8 = [c for c in recipe.stages if c.type == "quantize" and getattr(c, "scheme", "") in ("int8-dynamic",
+                                                                                               "int8-static")]
+    if int8 and runner.backend.startswith("onnxruntime") and env.device == "cpu" and env.isa_flags \
+            and not has_int8_dot_product(env.isa_flags):
+        return ["this CPU has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX): ONNX Runtime's "
+                "int8 MatMul runs at about its fp32 speed here, so the speed-up over torch comes mostly from "
+                "ONNX Runtime itself; on a CPU with VNNI or AMX int8 is 2-3x faster still"]
+    return []
 
 
 def run(recipe: Recipe, model: str | Path, options: RunOptions, progress: Progress = Silent()) -> RunResult:
-    from .bench import benchmark_feed
-    from .checkpoint import inspect_checkpoint, load_tokenizer
-    from .data import load_samples
-    from .evaluate import evaluate
-    from .runners import make_runner
-
-    steps = plan(recipe)
-    check_device(options, steps)
-    checkpoint = inspect_checkpoint(model, options.allow_pickle)
-    previous = _previous_report(recipe, options.against)
-    out, partial = start_partial(options.out)
-    threads = recipe.benchmark.threads
-    try:
-        samples = load_samples(recipe.evaluation.data, recipe.task)  # fail on bad data before stages run
-        _check_calibration_sources(recipe)
-        # One object for the checkpoint: the first stage and the baseline share its loaded module.
-        source = TorchModel(checkpoint, recipe.task)
-        artifact, records = run_stages(recipe, steps, source, partial / "work", options, progress)
-        final = _place(artifact, partial)
-
-        progress.phase("evaluating baseline and result on the same samples")
-        tokenizer = load_tokenizer(checkpoint)
-        runner_args = options.runner_args(threads)
-        base_runner, base_size, base_model = _baseline(recipe, source, runner_args)
-        result_runner = make_runner(final, "result", **runner_args, torch_dtype=options.torch_dtype)
-        base_eval = evaluate(recipe.task, base_runner, tokenizer, samples, recipe.evaluation, progress=progress)
-        result_eval = evaluate(recipe.task, result_runner, tokenizer, samples, recipe.evaluation,
-                               reference=base_eval, progress=progress)
-
-        progress.phase("benchmarking baseline and result, in alternating blocks")
-        bench = recipe.benchmark
-        feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
-        measured = measure_latency(base_runner, [(result_runner, recipe)], feed, previous, progress)
-
-        baseline = Baseline(base_runner, base_size, base_model, base_eval)
-        report, gate = judge(recipe, checkpoint, baseline, result_runner, final, result_eval, measured, records,
-                             samples.source, partial, out, options.keep_intermediate, previous, options.against)
-        passed = all(g.passed for g in gate)
-        _commit(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return RunResult(out, report, passed, gate)
+    prepared = prepare([recipe], model, options)
+    with RunFolder(options.out) as folder:
+        [outcome] = execute(prepared, folder.partial, folder.out, progress)
+        folder.commit()
+    return RunResult(folder.out, outcome.report, outcome.passed)

@@ -47,9 +47,9 @@ def run_recipe(path, model, out, **options):
 
 def test_key_follows_input_config_files_and_code(tmp_path):
     from compressor.stages.merge_lora import MergeLoraConfig
-    from compressor.stages.quantize import QuantizeConfig
+    from compressor.stages.quantize import Int8DynamicConfig
 
-    config = QuantizeConfig(type="quantize", scheme="int8-dynamic")
+    config = Int8DynamicConfig(type="quantize", scheme="int8-dynamic")
     key = cache.stage_key("input", config, "text-classification", 2, False)
     assert key == cache.stage_key("input", config, "text-classification", 2, False)
     others = [cache.stage_key("other-input", config, "text-classification", 2, False),
@@ -71,21 +71,21 @@ def test_resume_reuses_every_unchanged_stage_and_reruns_from_the_first_change(
         tiny_classifier, sentences_jsonl, tmp_path, stage_cache):
     path = recipe_file(tmp_path, sentences_jsonl)
     first = run_recipe(path, tiny_classifier, tmp_path / "first")
-    assert [s["cached"] for s in first.report["stages"]] == [False, False]
+    assert [s["cached"] for s in first.json["stages"]] == [False, False]
     assert len(cache.entries(stage_cache)) == 2
     again = run_recipe(path, tiny_classifier, tmp_path / "again", resume=True)
-    assert [s["cached"] for s in again.report["stages"]] == [True, True]
+    assert [s["cached"] for s in again.json["stages"]] == [True, True]
     assert sha256_file(again.out / "model.onnx") == sha256_file(first.out / "model.onnx")
     # The stage's own details survive reuse, and the report says which stages were reused.
-    assert again.report["stages"][1]["quantized_nodes"] == first.report["stages"][1]["quantized_nodes"]
+    assert again.json["stages"][1]["quantized_nodes"] == first.json["stages"][1]["quantized_nodes"]
     assert "reused" in (again.out / "report.md").read_text()
     # A changed second stage: the export is reused, the quantization runs again.
     changed = recipe_file(tmp_path, sentences_jsonl, per_channel=True, name="changed.yaml")
     third = run_recipe(changed, tiny_classifier, tmp_path / "third", resume=True)
-    assert [s["cached"] for s in third.report["stages"]] == [True, False]
+    assert [s["cached"] for s in third.json["stages"]] == [True, False]
     assert sha256_file(third.out / "model.onnx") != sha256_file(first.out / "model.onnx")
     # Without --resume every stage runs, and --no-cache stores nothing.
-    assert not any(s["cached"] for s in run_recipe(path, tiny_classifier, tmp_path / "fresh").report["stages"])
+    assert not any(s["cached"] for s in run_recipe(path, tiny_classifier, tmp_path / "fresh").json["stages"])
     stored = len(cache.entries(stage_cache))
     run_recipe(changed, tiny_classifier, tmp_path / "uncached", cache=False)
     assert len(cache.entries(stage_cache)) == stored
@@ -120,7 +120,7 @@ def test_a_run_killed_mid_stage_resumes_to_the_same_artifact(tiny_classifier, se
     assert [e.meta["stage"] for e in stored] == ["export_onnx"]  # the killed stage was not stored
 
     resumed = run_recipe(path, tiny_classifier, out, resume=True)
-    assert [s["cached"] for s in resumed.report["stages"]] == [True, False]
+    assert [s["cached"] for s in resumed.json["stages"]] == [True, False]
     assert not list(tmp_path.glob(".killed.partial-*"))  # the killed run's folder was cleared
     uninterrupted = run_recipe(path, tiny_classifier, tmp_path / "uninterrupted", cache=False)
     assert sha256_file(resumed.out / "model.onnx") == sha256_file(uninterrupted.out / "model.onnx")
@@ -133,7 +133,7 @@ def test_a_corrupted_entry_is_dropped_and_the_stage_runs_again(tiny_classifier, 
     quantized = next(e for e in cache.entries(stage_cache) if e.meta["stage"] == "quantize")
     (quantized.output / "model.onnx").write_bytes(b"not a model")
     again = run_recipe(path, tiny_classifier, tmp_path / "again", resume=True)
-    assert [s["cached"] for s in again.report["stages"]] == [True, False]
+    assert [s["cached"] for s in again.json["stages"]] == [True, False]
     assert "changed since it was stored" in caplog.text
     assert sha256_file(again.out / "model.onnx") == sha256_file(first.out / "model.onnx")
 

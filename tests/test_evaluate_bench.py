@@ -102,15 +102,19 @@ def test_other_load_counts_other_processes_not_our_own_work():
 
 
 def test_busy_machine_note():
+    from pathlib import Path
+
     from compressor.recipe import parse_recipe
-    from compressor.report import build_report
+    from compressor.report import build_report, environment
+
+    from .reports import baseline_side, result_side
     from .test_recipe import GOOD
 
     recipe = parse_recipe(GOOD, "r.yaml")
-    side = {"metrics": {}, "latency_ms": {}, "size_mb": 1.0}
-    from pathlib import Path
-
-    quiet = build_report(recipe, Path("/nonexistent"), side, side, [], [], 1, "x", other_cpu_share=0.05)
-    busy = build_report(recipe, Path("/nonexistent"), side, side, [], [], 1, "x", other_cpu_share=0.6)
-    assert quiet["notes"] == [] and quiet["benchmark"]["other_cpu_share"] == 0.05
-    assert "60% of the CPU" in busy["notes"][0]
+    base, result = baseline_side(), result_side()
+    quiet = build_report(recipe, Path("/nonexistent"), base, result, [], [], 1, "x", environment(2),
+                         other_cpu_share=0.05)
+    busy = build_report(recipe, Path("/nonexistent"), base, result, [], [], 1, "x", environment(2),
+                        other_cpu_share=0.6)
+    assert quiet.notes == [] and quiet.benchmark.other_cpu_share == 0.05
+    assert "60% of the CPU" in busy.notes[0]

@@ -6,9 +6,11 @@ from compressor.errors import UserError
 from compressor.gate import check_goals
 from compressor.recipe import Goals
 
+from .reports import result_side
+
 
 def measured(metrics, p50=10.0, p95=12.0, size=100.0):
-    return {"metrics": metrics, "latency_ms": {"p50": p50, "p95": p95}, "size_mb": size}
+    return result_side(metrics, p50, p95, size)
 
 
 def test_accuracy_drop_absolute_and_relative():

@@ -74,8 +74,8 @@ def test_nf4_on_cuda_end_to_end(tiny_llama, text_file, tmp_path):
           size: {{max_ratio: 0.9}}
         """)
     result = run(load_recipe(recipe), tiny_llama, RunOptions(out=tmp_path / "out", device="cuda"))
-    assert result.report["result"]["backend"] == "torch-cuda-float32"
-    assert result.report["result"]["metrics"]["perplexity"] < 2 * result.report["baseline"]["metrics"]["perplexity"]
+    assert result.json["result"]["backend"] == "torch-cuda-float32"
+    assert result.json["result"]["metrics"]["perplexity"] < 2 * result.json["baseline"]["metrics"]["perplexity"]
 
 
 @needs_cuda
@@ -84,7 +84,7 @@ def test_onnx_runtime_cuda_provider_end_to_end(tiny_classifier, sentences_jsonl,
     recipe = write_recipe(tmp_path, CLASSIFIER.format(name="ort", stages="  - type: export_onnx",
                                                       data=sentences_jsonl))
     result = run(load_recipe(recipe), tiny_classifier, RunOptions(out=tmp_path / "out", device="cuda"))
-    assert result.report["result"]["backend"] == "onnxruntime-cuda" and result.passed
+    assert result.json["result"]["backend"] == "onnxruntime-cuda" and result.passed
 
 
 @needs_tensorrt
@@ -94,7 +94,7 @@ def test_tensorrt_engine_end_to_end(precision, tiny_classifier, sentences_jsonl,
     stages = f"  - type: export_onnx\n  - type: build_engine\n    precision: {precision}"
     recipe = write_recipe(tmp_path, CLASSIFIER.format(name=precision, stages=stages, data=sentences_jsonl))
     result = run(load_recipe(recipe), tiny_classifier, RunOptions(out=tmp_path / "out", device="cuda"))
-    assert result.report["result"]["backend"] == f"tensorrt-{precision}" and result.passed
+    assert result.json["result"]["backend"] == f"tensorrt-{precision}" and result.passed
     metadata = json.loads((result.out / "model.engine.json").read_text())
     assert metadata["tensorrt"] == tensorrt_version() and metadata["precision"] == precision
     assert (tmp_path / "cache" / "tensorrt-timing.cache").stat().st_size > 0

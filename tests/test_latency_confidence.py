@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 
 from compressor.bench import Timings, measure
-from compressor.gate import GoalResult, check_goals, check_regression, speedup_thresholds
+from compressor.gate import check_goals, check_regression, machine_differences, speedup_thresholds
 from compressor.recipe import BenchmarkConfig, Goals, RegressionGoals
-from compressor.report import junit, markdown
+from compressor.report import environment, junit, markdown
+from compressor.report_schema import GateRow
 from compressor.runners import Runner
+
+from .reports import baseline_side, report, result_side, speedup
 
 
 def _timings(base_ms, cand_ms, block=10) -> Timings:
@@ -119,10 +122,8 @@ def test_a_zero_budget_never_remeasures(clock):
 
 
 def _sides(base_p50, result_p50, interval):
-    latency = {"p50": result_p50, "p95": result_p50}
-    return ({"metrics": {}, "latency_ms": {"p50": base_p50, "p95": base_p50}, "size_mb": 1.0},
-            {"metrics": {}, "latency_ms": latency, "size_mb": 1.0,
-             "speedup": {"speedup": base_p50 / result_p50, "interval": interval}})
+    return (baseline_side(p50=base_p50, size=1.0),
+            result_side(p50=result_p50, size=1.0, estimate=speedup(base_p50 / result_p50, interval)))
 
 
 def test_gate_attaches_the_interval_and_marks_a_threshold_inside_it():
@@ -135,10 +136,10 @@ def test_gate_attaches_the_interval_and_marks_a_threshold_inside_it():
 
 
 def test_regression_goal_maps_the_interval_into_a_slow_down():
-    previous = {"baseline": {"latency_ms": {"p50": 10.0}}, "result": {"latency_ms": {"p50": 5.0}, "metrics": {}}}
+    previous = report([], base=baseline_side(p50=10.0), result=result_side(p50=5.0))
     regression = RegressionGoals(max_latency_increase=0.10)
     base, result = _sides(10.0, 5.5, [1.7, 1.9])  # speed-up 1.82 against 2.0 before
-    verdict = check_regression(regression, "text-classification", previous, base, result)[0]
+    verdict = check_regression(regression, "text-classification", previous, base, result, [])[0]
     assert verdict.interval == pytest.approx((2 / 1.9 - 1, 2 / 1.7 - 1))
     assert verdict.marginal  # 0.10 lies inside [0.053, 0.176]
     goals = Goals(latency={"min_speedup": 1.5}, regression={"max_latency_increase": 0.10})
@@ -146,18 +147,38 @@ def test_regression_goal_maps_the_interval_into_a_slow_down():
     assert speedup_thresholds(goals, None) == [1.5]
 
 
+def test_regression_against_another_machine_is_not_judged_but_accuracy_is():
+    previous = report([], base=baseline_side(p50=10.0), result=result_side({"accuracy": 0.9}, p50=2.0))
+    regression = RegressionGoals(max_latency_increase=0.10, max_accuracy_drop=0.01)
+    base, result = baseline_side(p50=10.0), result_side({"accuracy": 0.85}, p50=5.0,
+                                                        estimate=speedup(2.0, [1.9, 2.1]))
+    differences = ["CPU extensions: avx2 avx512_vnni then, avx2 now"]
+    latency_verdict, accuracy_verdict = check_regression(regression, "text-classification", previous, base, result,
+                                                         differences)
+    assert latency_verdict.measured == pytest.approx(1.5)  # 5x then, 2x now: far past 10%, yet
+    assert latency_verdict.passed and not latency_verdict.judged and "another machine" in latency_verdict.note
+    assert not accuracy_verdict.passed and accuracy_verdict.judged  # accuracy does not depend on the machine
+    goals = Goals(regression={"max_latency_increase": 0.10})
+    assert speedup_thresholds(goals, previous, same_machine=False) == []
+    written = report([latency_verdict, accuracy_verdict])
+    assert "not judged" in markdown(written) and 'skipped="1"' in junit(written)
+
+
+def test_machine_differences_name_what_moves_speed_ups():
+    env = environment(2)
+    assert machine_differences(env, env) == []
+    other = env.model_copy(update={"isa_flags": ["avx2"], "threads": 4})
+    found = machine_differences(env.model_copy(update={"isa_flags": ["avx2", "avx512_vnni"]}), other)
+    assert found == ["CPU extensions: avx2 avx512_vnni then, avx2 now", "threads: 2 then, 4 now"]
+
+
 def test_report_and_junit_say_marginal():
-    goal = GoalResult("latency.min_speedup", 2.0, 2.05, True, 0.05, "x", (1.9, 2.2), True)
-    report = {"recipe": "r", "verdict": "pass", "model": "m", "task": "text-classification",
-              "evaluation": {"samples": 1, "data": "d"}, "gate": [goal.as_dict()], "notes": [], "stages": [],
-              "baseline": {"metrics": {}, "latency_ms": {q: 1.0 for q in ("p50", "p90", "p95", "p99", "throughput")},
-                           "size_mb": 1.0, "backend": "torch"},
-              "result": {"metrics": {}, "latency_ms": {q: 1.0 for q in ("p50", "p90", "p95", "p99", "throughput")},
-                         "size_mb": 1.0, "backend": "onnx", "artifact": "a",
-                         "speedup": {"speedup": 2.05, "interval": [1.9, 2.2], "confidence": 0.95, "rounds": 8}},
-              "benchmark": {**BenchmarkConfig().model_dump(), "remeasured_seconds": 12.0}}
-    text = markdown(report)
+    goal = GateRow(goal="latency.min_speedup", threshold=2.0, measured=2.05, passed=True, margin=0.05, unit="x",
+                   interval=(1.9, 2.2), marginal=True)
+    written = report([goal], result=result_side(p50=1.0, estimate=speedup(2.05, [1.9, 2.2], rounds=8)))
+    written.benchmark.remeasured_seconds = 12.0
+    text = markdown(written)
     assert "2.05x [1.9, 2.2]" in text and "pass (marginal)" in text and "8 interleaved rounds" in text
     assert "12 s of it re-measuring" in text
-    failed = {**report, "gate": [{**goal.as_dict(), "passed": False}]}
+    failed = written.model_copy(update={"gate": [goal.model_copy(update={"passed": False})]})
     assert "marginal" in junit(failed)

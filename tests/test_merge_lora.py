@@ -12,7 +12,7 @@ import torch
 from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_torch_model
 from compressor.errors import StageFailed, UserError
-from compressor.pipeline import plan
+from compressor.planning import plan
 from compressor.recipe import parse_recipe
 from compressor.stages.merge_lora import MergeLoraConfig
 
@@ -170,9 +170,9 @@ def test_weighting_adapters_that_train_whole_modules_is_refused(tiny_classifier,
 
 def test_quantized_base_is_refused_with_the_order_that_works(tiny_llama, llama_adapters, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from compressor.stages.quantize import QuantizeConfig
+    from compressor.stages.bnb_4bit import Bnb4bitConfig
 
-    quantized, _ = run_stage(QuantizeConfig(type="quantize", scheme="nf4"), TorchModel(tiny_llama, "text-generation"),
+    quantized, _ = run_stage(Bnb4bitConfig(type="quantize", scheme="nf4"), TorchModel(tiny_llama, "text-generation"),
                              tmp_path / "q", "text-generation")
     with pytest.raises(UserError, match="is quantized \\(bitsandbytes nf4\\).*put merge_lora before the quantize"):
         run_stage(merge((llama_adapters[0], 1.0)), quantized, tmp_path / "w", "text-generation")
@@ -213,7 +213,7 @@ def test_run_judges_a_merge_against_the_unmerged_adapter(tiny_classifier, senten
                            task_type="SEQ_CLS")
     recipe = write_recipe(tmp_path, RUN_RECIPE.format(adapter=adapter, data=sentences_jsonl))
     result = run(load_recipe(recipe), tiny_classifier, RunOptions(out=tmp_path / "out"))
-    report = result.report
+    report = result.json
     assert report["baseline"]["model"] == "checkpoint + 1 LoRA adapter(s), unmerged (PEFT)"
     adapter_mb = (adapter / "adapter_model.safetensors").stat().st_size / 1e6
     assert report["baseline"]["size_mb"] == pytest.approx(TorchModel(tiny_classifier, "x").size_mb() + adapter_mb,

@@ -3,7 +3,7 @@
 import pytest
 
 from compressor.errors import BackendMissing, UserError
-from compressor.pipeline import plan
+from compressor.planning import plan
 from compressor.recipe import parse_recipe
 
 BASE = """\

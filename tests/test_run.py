@@ -99,11 +99,11 @@ def test_torch_only_recipe_and_generation_metrics(tiny_llama, text_file, tmp_pat
             - {{metric: perplexity, max_drop_pct: 50}}
         """))
     result = run(recipe, tiny_llama, RunOptions(out=tmp_path / "out"))
-    metrics = result.report["result"]["metrics"]
-    base = result.report["baseline"]["metrics"]
+    metrics = result.json["result"]["metrics"]
+    base = result.json["baseline"]["metrics"]
     assert base["perplexity"] > 1 and base["top1_agreement"] == 1.0
     assert 0 < metrics["top1_agreement"] <= 1 and metrics["perplexity"] > 1
-    assert result.report["evaluation"]["samples"] == 6
+    assert result.json["evaluation"]["samples"] == 6
     assert (result.out / "model" / "compress_transforms.json").exists()
 
 
@@ -210,8 +210,8 @@ stages:
 def test_static_recipe_end_to_end(tiny_classifier, sentences_jsonl, tmp_path):
     recipe = write_recipe(tmp_path, STATIC_RECIPE.format(calibration=sentences_jsonl, data=sentences_jsonl))
     result = run(load_recipe(recipe), tiny_classifier, RunOptions(out=tmp_path / "out"))
-    assert result.passed, result.report["gate"]
-    quantize = result.report["stages"][1]
+    assert result.passed, result.json["gate"]
+    quantize = result.json["stages"][1]
     assert quantize["format"] == "QDQ" and quantize["calibration_samples"] == 16
     assert quantize["quantized_nodes"]["MatMul"] > 0
 
@@ -243,7 +243,7 @@ def regression_recipe(tmp_path, data, latency=3.0, drop=0.02, name="recipe.yaml"
 def test_against_adds_regression_goals_to_the_gate_and_junit(tiny_classifier, sentences_jsonl, tmp_path):
     first = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl)), tiny_classifier,
                 RunOptions(out=tmp_path / "first"))
-    assert "goals.regression was not checked" in " ".join(first.report["notes"])
+    assert "goals.regression was not checked" in " ".join(first.json["notes"])
     assert not any(g.goal.startswith("regression.") for g in first.gate)
     previous = tmp_path / "first" / "report.json"
     second = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl)), tiny_classifier,
@@ -252,8 +252,8 @@ def test_against_adds_regression_goals_to_the_gate_and_junit(tiny_classifier, se
     assert set(regression) == {"regression.latency_increase", "regression.accuracy.drop"}
     # The same artifact again: accuracy identical; the speed-up of a tiny model timed 6 times may move a
     # lot, so the latency threshold here is generous (3.0 = up to 4x slower).
-    assert regression["regression.accuracy.drop"].measured == 0 and second.passed, second.report["gate"]
-    assert second.report["against"]["report"] == str(previous)
+    assert regression["regression.accuracy.drop"].measured == 0 and second.passed, second.json["gate"]
+    assert second.json["against"]["report"] == str(previous)
     cases = {c.get("name") for c in ET.parse(tmp_path / "second" / "junit.xml").getroot()}
     assert {"regression.latency_increase", "regression.accuracy.drop"} <= cases
 
@@ -261,12 +261,12 @@ def test_against_adds_regression_goals_to_the_gate_and_junit(tiny_classifier, se
 def test_against_a_better_stored_result_fails_on_regression(tiny_classifier, sentences_jsonl, tmp_path):
     first = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl)), tiny_classifier,
                 RunOptions(out=tmp_path / "first"))
-    better = dict(first.report)
-    better["result"] = {**first.report["result"], "metrics": {**first.report["result"]["metrics"],
-                                                              "accuracy": first.report["result"]["metrics"]["accuracy"]
+    better = dict(first.json)
+    better["result"] = {**first.json["result"], "metrics": {**first.json["result"]["metrics"],
+                                                              "accuracy": first.json["result"]["metrics"]["accuracy"]
                                                               + 0.1},
-                        "latency_ms": {**first.report["result"]["latency_ms"],
-                                       "p50": first.report["result"]["latency_ms"]["p50"] / 10}}
+                        "latency_ms": {**first.json["result"]["latency_ms"],
+                                       "p50": first.json["result"]["latency_ms"]["p50"] / 10}}
     stored = tmp_path / "better.json"
     stored.write_text(json.dumps(better))
     strict = regression_recipe(tmp_path, sentences_jsonl, latency=0.5, name="strict.yaml")
@@ -290,5 +290,45 @@ def test_against_needs_regression_goals_and_a_real_report(tiny_classifier, sente
     assert outcome.exit_code == 2 and "--against report not found" in outcome.output
     (tmp_path / "bad.json").write_text('{"task": "text-classification"}')
     outcome = CliRunner().invoke(main, ["run", str(with_goals), *args, "--against", str(tmp_path / "bad.json")])
-    assert outcome.exit_code == 2 and "not a compress report.json" in outcome.output
+    assert outcome.exit_code == 2 and "not a valid compress report.json" in outcome.output
+    assert "baseline: Field required" in outcome.output  # the bad field is named
     assert not (tmp_path / "out").exists()
+
+
+def test_against_a_report_from_another_machine_judges_accuracy_not_latency(tiny_classifier, sentences_jsonl,
+                                                                           tmp_path):
+    first = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl)), tiny_classifier,
+                RunOptions(out=tmp_path / "first"))
+    elsewhere = first.json
+    elsewhere["environment"]["isa_flags"] = ["avx2", "fma"]
+    elsewhere["environment"]["cpu_model"] = "Some Other CPU"
+    # Ten times faster there: on the same machine this is a latency regression far past any threshold.
+    elsewhere["result"]["latency_ms"]["p50"] /= 10
+    elsewhere["result"]["metrics"]["accuracy"] += 0.1
+    stored = tmp_path / "elsewhere.json"
+    stored.write_text(json.dumps(elsewhere))
+    strict = regression_recipe(tmp_path, sentences_jsonl, latency=0.5, name="strict.yaml")
+    again = run(load_recipe(strict), tiny_classifier, RunOptions(out=tmp_path / "again", against=stored))
+    verdicts = {g.goal: g for g in again.gate}
+    latency = verdicts["regression.latency_increase"]
+    assert not latency.judged and latency.passed and "Some Other CPU" in latency.note
+    assert not verdicts["regression.accuracy.drop"].passed and not again.passed
+    assert again.report.against.same_machine is False
+    assert any("timed on another machine" in note for note in again.report.notes)
+
+
+def test_validate_random_bytes_is_a_user_error_naming_the_file(tmp_path):
+    junk = tmp_path / "junk.yaml"
+    junk.write_bytes(bytes(range(128, 256)) * 8)
+    outcome = invoke("validate", junk)
+    assert outcome.exit_code == 2, outcome.output
+    assert str(junk) in outcome.output and "not UTF-8 text" in outcome.output
+    assert "Traceback" not in outcome.output
+
+
+def test_stages_prints_bracketed_option_text(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    outcome = invoke("stages")
+    assert outcome.exit_code == 0, outcome.output
+    # build_engine's profile: square brackets are text, not rich markup to be swallowed
+    assert "default: min [1, 1], opt the benchmark's [batch_size, seq_len]" in outcome.output

@@ -1,0 +1,116 @@
+"""plan(): checks a recipe's chain of stages (kinds, order, shapes, goals, backends, device) before heavy work."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from .artifacts import ArtifactKind
+from .data import read
+from .doctor import cuda_problem, ort_provider_problem
+from .errors import BackendMissing, UserError
+from .evaluate import TASK_METRICS
+from .recipe import Recipe
+from .stages import REGISTRY, Stage
+
+HINTS = {("torch", "onnx"): "add an export_onnx stage before it",
+         ("onnx", "torch"): "move it before export_onnx"}
+
+
+@dataclass
+class PlannedStage:
+    index: int
+    stage: Stage
+    config: Any
+    input_kind: ArtifactKind
+    output_kind: ArtifactKind
+
+
+def plan(recipe: Recipe) -> list[PlannedStage]:
+    """Check artifact kinds between stages, per-stage constraints and backends; no model is loaded."""
+    kind: ArtifactKind = "torch"
+    planned = []
+    for index, config in enumerate(recipe.stages):
+        stage = REGISTRY[config.type]
+        where = f"{recipe.where('stages', index)}: stages[{index}] ({config.type})"
+        if kind not in stage.accepts:
+            produced = "the checkpoint is" if index == 0 else f"stages[{index - 1}] outputs"
+            need = " or ".join(stage.accepts)
+            hint = HINTS.get((kind, stage.accepts[0]), "reorder the stages")
+            raise UserError(f"{where} needs {_a(need)} model, but {produced} {_a(kind)} model; {hint}")
+        problem = (stage.check(config, kind, recipe.task) or stage.check_order(config, recipe.stages[:index])
+                   or stage.check_shapes(config, run_shapes(recipe)))
+        if problem:
+            raise UserError(f"{where}: {problem}")
+        fixed = getattr(config, "static_axes", None) or {}
+        bench = recipe.benchmark
+        for axis, wanted in (("batch_size", bench.batch_size), ("sequence_length", bench.seq_len)):
+            if axis in fixed and fixed[axis] != wanted:
+                raise UserError(f"{where}: static_axes.{axis}={fixed[axis]} but the benchmark uses {wanted}; "
+                                "make them equal or leave the axis dynamic")
+        output = stage.output_kind(config, kind)
+        planned.append(PlannedStage(index, stage, config, kind, output))
+        kind = output
+    _check_goal_metrics(recipe)
+    # Backends last: a recipe's own mistakes (exit 2) are reported on any machine, not hidden behind
+    # a missing package (exit 3).
+    for step in planned:
+        where = f"{recipe.where('stages', step.index)}: stages[{step.index}] ({step.config.type})"
+        for module in step.stage.backends(step.config, step.input_kind):
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                raise BackendMissing(f"{where} needs the Python package {module.split('.')[0]!r}, "
+                                     "which is not installed here")
+        missing = step.stage.unavailable(step.config, step.input_kind)
+        if missing:
+            raise BackendMissing(f"{where}: {missing}")
+    return planned
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeio' else 'a'} {word}"
+
+
+def run_shapes(recipe: Recipe) -> dict[str, tuple[int, int]]:
+    """The [batch, sequence] shapes a run feeds its result: the benchmark's, and evaluation's largest."""
+    return {"benchmark": (recipe.benchmark.batch_size, recipe.benchmark.seq_len),
+            "evaluation": (recipe.evaluation.batch_size, recipe.evaluation.max_length)}
+
+
+def _check_goal_metrics(recipe: Recipe) -> None:
+    measured = TASK_METRICS[recipe.task]
+    for index, goal in enumerate(recipe.goals.accuracy):
+        if goal.metric not in measured:
+            where = recipe.where("goals", "accuracy", index, "metric")
+            raise UserError(f"{where}: goals.accuracy[{index}].metric: {recipe.task} measures "
+                            f"{', '.join(measured)}, not {goal.metric!r}")
+
+
+def check_device(device: str, ort_provider: str, steps: list[PlannedStage]) -> None:
+    """Stop with exit 3 before any stage runs when --device cuda cannot be honoured here, and with exit
+    2 when the result is an engine that would have to run on the CPU."""
+    final = steps[-1].output_kind if steps else "torch"
+    if device != "cuda":
+        if final == "engine":
+            raise UserError("the recipe builds a TensorRT engine, which runs on a GPU only; run with --device cuda")
+        return
+    problem = cuda_problem()
+    if problem:
+        raise BackendMissing(f"--device cuda: {problem}")
+    if final == "onnx":
+        problem = ort_provider_problem(ort_provider)
+        if problem:
+            raise BackendMissing(f"--device cuda: {problem}")
+
+
+def check_calibration_sources(recipe: Recipe) -> None:
+    """Read every stage's calibration source once, so a wrong path or field stops the run before
+    any stage spends minutes on the model."""
+    for index, config in enumerate(recipe.stages):
+        calibration = getattr(config, "calibration", None)
+        if calibration is not None:
+            try:
+                read(calibration.data)
+            except UserError as exc:
+                raise UserError(f"{recipe.where('stages', index, 'calibration')}: stages[{index}].calibration: "
+                                f"{exc}") from None

@@ -1,0 +1,143 @@
+"""A run's output folder: held by one run at a time, written hidden, renamed into place only when finished.
+
+Two runs started with the same --out would otherwise both report "PASS, run folder: X" while X holds
+only the second one's artifact. The first run to start takes an exclusive lock beside the folder
+(`.NAME.lock`, flock: the kernel drops it when the process dies, so a killed run never leaves a stale
+lock) and keeps it until its folder is committed or thrown away; a second run exits 2 naming the holder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel
+from .cache import process_alive
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def check_replaceable(out: Path) -> None:
+    """Only an earlier run folder may be replaced; anything else at --out is the user's and stays."""
+    if out.exists() and not (out / MANIFEST).exists():
+        raise UserError(f"{out}: exists and is not a compress run folder; choose another --out")
+
+
+class FolderLock:
+    """An exclusive flock on `.NAME.lock` beside the folder, with the holder's pid, start time and command."""
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.lock"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"{self.path.parent / self.path.name[1:-5]}: another compress run is writing this "
+                                f"folder ({self._holder()}); wait for it to finish or choose another --out") from None
+            # The previous holder unlinks the file before unlocking; a lock taken on that unlinked file
+            # protects nothing, so take it again on the file now at the path.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "command": " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        self._fd = fd
+
+    def _holder(self) -> str:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return "holder unknown"
+        return (f"pid {holder.get('pid', '?')}, started {holder.get('started', '?')}: "
+                f"{holder.get('command', '?')}")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+class RunFolder:
+    """`with RunFolder(out) as folder:` write into `folder.partial`, then `folder.commit()`; leaving the
+    block without committing removes what was written. The folder is locked for the whole block."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out).resolve()
+        self.partial = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        self._lock = FolderLock(self.out)
+        self._committed = False
+
+    def __enter__(self) -> "RunFolder":
+        check_replaceable(self.out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            for stale in self.out.parent.glob(f".{self.out.name}.partial-*"):  # left by a killed run
+                pid = stale.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not process_alive(int(pid)):
+                    shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.mkdir()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def commit(self) -> None:
+        """Rename the finished folder into place, replacing an earlier run folder at the same path."""
+        check_replaceable(self.out)  # again: something may have appeared there while the run was busy
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            self.out.rename(old)
+            self.partial.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.partial.rename(self.out)
+        self._committed = True
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if not self._committed:
+                shutil.rmtree(self.partial, ignore_errors=True)
+        finally:
+            self._lock.release()
+
+
+def place(artifact: Artifact, folder: Path) -> Artifact:
+    """Move the final artifact into a run folder: model.onnx (with config and tokenizer) or model/."""
+    if isinstance(artifact, (OnnxModel, EngineModel)):
+        for item in artifact.folder.iterdir():
+            shutil.move(str(item), folder / item.name)
+        if isinstance(artifact, EngineModel):
+            return EngineModel(folder / artifact.path.name, artifact.task)
+        return OnnxModel(folder / artifact.path.name, artifact.task, with_past=artifact.with_past)
+    target = folder / "model"
+    if artifact.path.is_relative_to(folder):  # a stage's output inside this run: move, don't copy
+        shutil.move(str(artifact.path), target)
+    else:
+        shutil.copytree(artifact.path, target)
+    return TorchModel(target, artifact.task, transforms=artifact.transforms, module=artifact.module)

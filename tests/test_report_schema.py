@@ -1,0 +1,71 @@
+"""report.json is an interface: every field is documented, a written report reads back through the
+schema, and a stored report that does not fit is refused naming the field."""
+
+import json
+from pathlib import Path
+from typing import get_args
+
+import pytest
+from pydantic import BaseModel
+
+from compressor.errors import UserError
+from compressor.gate import load_report
+from compressor.report_schema import SCHEMA_VERSION, Report
+
+from .reports import report, result_side, speedup
+
+DOCS = Path(__file__).parent.parent / "docs" / "REPORT.md"
+
+
+def _field_names(model: type[BaseModel], seen=None) -> set[str]:
+    """Every field name of the report's models, nested ones included."""
+    seen = set() if seen is None else seen
+    names = set()
+    for name, field in model.model_fields.items():
+        names.add(name)
+        for kind in (field.annotation,) + get_args(field.annotation):
+            for candidate in (kind,) + get_args(kind):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel) and candidate not in seen:
+                    seen.add(candidate)
+                    names |= _field_names(candidate, seen)
+    return names
+
+
+def test_every_report_field_is_documented():
+    text = DOCS.read_text()
+    missing = sorted(name for name in _field_names(Report) if f"`{name}`" not in text and f".{name}`" not in text)
+    assert not missing, f"document these in docs/REPORT.md: {missing}"
+
+
+def test_a_written_report_reads_back_unchanged(tmp_path):
+    written = report([], result=result_side(p50=5.0, estimate=speedup(2.0, [1.9, 2.1])))
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(written.as_json()))
+    assert load_report(path) == written and written.schema_version == SCHEMA_VERSION
+
+
+def test_a_bad_field_is_named(tmp_path):
+    document = report([]).as_json()
+    document["result"]["latency_ms"]["p50"] = "fast"
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(UserError, match=r"result\.latency_ms\.p50: Input should be a valid number"):
+        load_report(path)
+
+
+def test_a_newer_schema_is_refused_and_an_unversioned_one_is_read(tmp_path):
+    document = report([]).as_json()
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({**document, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(UserError, match="newer than this compress reads"):
+        load_report(path)
+    del document["schema_version"]
+    path.write_text(json.dumps(document))
+    assert load_report(path).schema_version == 1
+
+
+def test_random_bytes_are_a_user_error(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match="not a readable report.json"):
+        load_report(path)

@@ -1,0 +1,55 @@
+"""A run owns its --out: a second run on the same folder is refused while the first holds it."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from compressor.errors import UserError
+from compressor.run_folder import RunFolder
+
+from .test_run import classifier_recipe
+
+
+def test_second_run_on_the_same_out_exits_2_naming_the_holder(tiny_classifier, sentences_jsonl, tmp_path):
+    recipe = classifier_recipe(tmp_path, sentences_jsonl)
+    out = tmp_path / "shared"
+    command = [sys.executable, "-m", "compressor", "run", str(recipe), "--model", str(tiny_classifier),
+               "--out", str(out)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".shared.partial-*/work")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second could start"
+    second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert "another compress run is writing this folder" in second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    assert first.wait(timeout=300) in (0, 1), first.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"] == "tiny-cls"
+    assert not (tmp_path / ".shared.lock").exists()  # released and removed with the run
+    third = subprocess.run(command, capture_output=True, text=True, timeout=300)  # free again
+    assert third.returncode in (0, 1), third.stderr
+
+
+def test_lock_is_released_when_the_run_fails(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with RunFolder(out) as folder:
+            assert folder.partial.is_dir()
+            raise RuntimeError("a stage failed")
+    assert not folder.partial.exists() and not out.exists()
+    with RunFolder(out) as again:  # not held any more
+        (again.partial / "manifest.json").write_text("{}")
+        again.commit()
+    assert (out / "manifest.json").exists()
+
+
+def test_lock_is_held_within_one_process_too(tmp_path):
+    with RunFolder(tmp_path / "out"):
+        with pytest.raises(UserError, match=r"another compress run is writing this folder \(pid"):
+            with RunFolder(tmp_path / "out"):
+                pass
