@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup fixtures clean
+.PHONY: demo test test-fast setup fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,15 +16,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Every fixture the tests use (the demo builds only the one it needs).
 fixtures: $(STAMP)
 	$(BIN)/compress fixtures
 
-demo: fixtures
+demo: $(STAMP)
+	$(BIN)/compress fixtures --only sentiment-classifier
 	$(BIN)/compress run recipes/minilm-sentiment-int8-dynamic.yaml \
 		--model "$$($(BIN)/compress fixtures --only sentiment-classifier --path)" --out runs/demo
 
+# The whole suite, shipped recipes on the real models included (what CI runs).
 test: fixtures
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
+
+# Unit tests on tiny models only: no fixture is built, a few minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not integration"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

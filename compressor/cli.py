@@ -37,7 +37,8 @@ from .stages import REGISTRY
 
 T = TypeVar("T")
 console = Console(stderr=True)
-stdout = Console()
+# Piped into a CI log, rich would assume 80 columns and shorten the gate table's numbers.
+stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 
 EXIT_PASS, EXIT_FAIL, EXIT_INTERNAL = 0, 1, 4
 
@@ -117,7 +118,7 @@ def main(verbose: bool) -> None:
 def gate_table(report: Report) -> Table:
     table = Table(title=f"{_escape(report.recipe)}: gate", title_justify="left")
     for column in ("goal", "measured", "threshold", "margin", "result"):
-        table.add_column(column, justify="left" if column == "goal" else "right")
+        table.add_column(column, justify="left" if column == "goal" else "right", no_wrap=True)
     for g in report.gate:
         if not g.judged:
             verdict = "[yellow]not judged[/]"

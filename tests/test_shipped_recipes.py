@@ -1,10 +1,19 @@
-"""Every shipped recipe, run on the real PyPI-shipped model it is written for; verdicts are asserted."""
+"""Every shipped recipe, run end to end on the real PyPI-shipped model it is written for.
+
+Recipes written for the same model, evaluation and benchmark are run together by `compress compare`,
+as a user comparing them would: the baseline is evaluated and timed once for the group, and every
+stage output shared between recipes is reused from the stage cache. Accuracy and size verdicts are
+asserted; latency verdicts are not, because they depend on the CPU (int8 is about fp32 speed on an
+AVX2-only machine and 2-4x faster with VNNI or AMX): here latency must be measured and reported with
+its interval, and `benchmarks/` checks latency promises side by side.
+"""
 
 import json
 from pathlib import Path
 
 import pytest
 
+from compressor.compare import compare, load_recipes
 from compressor.pipeline import RunOptions, run
 from compressor.recipe import load_recipe
 
@@ -14,14 +23,50 @@ RECIPES = Path(__file__).parent.parent / "recipes"
 pytestmark = pytest.mark.integration
 
 
+def options(out: Path) -> RunOptions:
+    # Resumed from the session's stage cache, as `compress run --resume` would. Close latency calls are
+    # not re-measured: no latency verdict is asserted here, so that time would buy nothing.
+    return RunOptions(out=out, resume=True, max_remeasure_seconds=0)
+
+
 def run_shipped(name: str, model: str, tmp_path):
-    # Resumed from the session's stage cache, as `compress run --resume` would: recipes that start with
-    # the same stages (the SmolLM2 ONNX export) run them once per test session.
-    return run(load_recipe(RECIPES / name), real_fixture(model), RunOptions(out=tmp_path / "out", resume=True))
+    return run(load_recipe(RECIPES / name), real_fixture(model), options(tmp_path / "out"))
 
 
-def goals(result) -> dict[str, bool]:
-    return {g.goal: g.passed for g in result.gate}
+def compare_shipped(listing: str, model: str, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "out"
+    return compare(load_recipes([RECIPES / listing]), real_fixture(model), options(out))
+
+
+def shipped_report(comparison, recipe: str) -> dict:
+    return json.loads((comparison.out / recipe.removesuffix(".yaml") / "report.json").read_text())
+
+
+def goals(report: dict) -> dict[str, bool]:
+    """Verdict per goal, latency goals left out (they depend on the CPU)."""
+    return {g["goal"]: g["passed"] for g in report["gate"] if not g["goal"].startswith("latency.")}
+
+
+def assert_latency_measured(report: dict) -> None:
+    """The latency goals were measured and reported with the speed-up's confidence interval."""
+    speedup = report["result"]["speedup"]
+    low, high = speedup["interval"]
+    assert low <= speedup["speedup"] <= high and speedup["rounds"] >= 3
+    assert report["baseline"]["latency_ms"]["p50"] > 0 and report["result"]["latency_ms"]["p50"] > 0
+    for goal in report["gate"]:
+        if goal["goal"] == "latency.min_speedup":
+            assert goal["interval"] and goal["measured"] == pytest.approx(speedup["speedup"], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """Every SmolLM2 recipe against one baseline (recipes/compare-smollm2.txt)."""
+    return compare_shipped("compare-smollm2.txt", "smollm2", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return compare_shipped("compare-minilm-encoder.txt", "minilm", tmp_path_factory)
 
 
 def test_fixture_data_split_and_classifier():
@@ -34,92 +79,86 @@ def test_fixture_data_split_and_classifier():
     assert record["test_accuracy"] > 0.8
 
 
-def test_minilm_encoder_fails_only_on_worst_case_cosine(tmp_path):
-    result = run_shipped("minilm-int8-dynamic.yaml", "minilm", tmp_path)
-    verdicts = goals(result)
-    assert verdicts == {"accuracy.cosine_mean.min": True, "accuracy.cosine_min.min": False,
-                        "latency.min_speedup": True, "size.max_ratio": True}, result.report["gate"]
+def test_minilm_encoder_fails_only_on_worst_case_cosine(encoder):
+    report = shipped_report(encoder, "minilm-int8-dynamic")
+    assert goals(report) == {"accuracy.cosine_mean.min": True, "accuracy.cosine_min.min": False,
+                             "size.max_ratio": True}, report["gate"]
+    assert_latency_measured(report)
 
 
-def test_smollm2_int8_dynamic_fails_on_perplexity(tmp_path):
-    result = run_shipped("smollm2-int8-dynamic.yaml", "smollm2", tmp_path)
-    verdicts = goals(result)
-    assert not result.passed and verdicts["accuracy.perplexity.max_drop_pct"] is False
-    assert verdicts["size.max_ratio"] is True  # it does shrink; it just costs too much perplexity
-    assert any("4-bit once" in note or "Q4_1" in note for note in result.report["notes"])
-
-
-def test_torch_int8_recipe_is_meant_to_fail(tmp_path):
-    result = run_shipped("smollm2-torch-int8-dynamic-fails.yaml", "smollm2", tmp_path)
-    verdicts = goals(result)
-    assert not result.passed
-    assert verdicts["accuracy.perplexity.max_drop_pct"] is False and verdicts["accuracy.top1_agreement.min"] is False
-    base, cand = result.report["baseline"]["metrics"], result.report["result"]["metrics"]
-    assert cand["perplexity"] > 2 * base["perplexity"]
-
-
-def test_minilm_encoder_int8_static_passes(tmp_path):
-    result = run_shipped("minilm-int8-static.yaml", "minilm", tmp_path)
-    assert result.passed, result.report["gate"]
-    metrics = result.report["result"]["metrics"]
+def test_minilm_encoder_int8_static_passes_its_accuracy_and_size_goals(encoder):
+    report = shipped_report(encoder, "minilm-int8-static")
+    assert all(goals(report).values()), report["gate"]
+    assert_latency_measured(report)
+    metrics = report["result"]["metrics"]
     assert metrics["cosine_min"] > 0.98  # where int8-dynamic fails (0.976)
-    quantize = result.report["stages"][1]
+    quantize = report["stages"][1]
     assert quantize["method"] == "minmax" and quantize["quantized_nodes"]["MatMul"] == 48
     assert quantize["smoothed_activations"] == 24
 
 
-def test_smollm2_weight_only_passes_and_really_shrinks(tmp_path):
-    result = run_shipped("smollm2-int8-weight-only.yaml", "smollm2", tmp_path)
-    assert result.passed, result.report["gate"]
-    model = Path(result.report["result"]["artifact"])
+def test_smollm2_int8_dynamic_fails_on_perplexity(smollm2):
+    report = shipped_report(smollm2, "smollm2-int8-dynamic")
+    verdicts = goals(report)
+    assert report["verdict"] == "fail" and verdicts["accuracy.perplexity.max_drop_pct"] is False
+    assert verdicts["size.max_ratio"] is True  # it does shrink; it just costs too much perplexity
+    assert any("4-bit once" in note or "Q4_1" in note for note in report["notes"])
+    assert_latency_measured(report)
+
+
+def test_torch_int8_recipe_is_meant_to_fail(smollm2):
+    report = shipped_report(smollm2, "smollm2-torch-int8-dynamic-fails")
+    verdicts = goals(report)
+    assert report["verdict"] == "fail"
+    assert verdicts["accuracy.perplexity.max_drop_pct"] is False and verdicts["accuracy.top1_agreement.min"] is False
+    base, cand = report["baseline"]["metrics"], report["result"]["metrics"]
+    assert cand["perplexity"] > 2 * base["perplexity"]
+
+
+def test_smollm2_weight_only_passes_and_really_shrinks(smollm2):
+    report = shipped_report(smollm2, "smollm2-int8-weight-only")
+    assert report["verdict"] == "pass", report["gate"]
+    model = Path(report["result"]["artifact"])
     on_disk = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
-    assert on_disk < 0.5 * result.report["baseline"]["size_mb"]
-    assert abs(on_disk - result.report["result"]["size_mb"]) < 1
+    assert on_disk < 0.5 * report["baseline"]["size_mb"]
+    assert abs(on_disk - report["result"]["size_mb"]) < 1
 
 
-def test_smollm2_onnx_weight_only_passes(tmp_path):
-    result = run_shipped("smollm2-onnx-int8-weight-only.yaml", "smollm2", tmp_path)
-    assert result.passed, result.report["gate"]
+def test_smollm2_onnx_weight_only_passes(smollm2):
+    report = shipped_report(smollm2, "smollm2-onnx-int8-weight-only")
+    assert report["verdict"] == "pass", report["gate"]
     # every projection of the 30 layers; lm_head reads the embedding table it is tied to, which the
     # input Gather also reads, so it stays float (and is stored once)
-    assert result.report["stages"][1]["quantized_weights"] == 30 * 7
+    assert report["stages"][1]["quantized_weights"] == 30 * 7
 
 
-def test_smollm2_static_fails_with_exit_1_naming_perplexity(tmp_path):
-    from click.testing import CliRunner
-
-    from compressor.cli import main
-
-    out = tmp_path / "out"
-    outcome = CliRunner().invoke(main, ["run", str(RECIPES / "smollm2-int8-static-fails.yaml"),
-                                        "--model", str(real_fixture("smollm2")), "--out", str(out), "--resume"])
-    assert outcome.exit_code == 1, outcome.output
-    report = json.loads((out / "report.json").read_text())
-    failed = [g["goal"] for g in report["gate"] if not g["passed"]]
-    assert failed == ["accuracy.perplexity.max_drop_pct"]
-    assert "FAIL" in (out / "report.md").read_text()
+def test_smollm2_static_fails_naming_perplexity(smollm2):
+    report = shipped_report(smollm2, "smollm2-int8-static-fails")
+    assert report["verdict"] == "fail" and [goal for goal, passed in goals(report).items() if not passed] == [
+        "accuracy.perplexity.max_drop_pct"]
+    assert "FAIL" in (smollm2.out / "smollm2-int8-static-fails" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("recipe", ["smollm2-wanda-50.yaml", "smollm2-sparsegpt-2-4.yaml"])
-def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_perplexity_bar(recipe, tmp_path):
-    result = run_shipped(recipe, "smollm2", tmp_path)
-    prune = result.report["stages"][0]
+def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_perplexity_bar(recipe, smollm2):
+    report = shipped_report(smollm2, recipe)
+    prune = report["stages"][0]
     assert prune["pruned_layers"] == 30 * 7
     assert all(abs(s - 0.5) < 0.002 for s in prune["sparsity_by_layer"].values())  # measured in the saved files
-    assert not result.passed and goals(result) == {"accuracy.perplexity.max_drop_pct": False}
-    ratio = result.report["result"]["metrics"]["perplexity"] / result.report["baseline"]["metrics"]["perplexity"]
+    assert report["verdict"] == "fail" and goals(report) == {"accuracy.perplexity.max_drop_pct": False}
+    ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
     assert 1.5 < ratio < 5  # far worse than the bar, far better than magnitude pruning (~15x / ~55x)
 
 
 @pytest.mark.parametrize("recipe, passes", [("smollm2-onnx-int4-rtn.yaml", False),
                                             ("smollm2-onnx-int4-gptq.yaml", False),
                                             ("smollm2-onnx-int4-hqq.yaml", True)])
-def test_smollm2_int4_recipes(recipe, passes, tmp_path):
-    result = run_shipped(recipe, "smollm2", tmp_path)
-    quantize = result.report["stages"][1]
+def test_smollm2_int4_recipes(recipe, passes, smollm2):
+    report = shipped_report(smollm2, recipe)
+    quantize = report["stages"][1]
     assert quantize["quantized_matmuls"] == 30 * 7 and quantize["float_weight_matmuls"] == 0
-    assert goals(result)["size.max_ratio"] is True  # 4-bit blocks; the tied embedding table stays float
-    assert result.passed is passes and goals(result)["accuracy.perplexity.max_drop_pct"] is passes
+    assert goals(report)["size.max_ratio"] is True  # 4-bit blocks; the tied embedding table stays float
+    assert (report["verdict"] == "pass") is passes and goals(report)["accuracy.perplexity.max_drop_pct"] is passes
 
 
 def test_lora_fixture_learned_sentiment():
@@ -130,26 +169,26 @@ def test_lora_fixture_learned_sentiment():
 
 def test_lora_merge_int8_recipe_passes_against_the_unmerged_adapter(tmp_path):
     result = run_shipped("minilm-sentiment-lora-int8.yaml", "minilm", tmp_path)
-    assert result.passed, result.report["gate"]
-    merge = result.report["stages"][0]
+    assert all(goals(result.json).values()), result.json["gate"]
+    assert_latency_measured(result.json)
+    merge = result.json["stages"][0]
     assert merge["max_abs_diff"] <= 1e-4 and merge["adapter_effect_max_abs"] > 0.1
-    baseline = result.report["baseline"]
+    baseline = result.json["baseline"]
     assert baseline["model"] == "checkpoint + 1 LoRA adapter(s), unmerged (PEFT)"
     assert baseline["metrics"]["accuracy"] > 0.7  # the adapter's head is in the baseline, not a random one
 
 
-def test_smollm2_nf4_reloads_4bit_shrinks_and_fails_the_perplexity_bar(tmp_path):
-    pytest.importorskip("bitsandbytes")
+def test_smollm2_nf4_reloads_4bit_shrinks_and_fails_the_perplexity_bar(smollm2):
     from compressor.artifacts import TorchModel
     from compressor.checkpoint import load_torch_model
 
-    result = run_shipped("smollm2-nf4.yaml", "smollm2", tmp_path)
-    quantize = result.report["stages"][0]
+    report = shipped_report(smollm2, "smollm2-nf4")
+    quantize = report["stages"][0]
     assert quantize["quantized_linear_layers"] == 30 * 7 and quantize["kept_in_float"] == ["lm_head"]
-    module = load_torch_model(TorchModel(Path(result.report["result"]["artifact"]), "text-generation"))
+    module = load_torch_model(TorchModel(Path(report["result"]["artifact"]), "text-generation"))
     assert sum(type(m).__name__ == "Linear4bit" for m in module.modules()) == 30 * 7
-    assert goals(result) == {"accuracy.perplexity.max_drop_pct": False, "size.max_ratio": True}
-    ratio = result.report["result"]["metrics"]["perplexity"] / result.report["baseline"]["metrics"]["perplexity"]
+    assert goals(report) == {"accuracy.perplexity.max_drop_pct": False, "size.max_ratio": True}
+    ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
     assert 1.15 < ratio < 1.5  # measured 1.269: real 4-bit loss, not a broken model
 
 
@@ -160,11 +199,7 @@ def minilm_comparison(tmp_path_factory):
 
     recipes = load_recipes([RECIPES / "compare-minilm.txt"])
     out = tmp_path_factory.mktemp("compare") / "out"
-    return compare(recipes, real_fixture("sentiment-classifier"), RunOptions(out=out, resume=True))
-
-
-def comparison_report(comparison, recipe: str) -> dict:
-    return json.loads((comparison.out / recipe / "report.json").read_text())
+    return compare(recipes, real_fixture("sentiment-classifier"), options(out))
 
 
 def test_compare_minilm_set_ranks_every_recipe_against_one_baseline(minilm_comparison):
@@ -172,40 +207,41 @@ def test_compare_minilm_set_ranks_every_recipe_against_one_baseline(minilm_compa
     assert [r["recipe"] for r in summary["recipes"]] and len(summary["rows"]) == 5
     baseline = summary["baseline"]
     assert baseline["metric"] > 0.8 and summary["evaluation"]["samples"] == 2114
-    assert all(r["speedup"] > 1.0 for r in summary["recipes"] if r["recipe"] != "minilm-sentiment-onnx-fp32")
+    assert all(r["speedup_interval"][0] <= r["speedup"] <= r["speedup_interval"][1] for r in summary["recipes"])
     assert any(r["pareto"] for r in summary["recipes"]) and minilm_comparison.any_passed
     assert (minilm_comparison.out / "compare.png").stat().st_size > 10_000
 
 
 def test_demo_minilm_sentiment_passes(minilm_comparison):
-    report = comparison_report(minilm_comparison, "minilm-sentiment-int8-dynamic")
-    assert report["verdict"] == "pass", report["gate"]
+    report = shipped_report(minilm_comparison, "minilm-sentiment-int8-dynamic")
+    assert all(goals(report).values()), report["gate"]
+    assert_latency_measured(report)
     assert report["evaluation"]["samples"] == 2114
     assert report["baseline"]["metrics"]["accuracy"] > 0.8
     assert report["result"]["size_mb"] < 0.3 * report["baseline"]["size_mb"]
 
 
 def test_sentiment_onnx_fp32_changes_nothing(minilm_comparison):
-    report = comparison_report(minilm_comparison, "minilm-sentiment-onnx-fp32")
+    report = shipped_report(minilm_comparison, "minilm-sentiment-onnx-fp32")
     assert report["verdict"] == "pass", report["gate"]
     assert report["result"]["metrics"]["agreement"] >= 0.999
 
 
 def test_sentiment_int8_static_passes(minilm_comparison):
-    report = comparison_report(minilm_comparison, "minilm-sentiment-int8-static")
-    assert report["verdict"] == "pass", report["gate"]
+    report = shipped_report(minilm_comparison, "minilm-sentiment-int8-static")
+    assert all(goals(report).values()), report["gate"]
+    assert_latency_measured(report)
     base, cand = report["baseline"]["metrics"], report["result"]["metrics"]
     assert base["accuracy"] - cand["accuracy"] <= 0.01
 
 
 def test_classifier_ffn_pruned_int8_keeps_accuracy_and_shrinks_the_ffn(minilm_comparison):
-    report = comparison_report(minilm_comparison, "minilm-sentiment-ffn-pruned-int8")
-    verdicts = {g["goal"]: g["passed"] for g in report["gate"]}
+    report = shipped_report(minilm_comparison, "minilm-sentiment-ffn-pruned-int8")
+    verdicts = goals(report)
     assert verdicts["accuracy.accuracy.max_drop"] and verdicts["size.max_ratio"], report["gate"]
     # The 4.0x latency goal depends on the CPU: met on AMD EPYC (4.9x), missed on Intel Xeon with AMX
-    # (2.7x), where torch fp32 is faster. Either way pruning + int8 must clearly beat torch fp32.
-    speedup = next(g["measured"] for g in report["gate"] if g["goal"] == "latency.min_speedup")
-    assert speedup > 2.0, report["gate"]
+    # (2.7x), where torch fp32 is faster; benchmarks/pruning.py measures it.
+    assert_latency_measured(report)
     prune = report["stages"][0]
     assert (prune["channels_before"], prune["channels_after"]) == (6 * 1536, 6 * 768)
     # per token and layer: projections 4 x 384^2, FFN 2 x 384 x 1536 -> half, attention 2 x 128 x 384
