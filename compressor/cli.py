@@ -37,8 +37,16 @@ from .stages import REGISTRY
 
 T = TypeVar("T")
 console = Console(stderr=True)
-# Piped into a CI log, rich would assume 80 columns and shorten the gate table's numbers.
-stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
+stdout = Console()
+
+
+def _fit_output_width() -> None:
+    """Piped into a CI log, rich would assume 80 columns and shorten the gate table's numbers."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit():
+        stdout.width = int(columns)
+    elif not stdout.is_terminal:
+        stdout.width = 120
 
 EXIT_PASS, EXIT_FAIL, EXIT_INTERNAL = 0, 1, 4
 
@@ -113,6 +121,7 @@ def handle_errors(func):
 def main(verbose: bool) -> None:
     """compress: run a compression recipe on a Hugging Face checkpoint and gate it against the baseline."""
     _quiet_libraries(verbose)
+    _fit_output_width()
 
 
 def gate_table(report: Report) -> Table:

@@ -9,7 +9,7 @@ from typing import Optional
 from xml.etree import ElementTree as ET
 
 from . import machine
-from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel, sha256_file
+from .artifacts import Artifact, EngineModel, OnnxModel, sha256_file
 from .machine import package_versions
 from .report_schema import (BaselineSide, BenchmarkInfo, Environment, EvaluationInfo, GateRow, Report, ResultSide,
                             StageRecord)
@@ -54,13 +54,13 @@ def build_report(recipe, checkpoint: Path, baseline: BaselineSide, result: Resul
         notes=notes, environment=env, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def build_manifest(recipe, checkpoint: Path, artifact: Artifact, folder: Path) -> dict:
+def build_manifest(recipe, checkpoint: Path, artifact: Artifact, folder: Path, checkpoint_digest: str) -> dict:
     files = artifact.files() if isinstance(artifact, (OnnxModel, EngineModel)) else sorted(
         p for p in artifact.path.rglob("*") if p.is_file())
     return {
         "recipe": recipe.model_dump(mode="json"),
         "recipe_file": recipe.source,
-        "checkpoint": {"path": str(checkpoint), "digest": TorchModel(checkpoint, recipe.task).digest()},
+        "checkpoint": {"path": str(checkpoint), "digest": checkpoint_digest},
         "artifact": {str(p.relative_to(folder)): sha256_file(p) for p in files},
         "packages": package_versions(),
         "machine": machine.describe(),

@@ -69,3 +69,23 @@ def test_random_bytes_are_a_user_error(tmp_path):
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(UserError, match="not a readable report.json"):
         load_report(path)
+
+
+def test_int8_on_a_cpu_without_int8_dot_products_gets_a_note():
+    from types import SimpleNamespace
+
+    from compressor.pipeline import _machine_notes
+    from compressor.recipe import parse_recipe
+    from compressor.report import environment
+
+    from .test_recipe import GOOD
+
+    recipe = parse_recipe(GOOD, "r.yaml")
+    assert any(getattr(c, "scheme", None) == "int8-dynamic" for c in recipe.stages)
+    onnx = SimpleNamespace(backend="onnxruntime-cpu")
+    avx2 = environment(2).model_copy(update={"isa_flags": ["avx2", "fma"]})
+    vnni = environment(2).model_copy(update={"isa_flags": ["avx2", "fma", "avx512f", "avx512_vnni"]})
+    [note] = _machine_notes(recipe, onnx, avx2)
+    assert "no int8 dot-product instructions" in note
+    assert _machine_notes(recipe, onnx, vnni) == []
+    assert _machine_notes(recipe, SimpleNamespace(backend="torch-cpu"), avx2) == []

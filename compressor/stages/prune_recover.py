@@ -56,11 +56,21 @@ def distill(student, teacher, feeds: list[dict], task: str, config: RecoverConfi
     student.eval()
     teacher.eval()
     losses, started = [], time.perf_counter()
-    batches = itertools.cycle(feeds)
+    # The teacher is frozen and deterministic (eval mode), so the steps that cycle back to a batch would
+    # recompute the same outputs. They are kept where they are small (a classifier's logits, an encoder's
+    # hidden states); a language model's logits over its vocabulary are recomputed instead.
+    remembered: dict[int, object] = {}
+    keep_targets = task != "text-generation"
+    batches = itertools.cycle(enumerate(feeds))
     for _ in progress.track(range(config.steps), config.steps, "recovering (distillation)"):
-        inputs = torch_inputs(next(batches))
-        with torch.no_grad():
-            target = teacher(**inputs, **extra)
+        index, feed = next(batches)
+        inputs = torch_inputs(feed)
+        target = remembered.get(index)
+        if target is None:
+            with torch.no_grad():
+                target = teacher(**inputs, **extra)
+            if keep_targets:
+                remembered[index] = target
         with torch.enable_grad():
             loss = _loss(task, student(**inputs, **extra), target, inputs["attention_mask"].float(),
                          config.temperature)
