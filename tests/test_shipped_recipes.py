@@ -69,7 +69,6 @@ def encoder(tmp_path_factory):
     return compare_shipped("compare-minilm-encoder.txt", "minilm", tmp_path_factory)
 
 
-@pytest.mark.xdist_group("minilm")
 def test_fixture_data_split_and_classifier():
     data = real_fixture("sentiment-data")
     train = (data / "train.jsonl").read_text().splitlines()
@@ -80,7 +79,6 @@ def test_fixture_data_split_and_classifier():
     assert record["test_accuracy"] > 0.8
 
 
-@pytest.mark.xdist_group("minilm")
 def test_minilm_encoder_fails_only_on_worst_case_cosine(encoder):
     report = shipped_report(encoder, "minilm-int8-dynamic")
     assert goals(report) == {"accuracy.cosine_mean.min": True, "accuracy.cosine_min.min": False,
@@ -88,7 +86,6 @@ def test_minilm_encoder_fails_only_on_worst_case_cosine(encoder):
     assert_latency_measured(report)
 
 
-@pytest.mark.xdist_group("minilm")
 def test_minilm_encoder_int8_static_passes_its_accuracy_and_size_goals(encoder):
     report = shipped_report(encoder, "minilm-int8-static")
     assert all(goals(report).values()), report["gate"]
@@ -100,7 +97,6 @@ def test_minilm_encoder_int8_static_passes_its_accuracy_and_size_goals(encoder):
     assert quantize["smoothed_activations"] == 24
 
 
-@pytest.mark.xdist_group("smollm2")
 def test_smollm2_int8_dynamic_fails_on_perplexity(smollm2):
     report = shipped_report(smollm2, "smollm2-int8-dynamic")
     verdicts = goals(report)
@@ -110,7 +106,6 @@ def test_smollm2_int8_dynamic_fails_on_perplexity(smollm2):
     assert_latency_measured(report)
 
 
-@pytest.mark.xdist_group("smollm2")
 def test_torch_int8_recipe_is_meant_to_fail(smollm2):
     report = shipped_report(smollm2, "smollm2-torch-int8-dynamic-fails")
     verdicts = goals(report)
@@ -120,7 +115,6 @@ def test_torch_int8_recipe_is_meant_to_fail(smollm2):
     assert cand["perplexity"] > 2 * base["perplexity"]
 
 
-@pytest.mark.xdist_group("smollm2")
 def test_smollm2_weight_only_passes_and_really_shrinks(smollm2):
     report = shipped_report(smollm2, "smollm2-int8-weight-only")
     assert report["verdict"] == "pass", report["gate"]
@@ -130,7 +124,6 @@ def test_smollm2_weight_only_passes_and_really_shrinks(smollm2):
     assert abs(on_disk - report["result"]["size_mb"]) < 1
 
 
-@pytest.mark.xdist_group("smollm2")
 def test_smollm2_onnx_weight_only_passes(smollm2):
     report = shipped_report(smollm2, "smollm2-onnx-int8-weight-only")
     assert report["verdict"] == "pass", report["gate"]
@@ -139,7 +132,6 @@ def test_smollm2_onnx_weight_only_passes(smollm2):
     assert report["stages"][1]["quantized_weights"] == 30 * 7
 
 
-@pytest.mark.xdist_group("smollm2")
 def test_smollm2_static_fails_naming_perplexity(smollm2):
     report = shipped_report(smollm2, "smollm2-int8-static-fails")
     assert report["verdict"] == "fail" and [goal for goal, passed in goals(report).items() if not passed] == [
@@ -147,7 +139,6 @@ def test_smollm2_static_fails_naming_perplexity(smollm2):
     assert "FAIL" in (smollm2.out / "smollm2-int8-static-fails" / "report.md").read_text()
 
 
-@pytest.mark.xdist_group("smollm2")
 @pytest.mark.parametrize("recipe", ["smollm2-wanda-50.yaml", "smollm2-sparsegpt-2-4.yaml"])
 def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_perplexity_bar(recipe, smollm2):
     report = shipped_report(smollm2, recipe)
@@ -162,7 +153,6 @@ def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_per
 @pytest.mark.parametrize("recipe, passes", [("smollm2-onnx-int4-rtn.yaml", False),
                                             ("smollm2-onnx-int4-gptq.yaml", False),
                                             ("smollm2-onnx-int4-hqq.yaml", True)])
-@pytest.mark.xdist_group("smollm2")
 def test_smollm2_int4_recipes(recipe, passes, smollm2):
     report = shipped_report(smollm2, recipe)
     quantize = report["stages"][1]
@@ -171,14 +161,12 @@ def test_smollm2_int4_recipes(recipe, passes, smollm2):
     assert (report["verdict"] == "pass") is passes and goals(report)["accuracy.perplexity.max_drop_pct"] is passes
 
 
-@pytest.mark.xdist_group("minilm")
 def test_lora_fixture_learned_sentiment():
     record = json.loads((real_fixture("sentiment-lora") / "fixture.json").read_text())
     assert record["test_accuracy"] > 0.7  # the base encoder with an untrained head is at chance (~0.5)
     assert record["r"] == 8 and (real_fixture("sentiment-lora") / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.xdist_group("minilm")
 def test_lora_merge_int8_recipe_passes_against_the_unmerged_adapter(tmp_path):
     result = run_shipped("minilm-sentiment-lora-int8.yaml", "minilm", tmp_path)
     assert all(goals(result.json).values()), result.json["gate"]
@@ -190,7 +178,6 @@ def test_lora_merge_int8_recipe_passes_against_the_unmerged_adapter(tmp_path):
     assert baseline["metrics"]["accuracy"] > 0.7  # the adapter's head is in the baseline, not a random one
 
 
-@pytest.mark.xdist_group("smollm2")
 def test_smollm2_nf4_reloads_4bit_shrinks_and_fails_the_perplexity_bar(smollm2):
     from compressor.artifacts import TorchModel
     from compressor.checkpoint import load_torch_model
@@ -215,7 +202,6 @@ def minilm_comparison(tmp_path_factory):
     return compare(recipes, real_fixture("sentiment-classifier"), options(out))
 
 
-@pytest.mark.xdist_group("minilm")
 def test_compare_minilm_set_ranks_every_recipe_against_one_baseline(minilm_comparison):
     summary = minilm_comparison.summary
     assert [r["recipe"] for r in summary["recipes"]] and len(summary["rows"]) == 5
@@ -226,7 +212,6 @@ def test_compare_minilm_set_ranks_every_recipe_against_one_baseline(minilm_compa
     assert (minilm_comparison.out / "compare.png").stat().st_size > 10_000
 
 
-@pytest.mark.xdist_group("minilm")
 def test_demo_minilm_sentiment_passes(minilm_comparison):
     report = shipped_report(minilm_comparison, "minilm-sentiment-int8-dynamic")
     assert all(goals(report).values()), report["gate"]
@@ -236,14 +221,12 @@ def test_demo_minilm_sentiment_passes(minilm_comparison):
     assert report["result"]["size_mb"] < 0.3 * report["baseline"]["size_mb"]
 
 
-@pytest.mark.xdist_group("minilm")
 def test_sentiment_onnx_fp32_changes_nothing(minilm_comparison):
     report = shipped_report(minilm_comparison, "minilm-sentiment-onnx-fp32")
     assert report["verdict"] == "pass", report["gate"]
     assert report["result"]["metrics"]["agreement"] >= 0.999
 
 
-@pytest.mark.xdist_group("minilm")
 def test_sentiment_int8_static_passes(minilm_comparison):
     report = shipped_report(minilm_comparison, "minilm-sentiment-int8-static")
     assert all(goals(report).values()), report["gate"]
@@ -252,7 +235,6 @@ def test_sentiment_int8_static_passes(minilm_comparison):
     assert base["accuracy"] - cand["accuracy"] <= 0.01
 
 
-@pytest.mark.xdist_group("minilm")
 def test_classifier_ffn_pruned_int8_keeps_accuracy_and_shrinks_the_ffn(minilm_comparison):
     report = shipped_report(minilm_comparison, "minilm-sentiment-ffn-pruned-int8")
     verdicts = goals(report)
