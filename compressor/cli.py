@@ -43,7 +43,7 @@ stdout = Console()
 def _fit_output_width() -> None:
     """Piped into a CI log, rich would assume 80 columns and shorten the gate table's numbers."""
     columns = os.environ.get("COLUMNS", "")
-    if columns.isdigit():
+    if columns.isdigit() and int(columns) > 0:
         stdout.width = int(columns)
     elif not stdout.is_terminal:
         stdout.width = 120
@@ -127,7 +127,10 @@ def main(verbose: bool) -> None:
 def gate_table(report: Report) -> Table:
     table = Table(title=f"{_escape(report.recipe)}: gate", title_justify="left")
     for column in ("goal", "measured", "threshold", "margin", "result"):
-        table.add_column(column, justify="left" if column == "goal" else "right", no_wrap=True)
+        # Numbers never shorten; on a narrow terminal the goal and result columns fold instead.
+        table.add_column(column, justify="left" if column == "goal" else "right",
+                         no_wrap=column not in ("goal", "result"),
+                         overflow="fold" if column in ("goal", "result") else "ellipsis")
     for g in report.gate:
         if not g.judged:
             verdict = "[yellow]not judged[/]"

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from .errors import UserError
 from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
+from .recipe import format_path
 from .report_schema import SCHEMA_VERSION, BaselineSide, Environment, GateRow, Report, ResultSide, Speedup
 
 
@@ -72,19 +73,23 @@ def _with_interval(verdict: GateRow, estimate: Optional[Speedup], to_measured) -
     return verdict
 
 
-def machine_differences(before: Environment, now: Environment) -> list[str]:
-    """What differs between the machines two reports were timed on, in the facts that move speed-ups:
-    CPU model and ISA extensions (int8 speed-ups differ up to 3x between AVX2 and AVX-512 VNNI), threads,
-    device and GPU."""
-    differences = []
-    for field, label in (("cpu_model", "CPU"), ("isa_flags", "CPU extensions"), ("threads", "threads"),
-                         ("device", "device"), ("gpu", "GPU")):
-        old, new = getattr(before, field), getattr(now, field)
-        if field == "isa_flags":
-            old, new = " ".join(old) or "unknown", " ".join(new) or "unknown"
-        if old != new:
-            differences.append(f"{label}: {old} then, {new} now")
-    return differences
+def machine_facts_known(environment: Environment) -> bool:
+    """Reports written before schema 2 carry no CPU model or ISA flags."""
+    return environment.cpu_model != "unknown" or bool(environment.isa_flags)
+
+
+def machine_differences(before: Report, now: Environment) -> list[str]:
+    """What differs between the machine a stored report was timed on and this one, in the facts that
+    move speed-ups: CPU model and ISA extensions (int8 speed-ups differ up to 3x between AVX2 and
+    AVX-512 VNNI), threads, device and GPU. Facts the stored report does not record are not compared."""
+    then = before.environment
+    threads = then.threads if then.threads is not None else before.benchmark.threads
+    pairs = [("threads", threads, now.threads), ("device", then.device, now.device), ("GPU", then.gpu, now.gpu)]
+    if machine_facts_known(then):
+        pairs = [("CPU", then.cpu_model, now.cpu_model),
+                 ("CPU extensions", " ".join(then.isa_flags) or "unknown", " ".join(now.isa_flags) or "unknown"),
+                 ] + pairs
+    return [f"{label}: {old} then, {new} now" for label, old, new in pairs if old != new]
 
 
 def speedup_thresholds(goals, previous: Optional[Report], same_machine: bool = True) -> list[float]:
@@ -97,13 +102,6 @@ def speedup_thresholds(goals, previous: Optional[Report], same_machine: bool = T
         before = previous.baseline.latency_ms.p50 / previous.result.latency_ms.p50
         thresholds.append(before / (1.0 + goals.regression.max_latency_increase))
     return thresholds
-
-
-def _field_path(loc: tuple) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
 
 
 def load_report(path: Path, what: str = "report") -> Report:
@@ -123,7 +121,7 @@ def load_report(path: Path, what: str = "report") -> Report:
     try:
         return Report.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
+        problems = [f"{format_path(e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
         raise UserError(f"{path}: not a valid compress report.json: " + "; ".join(problems)) from None
 
 

@@ -19,7 +19,8 @@ from .checkpoint import inspect_checkpoint, load_tokenizer
 from .data import load_samples
 from .errors import UserError
 from .evaluate import evaluate
-from .gate import check_goals, check_regression, load_previous, machine_differences, speedup_thresholds
+from .gate import (check_goals, check_regression, load_previous, machine_differences, machine_facts_known,
+                   speedup_thresholds)
 from .machine import has_int8_dot_product
 from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
 from .progress import Progress, Silent
@@ -209,7 +210,7 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                             progress=progress) for runner in runners]
 
     env = reporting.environment(threads=bench.threads, device=options.device)
-    differences = machine_differences(prepared.previous.environment, env) if prepared.previous else []
+    differences = machine_differences(prepared.previous, env) if prepared.previous else []
     progress.phase("benchmarking the baseline and " + ("every result" if nested else "the result")
                    + ", in alternating blocks")
     feed = benchmark_feed(tokenizer, samples.texts, bench.batch_size, bench.seq_len)
@@ -237,13 +238,19 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
         report = reporting.build_report(recipe, prepared.checkpoint, base_side, result_side, gate,
                                         [StageRecord(**r) for r in stage_records], evaluated=base_eval.samples,
                                         data_source=samples.source, env=env, other_cpu_share=load.share,
-                                        remeasured_seconds=remeasured)
+                                        remeasured_seconds=remeasured, benchmark=bench)
         report.notes += _machine_notes(recipe, runner, env)
         regression = recipe.goals.regression
         if prepared.previous is not None:
+            known = machine_facts_known(prepared.previous.environment)
             report.against = Against(report=str(options.against), recipe=prepared.previous.recipe,
                                      created=prepared.previous.created, verdict=prepared.previous.verdict,
-                                     same_machine=not differences, machine_differences=differences)
+                                     same_machine=not differences if known or differences else None,
+                                     machine_differences=differences)
+            if not known:
+                report.notes.append(f"{options.against} records no CPU model or ISA flags (written before "
+                                    "report schema 2): the latency regression was judged as if it came from "
+                                    "this machine; store a new report to compare machines")
         elif regression.max_latency_increase is not None or regression.max_accuracy_drop is not None:
             report.notes.append("goals.regression was not checked: run with --against PREVIOUS/report.json")
         if not options.keep_intermediate:

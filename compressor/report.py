@@ -24,7 +24,9 @@ BUSY_MACHINE_SHARE = 0.25
 
 def build_report(recipe, checkpoint: Path, baseline: BaselineSide, result: ResultSide, gate: list[GateRow],
                  stages: list[StageRecord], evaluated: int, data_source: str, env: Environment,
-                 other_cpu_share: float | None = None, remeasured_seconds: float = 0.0) -> Report:
+                 other_cpu_share: float | None = None, remeasured_seconds: float = 0.0, benchmark=None) -> Report:
+    """`benchmark`: the settings the timing used, when they differ from the recipe's."""
+    benchmark = benchmark or recipe.benchmark
     notes = []
     if other_cpu_share is not None and other_cpu_share > BUSY_MACHINE_SHARE:
         notes.append(f"other processes used {other_cpu_share:.0%} of the CPU while latency was measured; "
@@ -49,7 +51,7 @@ def build_report(recipe, checkpoint: Path, baseline: BaselineSide, result: Resul
         verdict="pass" if all(g.passed for g in gate) else "fail", baseline=baseline, result=result, gate=gate,
         stages=stages,
         evaluation=EvaluationInfo(samples=evaluated, data=data_source, max_length=recipe.evaluation.max_length),
-        benchmark=BenchmarkInfo(**recipe.benchmark.model_dump(), other_cpu_share=other_cpu_share,
+        benchmark=BenchmarkInfo(**benchmark.model_dump(), other_cpu_share=other_cpu_share,
                                 remeasured_seconds=round(remeasured_seconds, 2)),
         notes=notes, environment=env, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -132,8 +134,8 @@ def markdown(report: Report) -> str:
     if report.against:
         against = report.against
         lines += ["", f"Compared with `{against.report}` ({against.recipe}, {against.created}, {against.verdict})"
-                  + ("" if against.same_machine else "; timed on another machine: "
-                     + "; ".join(against.machine_differences)) + "."]
+                  + ("; timed on another machine: " + "; ".join(against.machine_differences)
+                     if against.same_machine is False else "") + "."]
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
     lines += ["", f"Artifact: `{res.artifact}`", ""]

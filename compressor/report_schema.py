@@ -132,7 +132,7 @@ class Against(Model):
     recipe: Optional[str]
     created: Optional[str]
     verdict: Optional[str]
-    same_machine: bool
+    same_machine: Optional[bool] = Field(None, description="None when the stored report predates machine facts")
     machine_differences: list[str] = Field(default_factory=list)
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel
-from .cache import process_alive
 from .errors import UserError
 
 MANIFEST = "manifest.json"
@@ -96,10 +95,11 @@ class RunFolder:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         try:
-            for stale in self.out.parent.glob(f".{self.out.name}.partial-*"):  # left by a killed run
-                pid = stale.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and not process_alive(int(pid)):
-                    shutil.rmtree(stale, ignore_errors=True)
+            # Left by a killed run: with the lock held no other run can be writing them (a pid check
+            # would keep those whose pid an unrelated process has taken since).
+            for stale in [*self.out.parent.glob(f".{self.out.name}.partial-*"),
+                          *self.out.parent.glob(f".{self.out.name}.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir()
         except BaseException:

@@ -165,11 +165,20 @@ def test_regression_against_another_machine_is_not_judged_but_accuracy_is():
 
 
 def test_machine_differences_name_what_moves_speed_ups():
-    env = environment(2)
-    assert machine_differences(env, env) == []
+    env = environment(2).model_copy(update={"cpu_model": "EPYC", "isa_flags": ["avx2", "avx512_vnni"]})
+    stored = report([], environment=env)
+    assert machine_differences(stored, env) == []
     other = env.model_copy(update={"isa_flags": ["avx2"], "threads": 4})
-    found = machine_differences(env.model_copy(update={"isa_flags": ["avx2", "avx512_vnni"]}), other)
-    assert found == ["CPU extensions: avx2 avx512_vnni then, avx2 now", "threads: 2 then, 4 now"]
+    assert machine_differences(stored, other) == ["CPU extensions: avx2 avx512_vnni then, avx2 now",
+                                                  "threads: 2 then, 4 now"]
+
+
+def test_a_report_without_machine_facts_compares_only_what_it_recorded():
+    # Written before schema 2: no CPU model, ISA flags or threads in environment; threads are in benchmark.
+    old = environment(None).model_copy(update={"cpu_model": "unknown", "isa_flags": []})
+    stored = report([], environment=old)
+    now = environment(2).model_copy(update={"cpu_model": "EPYC", "isa_flags": ["avx2"]})
+    assert stored.benchmark.threads == 2 and machine_differences(stored, now) == []
 
 
 def test_report_and_junit_say_marginal():

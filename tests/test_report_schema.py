@@ -64,6 +64,20 @@ def test_a_newer_schema_is_refused_and_an_unversioned_one_is_read(tmp_path):
     assert load_report(path).schema_version == 1
 
 
+def test_a_report_written_before_the_schema_loads(tmp_path):
+    document = report([]).as_json()
+    del document["schema_version"]
+    for field in ("cpu_model", "isa_flags", "gpu", "threads", "device"):
+        del document["environment"][field]
+    document["against"] = {"report": "earlier/report.json", "recipe": "r", "created": "2026-01-01T00:00:00Z",
+                           "verdict": "pass"}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(document))
+    loaded = load_report(path)
+    assert loaded.schema_version == 1 and loaded.against.same_machine is None
+    assert loaded.environment.cpu_model == "unknown" and loaded.environment.isa_flags == []
+
+
 def test_random_bytes_are_a_user_error(tmp_path):
     path = tmp_path / "report.json"
     path.write_bytes(bytes(range(256)) * 4)

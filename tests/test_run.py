@@ -332,3 +332,20 @@ def test_stages_prints_bracketed_option_text(monkeypatch):
     assert outcome.exit_code == 0, outcome.output
     # build_engine's profile: square brackets are text, not rich markup to be swallowed
     assert "default: min [1, 1], opt the benchmark's [batch_size, seq_len]" in outcome.output
+
+
+def test_against_a_report_without_machine_facts_judges_latency_and_says_so(tiny_classifier, sentences_jsonl,
+                                                                            tmp_path):
+    first = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl)), tiny_classifier,
+                RunOptions(out=tmp_path / "first"))
+    older = first.json
+    del older["schema_version"]
+    for field in ("cpu_model", "isa_flags", "gpu", "threads", "device"):
+        del older["environment"][field]
+    stored = tmp_path / "older.json"
+    stored.write_text(json.dumps(older))
+    again = run(load_recipe(regression_recipe(tmp_path, sentences_jsonl, name="again.yaml")), tiny_classifier,
+                RunOptions(out=tmp_path / "again", against=stored))
+    latency = next(g for g in again.gate if g.goal == "regression.latency_increase")
+    assert latency.judged and again.report.against.same_machine is None
+    assert any("records no CPU model or ISA flags" in note for note in again.report.notes)
