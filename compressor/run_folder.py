@@ -33,6 +33,7 @@ class FolderLock:
     """An exclusive flock on `.NAME.lock` beside the folder, with the holder's pid, start time and command."""
 
     def __init__(self, out: Path):
+        self.out = out
         self.path = out.parent / f".{out.name}.lock"
         self._fd: Optional[int] = None
 
@@ -43,7 +44,7 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise UserError(f"{self.path.parent / self.path.name[1:-5]}: another compress run is writing this "
+                raise UserError(f"{self.out}: another compress run is writing this "
                                 f"folder ({self._holder()}); wait for it to finish or choose another --out") from None
             # The previous holder unlinks the file before unlocking; a lock taken on that unlinked file
             # protects nothing, so take it again on the file now at the path.
