@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup fixtures clean
+.PHONY: demo test test-fast test-recipes setup fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,14 @@ demo: $(STAMP)
 	$(BIN)/compress run recipes/minilm-sentiment-int8-dynamic.yaml \
 		--model "$$($(BIN)/compress fixtures --only sentiment-classifier --path)" --out runs/demo
 
-# The whole suite, shipped recipes on the real models included (what CI runs). One process: two test
-# workers on two cores measured slower (torch's and ONNX Runtime's threads spin while they wait).
+# The suite CI runs: unit tests, and shipped recipes on the real models, one recipe per kind of stage
+# (ONNX int8, int4 GPTQ, SparseGPT, torch weight-only, nf4, LoRA, the classifier set). One process: two
+# test workers on two cores measured slower (torch's and ONNX Runtime's threads spin while they wait).
 test: fixtures
+	$(BIN)/python -m pytest -q -ra --durations=15 -m "not every_recipe"
+
+# Every test, every shipped recipe end to end included (about 20 minutes on 2 cores).
+test-recipes: fixtures
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 # Unit tests on tiny models only: no fixture is built, a few minutes.

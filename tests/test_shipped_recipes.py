@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor.compare import compare, load_recipes
+from compressor.compare import compare, load_recipes, read_recipe_list
 from compressor.pipeline import RunOptions, run
 from compressor.recipe import load_recipe
 
@@ -33,13 +33,29 @@ def run_shipped(name: str, model: str, tmp_path):
     return run(load_recipe(RECIPES / name), real_fixture(model), options(tmp_path / "out"))
 
 
-def compare_shipped(listing: str, model: str, tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare") / "out"
-    return compare(load_recipes([RECIPES / listing]), real_fixture(model), options(out))
+class ShippedGroup:
+    """Shipped recipes of one listing run by `compress compare` against one baseline; only the recipes
+    that the selected tests ask for (their `shipped` mark), so that running one test runs one recipe."""
+
+    def __init__(self, listing: str, model: str, request, tmp_path_factory):
+        wanted = {name for item in request.session.items for mark in item.iter_markers("shipped")
+                  for name in mark.args}
+        paths = [p for p in read_recipe_list(RECIPES / listing) if p.name in wanted]
+        self.out = tmp_path_factory.mktemp("compare") / "out"
+        if len(paths) == 1:  # compare needs two; one recipe is a plain run into its own sub-folder
+            run(load_recipe(paths[0]), real_fixture(model), options(self.out / paths[0].stem))
+        elif paths:
+            compare(load_recipes(paths), real_fixture(model), options(self.out))
+
+    def report(self, recipe: str) -> dict:
+        return json.loads((self.out / recipe.removesuffix(".yaml") / "report.json").read_text())
+
+    def folder(self, recipe: str) -> Path:
+        return self.out / recipe.removesuffix(".yaml")
 
 
 def shipped_report(comparison, recipe: str) -> dict:
-    return json.loads((comparison.out / recipe.removesuffix(".yaml") / "report.json").read_text())
+    return json.loads((comparison.out / recipe / "report.json").read_text())
 
 
 def goals(report: dict) -> dict[str, bool]:
@@ -58,15 +74,32 @@ def assert_latency_measured(report: dict) -> None:
             assert goal["interval"] and goal["measured"] == pytest.approx(speedup["speedup"], rel=1e-3)
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """Every SmolLM2 recipe against one baseline (recipes/compare-smollm2.txt)."""
-    return compare_shipped("compare-smollm2.txt", "smollm2", tmp_path_factory)
+def shipped(*recipes: str, every: bool = False):
+    """Marks a test with the shipped recipes it reads. `every=True`: beyond the focused set `make test`
+    runs (one recipe per kind of stage); `make test-recipes` runs every shipped recipe."""
+    marks = [pytest.mark.shipped(*recipes)] + ([pytest.mark.every_recipe] if every else [])
+
+    def mark(test):
+        for m in marks:
+            test = m(test)
+        return test
+    return mark
+
+
+def shipped_param(recipe: str, *values, every: bool = False):
+    return pytest.param(recipe, *values, marks=[pytest.mark.shipped(recipe)]
+                        + ([pytest.mark.every_recipe] if every else []))
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    return compare_shipped("compare-minilm-encoder.txt", "minilm", tmp_path_factory)
+def smollm2(request, tmp_path_factory):
+    """The SmolLM2 recipes the selected tests need, against one baseline (recipes/compare-smollm2.txt)."""
+    return ShippedGroup("compare-smollm2.txt", "smollm2", request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def encoder(request, tmp_path_factory):
+    return ShippedGroup("compare-minilm-encoder.txt", "minilm", request, tmp_path_factory)
 
 
 def test_fixture_data_split_and_classifier():
@@ -79,15 +112,17 @@ def test_fixture_data_split_and_classifier():
     assert record["test_accuracy"] > 0.8
 
 
+@shipped("minilm-int8-dynamic.yaml")
 def test_minilm_encoder_fails_only_on_worst_case_cosine(encoder):
-    report = shipped_report(encoder, "minilm-int8-dynamic")
+    report = encoder.report("minilm-int8-dynamic")
     assert goals(report) == {"accuracy.cosine_mean.min": True, "accuracy.cosine_min.min": False,
                              "size.max_ratio": True}, report["gate"]
     assert_latency_measured(report)
 
 
+@shipped("minilm-int8-static.yaml")
 def test_minilm_encoder_int8_static_passes_its_accuracy_and_size_goals(encoder):
-    report = shipped_report(encoder, "minilm-int8-static")
+    report = encoder.report("minilm-int8-static")
     assert all(goals(report).values()), report["gate"]
     assert_latency_measured(report)
     metrics = report["result"]["metrics"]
@@ -97,8 +132,9 @@ def test_minilm_encoder_int8_static_passes_its_accuracy_and_size_goals(encoder):
     assert quantize["smoothed_activations"] == 24
 
 
+@shipped("smollm2-int8-dynamic.yaml")
 def test_smollm2_int8_dynamic_fails_on_perplexity(smollm2):
-    report = shipped_report(smollm2, "smollm2-int8-dynamic")
+    report = smollm2.report("smollm2-int8-dynamic")
     verdicts = goals(report)
     assert report["verdict"] == "fail" and verdicts["accuracy.perplexity.max_drop_pct"] is False
     assert verdicts["size.max_ratio"] is True  # it does shrink; it just costs too much perplexity
@@ -106,8 +142,9 @@ def test_smollm2_int8_dynamic_fails_on_perplexity(smollm2):
     assert_latency_measured(report)
 
 
+@shipped("smollm2-torch-int8-dynamic-fails.yaml", every=True)
 def test_torch_int8_recipe_is_meant_to_fail(smollm2):
-    report = shipped_report(smollm2, "smollm2-torch-int8-dynamic-fails")
+    report = smollm2.report("smollm2-torch-int8-dynamic-fails")
     verdicts = goals(report)
     assert report["verdict"] == "fail"
     assert verdicts["accuracy.perplexity.max_drop_pct"] is False and verdicts["accuracy.top1_agreement.min"] is False
@@ -115,8 +152,9 @@ def test_torch_int8_recipe_is_meant_to_fail(smollm2):
     assert cand["perplexity"] > 2 * base["perplexity"]
 
 
+@shipped("smollm2-int8-weight-only.yaml")
 def test_smollm2_weight_only_passes_and_really_shrinks(smollm2):
-    report = shipped_report(smollm2, "smollm2-int8-weight-only")
+    report = smollm2.report("smollm2-int8-weight-only")
     assert report["verdict"] == "pass", report["gate"]
     model = Path(report["result"]["artifact"])
     on_disk = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
@@ -124,24 +162,27 @@ def test_smollm2_weight_only_passes_and_really_shrinks(smollm2):
     assert abs(on_disk - report["result"]["size_mb"]) < 1
 
 
+@shipped("smollm2-onnx-int8-weight-only.yaml", every=True)
 def test_smollm2_onnx_weight_only_passes(smollm2):
-    report = shipped_report(smollm2, "smollm2-onnx-int8-weight-only")
+    report = smollm2.report("smollm2-onnx-int8-weight-only")
     assert report["verdict"] == "pass", report["gate"]
     # every projection of the 30 layers; lm_head reads the embedding table it is tied to, which the
     # input Gather also reads, so it stays float (and is stored once)
     assert report["stages"][1]["quantized_weights"] == 30 * 7
 
 
+@shipped("smollm2-int8-static-fails.yaml", every=True)
 def test_smollm2_static_fails_naming_perplexity(smollm2):
-    report = shipped_report(smollm2, "smollm2-int8-static-fails")
+    report = smollm2.report("smollm2-int8-static-fails")
     assert report["verdict"] == "fail" and [goal for goal, passed in goals(report).items() if not passed] == [
         "accuracy.perplexity.max_drop_pct"]
-    assert "FAIL" in (smollm2.out / "smollm2-int8-static-fails" / "report.md").read_text()
+    assert "FAIL" in (smollm2.folder("smollm2-int8-static-fails") / "report.md").read_text()
 
 
-@pytest.mark.parametrize("recipe", ["smollm2-wanda-50.yaml", "smollm2-sparsegpt-2-4.yaml"])
+@pytest.mark.parametrize("recipe", [shipped_param("smollm2-wanda-50.yaml", every=True),
+                                    shipped_param("smollm2-sparsegpt-2-4.yaml")])
 def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_perplexity_bar(recipe, smollm2):
-    report = shipped_report(smollm2, recipe)
+    report = smollm2.report(recipe)
     prune = report["stages"][0]
     assert prune["pruned_layers"] == 30 * 7
     assert all(abs(s - 0.5) < 0.002 for s in prune["sparsity_by_layer"].values())  # measured in the saved files
@@ -150,11 +191,11 @@ def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_per
     assert 1.5 < ratio < 5  # far worse than the bar, far better than magnitude pruning (~15x / ~55x)
 
 
-@pytest.mark.parametrize("recipe, passes", [("smollm2-onnx-int4-rtn.yaml", False),
-                                            ("smollm2-onnx-int4-gptq.yaml", False),
-                                            ("smollm2-onnx-int4-hqq.yaml", True)])
+@pytest.mark.parametrize("recipe, passes", [shipped_param("smollm2-onnx-int4-rtn.yaml", False, every=True),
+                                            shipped_param("smollm2-onnx-int4-gptq.yaml", False),
+                                            shipped_param("smollm2-onnx-int4-hqq.yaml", True, every=True)])
 def test_smollm2_int4_recipes(recipe, passes, smollm2):
-    report = shipped_report(smollm2, recipe)
+    report = smollm2.report(recipe)
     quantize = report["stages"][1]
     assert quantize["quantized_matmuls"] == 30 * 7 and quantize["float_weight_matmuls"] == 0
     assert goals(report)["size.max_ratio"] is True  # 4-bit blocks; the tied embedding table stays float
@@ -178,11 +219,12 @@ def test_lora_merge_int8_recipe_passes_against_the_unmerged_adapter(tmp_path):
     assert baseline["metrics"]["accuracy"] > 0.7  # the adapter's head is in the baseline, not a random one
 
 
+@shipped("smollm2-nf4.yaml")
 def test_smollm2_nf4_reloads_4bit_shrinks_and_fails_the_perplexity_bar(smollm2):
     from compressor.artifacts import TorchModel
     from compressor.checkpoint import load_torch_model
 
-    report = shipped_report(smollm2, "smollm2-nf4")
+    report = smollm2.report("smollm2-nf4")
     quantize = report["stages"][0]
     assert quantize["quantized_linear_layers"] == 30 * 7 and quantize["kept_in_float"] == ["lm_head"]
     module = load_torch_model(TorchModel(Path(report["result"]["artifact"]), "text-generation"))
@@ -194,12 +236,9 @@ def test_smollm2_nf4_reloads_4bit_shrinks_and_fails_the_perplexity_bar(smollm2):
 
 @pytest.fixture(scope="module")
 def minilm_comparison(tmp_path_factory):
-    """The shipped sentiment-classifier set, run by `compress compare`: each recipe runs here once."""
-    from compressor.compare import compare, load_recipes
-
-    recipes = load_recipes([RECIPES / "compare-minilm.txt"])
+    """The shipped sentiment-classifier set, whole, run by `compress compare` (the table is under test)."""
     out = tmp_path_factory.mktemp("compare") / "out"
-    return compare(recipes, real_fixture("sentiment-classifier"), options(out))
+    return compare(load_recipes([RECIPES / "compare-minilm.txt"]), real_fixture("sentiment-classifier"), options(out))
 
 
 def test_compare_minilm_set_ranks_every_recipe_against_one_baseline(minilm_comparison):
