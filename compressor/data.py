@@ -304,16 +304,35 @@ def encode(tokenizer, texts: list[str], max_length: int, pad_to: Optional[int] =
     return {k: v.astype(np.int64) for k, v in encoded.items()}
 
 
+def prefix_token(tokenizer) -> int:
+    """The token every window starts with: BOS, or EOS where the tokenizer has no BOS (the choice of
+    lm-evaluation-harness). Models trained with BOS at the start of every document (Llama, Mistral,
+    Gemma) score text without it as if it began mid-sentence: perplexity several times too high."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    raise UserError("the tokenizer has neither a BOS nor an EOS token to start token windows with")
+
+
 def token_windows(tokenizer, texts: list[str], length: int, limit: Optional[int]) -> np.ndarray:
-    """Concatenate texts and cut them into non-overlapping windows of exactly `length` tokens."""
+    """Windows of exactly `length` tokens for perplexity and calibration: the texts are tokenized
+    without special tokens and concatenated; each window is the prefix token followed by the next
+    `length - 1` tokens of that stream. Windows do not overlap, so every text token is predicted once,
+    from the prefix and the tokens before it in its window (docs/RECIPES.md, "Perplexity")."""
+    if length < 2:
+        raise UserError(f"token windows need at least 2 tokens (the prefix and one to predict), not {length}")
+    body = length - 1
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if limit and len(ids) >= limit * length:
+        if limit and len(ids) >= limit * body:
             break
-    count = len(ids) // length
+    count = len(ids) // body
     if limit:
         count = min(count, limit)
     if count == 0:
         raise UserError(f"the text has {len(ids)} tokens, fewer than one window of {length}")
-    return np.asarray(ids[: count * length], dtype=np.int64).reshape(count, length)
+    windows = np.empty((count, length), dtype=np.int64)
+    windows[:, 0] = prefix_token(tokenizer)
+    windows[:, 1:] = np.asarray(ids[: count * body], dtype=np.int64).reshape(count, body)
+    return windows

@@ -62,6 +62,31 @@ def check_goals(goals, baseline: BaselineSide, result: ResultSide) -> list[GateR
     return verdicts
 
 
+# Below this share of top-1 predictions agreeing with the baseline, a language model that "improves"
+# perplexity is not a better model but a broken evaluation (a missing BOS token, text the baseline
+# cannot read): it is reported as a suspect evaluation, which fails the run.
+SUSPECT_AGREEMENT = 0.5
+
+
+def check_evaluation(task: str, baseline: BaselineSide, result: ResultSide) -> list[GateRow]:
+    """Whether the evaluation can be trusted: for language models, perplexity that improves while the
+    top-1 predictions stop agreeing with the baseline's is a contradiction, not a pass."""
+    if task != "text-generation":
+        return []
+    agreement = result.metrics["top1_agreement"]
+    base, cand = baseline.metrics["perplexity"], result.metrics["perplexity"]
+    row = GateRow(goal="evaluation.consistent", threshold=SUSPECT_AGREEMENT, measured=agreement,
+                  passed=True, margin=agreement - SUSPECT_AGREEMENT)
+    if cand <= base and agreement < SUSPECT_AGREEMENT:
+        row.passed = False
+        row.note = (f"suspect evaluation: perplexity improved ({base:.4g} -> {cand:.4g}) while only "
+                    f"{agreement:.1%} of the result's top-1 predictions agree with the baseline's; check the "
+                    "evaluation text, max_length and the tokenizer's BOS token before trusting either figure")
+    elif cand > base:
+        row.margin = float("inf")  # perplexity got worse: agreement alone is the fidelity goal's business
+    return [row]
+
+
 def _with_interval(verdict: GateRow, estimate: Optional[Speedup], to_measured) -> GateRow:
     """Attach the speed-up's confidence interval, mapped into the goal's units, and whether the
     threshold still lies inside it (a marginal verdict)."""

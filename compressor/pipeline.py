@@ -19,8 +19,8 @@ from .checkpoint import inspect_checkpoint, load_tokenizer
 from .data import load_samples
 from .errors import UserError
 from .evaluate import evaluate
-from .gate import (check_goals, check_regression, load_previous, machine_differences, machine_facts_known,
-                   speedup_thresholds)
+from .gate import (check_evaluation, check_goals, check_regression, load_previous, machine_differences,
+                   machine_facts_known, speedup_thresholds)
 from .machine import has_int8_dot_product
 from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
 from .progress import Progress, Silent
@@ -231,7 +231,8 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                                  speedup=Speedup(**speedups[runner.name].as_dict()),
                                  size_mb=round(final.size_mb(), 3), backend=runner.backend,
                                  artifact=str(final_folder / final.path.relative_to(folder)))
-        gate = check_goals(recipe.goals, base_side, result_side)
+        gate = check_evaluation(task, base_side, result_side) + check_goals(recipe.goals, base_side,
+                                                                            result_side)
         if prepared.previous is not None:
             gate += check_regression(recipe.goals.regression, task, prepared.previous, base_side, result_side,
                                      differences)

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .data import DataConfig
 from .errors import UserError
@@ -116,6 +117,16 @@ class Recipe(Strict):
                 and goals.size.max_ratio is None:
             raise ValueError("goals: a recipe needs at least one goal (accuracy, latency or size) to gate on")
         return self
+
+    @field_validator("goals")
+    @classmethod
+    def _language_models_gate_on_fidelity(cls, goals: Goals, info: ValidationInfo) -> Goals:
+        metrics = {goal.metric for goal in goals.accuracy}
+        if info.data.get("task") == "text-generation" and "perplexity" in metrics and "top1_agreement" not in metrics:
+            raise ValueError("a text-generation recipe that gates on perplexity also needs a fidelity goal in "
+                             "goals.accuracy, e.g. `- metric: top1_agreement` with `min: 0.8` (perplexity alone can "
+                             "pass a broken evaluation or a model that no longer predicts like the baseline)")
+        return goals
 
     _source: str = PrivateAttr("<recipe>")
     _lines: dict = PrivateAttr(default_factory=dict)

@@ -35,7 +35,8 @@ def build_tiny(folder: Path, task: str) -> Path:
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer, vocab_size = _tokenizer(folder)
-    if task == "text-generation":
+    if task == "text-generation":  # BOS and EOS as a Llama tokenizer has them (ids 2 and 3)
+        tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)

@@ -42,10 +42,12 @@ def test_classification_metrics_and_agreement():
 
 def test_generation_max_samples_counts_windows_not_texts():
     class WordTokenizer:
+        bos_token_id, eos_token_id = 7, None
+
         def __call__(self, text, **kwargs):
             return {"input_ids": [len(word) for word in text.split()]}
 
-    texts = ["a bb ccc"] * 10  # 3 tokens per text: 30 tokens, 7 windows of 4
+    texts = ["a bb ccc"] * 10  # 3 tokens per text: 30 tokens, 10 windows of BOS + 3
     samples = Samples(texts=texts, labels=None, source="mem")
     config = EvaluationConfig.model_validate({"data": {"path": "x.txt"}, "max_length": 4, "max_samples": 5})
     uniform = FixedRunner("base", lambda row: np.zeros((len(row), 8)))
@@ -135,3 +137,37 @@ def test_busy_machine_note():
                         other_cpu_share=0.6)
     assert quiet.notes == [] and quiet.benchmark.other_cpu_share == 0.05
     assert "60% of the CPU" in busy.notes[0]
+
+
+def test_perplexity_windows_start_with_bos_and_score_every_text_token_once(tiny_llama):
+    """The convention in docs/RECIPES.md: each window is BOS + the next length-1 tokens of the text, and
+    perplexity is exp of the mean negative log-likelihood of every text token given what precedes it
+    in its window. Checked against a direct computation with the model."""
+    import torch
+
+    from compressor.checkpoint import load_tokenizer, load_torch_model
+    from compressor.artifacts import TorchModel
+    from compressor.data import token_windows
+    from compressor.runners import make_runner
+
+    tokenizer = load_tokenizer(tiny_llama)
+    assert tokenizer("a film")["input_ids"][0] == tokenizer.bos_token_id == 2  # it adds BOS, as Llama's does
+    texts = ["the film was good and the plot was fine", "a dull movie but the cast is great"] * 6
+    stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    windows = token_windows(tokenizer, texts, 16, None)
+    # BOS once at the start of every window, never inside the text stream
+    assert (windows[:, 0] == 2).all() and (windows[:, 1:] != 2).all()
+    assert windows[:, 1:].ravel().tolist() == stream[: windows.shape[0] * 15]
+
+    samples = Samples(texts=texts, labels=None, source="mem")
+    config = EvaluationConfig.model_validate({"data": {"path": "x.txt"}, "max_length": 16, "batch_size": 2})
+    artifact = TorchModel(tiny_llama, "text-generation")
+    measured = evaluate("text-generation", make_runner(artifact, "tiny", threads=1), tokenizer, samples, config)
+
+    module = load_torch_model(artifact)
+    with torch.no_grad():
+        logits = module(input_ids=torch.from_numpy(windows)).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                            torch.from_numpy(windows[:, 1:]).reshape(-1))
+    assert measured.samples == len(windows)
+    assert measured.metrics["perplexity"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)

@@ -3,8 +3,8 @@
 import pytest
 
 from compressor.errors import UserError
-from compressor.gate import check_goals
-from compressor.recipe import Goals
+from compressor.gate import check_evaluation, check_goals
+from compressor.recipe import Goals, parse_recipe
 
 from .reports import result_side
 
@@ -28,6 +28,32 @@ def test_perplexity_is_lower_is_better():
     assert worse.measured == pytest.approx(10.0) and not worse.passed
     [better] = check_goals(goals, measured({"perplexity": 30.0}), measured({"perplexity": 29.0}))
     assert better.measured < 0 and better.passed
+
+
+def test_perplexity_that_improves_while_predictions_disagree_is_a_suspect_evaluation():
+    base = measured({"perplexity": 1147.0, "top1_agreement": 1.0})
+    # the case seen on a BOS-expecting model scored without BOS: a "-2.8% drop" at 31% agreement
+    [row] = check_evaluation("text-generation", base, measured({"perplexity": 1115.0, "top1_agreement": 0.31}))
+    assert not row.passed and row.goal == "evaluation.consistent" and "suspect evaluation" in row.note
+    [row] = check_evaluation("text-generation", base, measured({"perplexity": 1115.0, "top1_agreement": 0.93}))
+    assert row.passed and row.note is None  # a small improvement by a faithful model is believable
+    [row] = check_evaluation("text-generation", base, measured({"perplexity": 3000.0, "top1_agreement": 0.2}))
+    assert row.passed  # plainly worse: the perplexity and fidelity goals judge it, not this check
+    assert check_evaluation("text-classification", base, measured({"accuracy": 0.5})) == []
+
+
+def test_language_model_recipe_that_gates_on_perplexity_needs_a_fidelity_goal():
+    text = """name: lm
+task: text-generation
+stages: [{type: quantize, scheme: int8-weight-only}]
+evaluation: {data: {dataset: lee-background}}
+goals:
+  accuracy:
+    - {metric: perplexity, max_drop_pct: 5}
+"""
+    with pytest.raises(UserError, match=r"lm.yaml:5: goals: .*fidelity goal.*top1_agreement"):
+        parse_recipe(text, "lm.yaml")
+    parse_recipe(text + "    - {metric: top1_agreement, min: 0.9}\n", "lm.yaml")
 
 
 def test_absolute_floor_and_unknown_metric():

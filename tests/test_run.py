@@ -97,6 +97,7 @@ def test_torch_only_recipe_and_generation_metrics(tiny_llama, text_file, tmp_pat
         goals:
           accuracy:
             - {{metric: perplexity, max_drop_pct: 50}}
+            - {{metric: top1_agreement, min: 0.0}}
         """))
     result = run(recipe, tiny_llama, RunOptions(out=tmp_path / "out"))
     metrics = result.json["result"]["metrics"]
@@ -104,6 +105,7 @@ def test_torch_only_recipe_and_generation_metrics(tiny_llama, text_file, tmp_pat
     assert base["perplexity"] > 1 and base["top1_agreement"] == 1.0
     assert 0 < metrics["top1_agreement"] <= 1 and metrics["perplexity"] > 1
     assert result.json["evaluation"]["samples"] == 6
+    assert result.json["gate"][0]["goal"] == "evaluation.consistent"  # every language model's run
     assert (result.out / "model" / "compress_transforms.json").exists()
 
 
