@@ -147,3 +147,16 @@ def load_tokenizer(folder: Path):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def module_to_change(artifact: TorchModel, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """The artifact's module for a stage to change in place. When the artifact held no loaded module,
+    the one loaded now is handed over and the artifact forgets it (one copy in memory, not two);
+    when it held one, whoever loaded it may still use it (a run's baseline), so a deep copy is returned."""
+    import copy
+
+    if artifact.module is not None:
+        return copy.deepcopy(artifact.module)
+    module = load_torch_model(artifact, allow_pickle, trust_remote_code)
+    artifact.module = None
+    return module

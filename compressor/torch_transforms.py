@@ -1,8 +1,8 @@
 """Torch transforms recorded in compress_transforms.json, and their replay when a checkpoint is loaded.
 
 Two kinds: int8-dynamic (torch.ao), kept as the float checkpoint plus a record because packed int8
-weights have no safetensors form; and int8-weight-only, whose int8 weights and scales are stored
-("stored": true) and loaded into swapped-in layers. The quantize stage writes them; checkpoint.py
+weights have no safetensors form; and weight-only int8 and int4, whose integer weights and scales
+are stored ("stored": true) and loaded into swapped-in layers. The quantize stage writes them; checkpoint.py
 replays them, so this module sits below both and imports neither.
 """
 
@@ -17,6 +17,7 @@ from .errors import UserError
 
 INT8_DYNAMIC = "int8-dynamic"
 INT8_WEIGHT_ONLY = "int8-weight-only"
+INT4_WEIGHT_ONLY = "int4-weight-only"
 
 
 def per_channel_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +80,52 @@ def int8_linear_class():
     return Int8WeightOnlyLinear
 
 
+def int4_linear_class():
+    """The nn.Module class of an int4 weight-only linear layer (a factory, so torch loads on first use)."""
+    import torch
+    import torch.nn.functional as F
+
+    class Int4WeightOnlyLinear(torch.nn.Module):
+        """nn.Linear with 4-bit weight codes (0..15, two per byte, low nibble first along the input
+        axis), and per output row and group of `group_size` inputs a float scale and a zero point;
+        weight = (code - zero point) * scale, dequantized per call."""
+
+        def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int):
+            super().__init__()
+            self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+            groups = -(-in_features // group_size)
+            self.register_buffer("weight_packed", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8))
+            self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32))
+            self.register_buffer("weight_zero_point", torch.full((out_features, groups), 8, dtype=torch.uint8))
+            self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+
+        @classmethod
+        def from_codes(cls, linear, codes, scales, zeros, group_size: int):
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+            padded = torch.zeros(codes.shape[0], 2 * module.weight_packed.shape[1], dtype=torch.uint8)
+            padded[:, :codes.shape[1]] = codes
+            module.weight_packed.copy_(padded[:, 0::2] | (padded[:, 1::2] << 4))
+            module.weight_scale.copy_(scales)
+            module.weight_zero_point.copy_(zeros.to(torch.uint8))
+            if linear.bias is not None:
+                module.bias.data.copy_(linear.bias.detach().float())
+            return module
+
+        def codes(self):
+            unpacked = torch.stack([self.weight_packed & 0x0F, self.weight_packed >> 4], dim=-1)
+            return unpacked.reshape(self.out_features, -1)[:, :self.in_features]
+
+        def dequantized_weight(self, dtype=torch.float32):
+            scale = self.weight_scale.to(dtype).repeat_interleave(self.group_size, dim=1)[:, :self.in_features]
+            zero = self.weight_zero_point.to(dtype).repeat_interleave(self.group_size, dim=1)[:, :self.in_features]
+            return (self.codes().to(dtype) - zero) * scale
+
+        def forward(self, x):
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    return Int4WeightOnlyLinear
+
+
 def swap_modules(module, names: list[str], build) -> None:
     """Replace each named submodule by build(old submodule), in place."""
     for name in names:
@@ -88,20 +135,25 @@ def swap_modules(module, names: list[str], build) -> None:
 
 
 def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, trust_remote_code: bool):
-    """Rebuild the model (`model_cls`, a transformers Auto class) from its config, swap in the int8
-    layers, and load the stored tensors."""
+    """Rebuild the model (`model_cls`, a transformers Auto class) from its config, swap in the int8 or
+    int4 layers, and load the stored tensors."""
     import torch
     from safetensors.torch import load_model
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(artifact.path, trust_remote_code=trust_remote_code)
     module = model_cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    linear = int8_linear_class()
-    swap_modules(module, transform["layers"],
-                 lambda old: linear(old.in_features, old.out_features, old.bias is not None))
+    if transform["name"] == INT4_WEIGHT_ONLY:
+        linear4 = int4_linear_class()
+        swap_modules(module, transform["layers"], lambda old: linear4(
+            old.in_features, old.out_features, old.bias is not None, transform["group_size"]))
+    else:
+        linear = int8_linear_class()
+        swap_modules(module, transform["layers"],
+                     lambda old: linear(old.in_features, old.out_features, old.bias is not None))
     missing, unexpected = load_model(module, str(artifact.path / "model.safetensors"), strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise UserError(f"{artifact.path / 'model.safetensors'}: does not match its int8-weight-only layout "
+        raise UserError(f"{artifact.path / 'model.safetensors'}: does not match its {transform['name']} layout "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return module.eval()

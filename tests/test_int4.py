@@ -163,14 +163,148 @@ def test_int4_config_errors():
         config = Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", **options)
         return stage.check(config, input_kind, "text-generation")
 
-    assert "add an export_onnx stage" in check("torch")
+    assert check("torch") is None and check("torch", algorithm="gptq", calibration={"data": {"path": "x"}},
+                                           act_order=True) is None
+    assert "hqq quantizes ONNX models" in check("torch", algorithm="hqq")
+    assert "accuracy_level applies to ONNX" in check("torch", accuracy_level=4)
+    assert "act_order is implemented for torch" in check(algorithm="gptq", calibration={"data": {"path": "x"}},
+                                                          act_order=True)
+    assert "apply to algorithm gptq, not rtn" in check("torch", dampening=0.1)
     assert "gptq needs `calibration:`" in check(algorithm="gptq")
     assert check(algorithm="gptq", calibration={"data": {"path": "x"}}) is None
     assert "hqq always fits a zero point" in check(algorithm="hqq", symmetric=True)
     assert "hqq quantizer does not set it" in check(algorithm="hqq", accuracy_level=4)
-    assert "calibration applies to algorithm gptq" in check(calibration={"data": {"path": "x"}})
+    assert "calibration applies to algorithms gptq and awq" in check(calibration={"data": {"path": "x"}})
     # What pydantic refuses while parsing: a block size ONNX Runtime lacks, an option of another scheme.
     with pytest.raises(ValidationError, match="16, 32, 64, 128 or 256"):
         check(block_size=48)
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         Int8DynamicConfig(type="quantize", scheme="int8-dynamic", block_size=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch: block-by-block GPTQ and RTN into packed int4 layers
+
+
+def torch_quantize(tiny_llama, tmp_path, **options):
+    return run_stage(Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", **options),
+                     TorchModel(tiny_llama, "text-generation"), tmp_path, "text-generation")
+
+
+def layer_inputs_of(module, feeds) -> dict:
+    """X^T X / tokens of every nn.Linear's input, from one pass of `module` over the feeds."""
+    import torch
+
+    from compressor.data import torch_inputs
+    from compressor.stages.sequential import LayerInputs
+
+    stats, handles = {}, []
+    for name, layer in module.named_modules():
+        if (isinstance(layer, torch.nn.Linear) or type(layer).__name__ == "Int4WeightOnlyLinear") and name != "lm_head":
+            stats[name] = LayerInputs(layer.in_features, "hessian")
+            handles.append(layer.register_forward_hook(lambda _m, args, _o, s=stats[name]: s.add(args[0])))
+    with torch.no_grad():
+        for feed in feeds:
+            module(**torch_inputs(feed), use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {name: s.hessian().double() for name, s in stats.items()}
+
+
+def quantized_weights(module) -> dict:
+    return {name: layer.dequantized_weight() for name, layer in module.named_modules()
+            if type(layer).__name__ == "Int4WeightOnlyLinear"}
+
+
+def test_torch_gptq_beats_rtn_on_every_layer_and_round_trips(tiny_llama, text_file, tmp_path):
+    import torch
+
+    from compressor.checkpoint import load_tokenizer, load_torch_model
+    from compressor.data import CalibrationConfig, calibration_batches, torch_inputs
+
+    calibration = calibration_for(text_file)
+    gptq, details = torch_quantize(tiny_llama, tmp_path / "g", algorithm="gptq", block_size=32,
+                                   calibration=calibration)
+    rtn, _ = torch_quantize(tiny_llama, tmp_path / "r", algorithm="rtn", block_size=32)
+    assert details["quantized_linear_layers"] == 2 * 7 and details["kept_in_float"] == ["lm_head"]
+    float_model = load_torch_model(TorchModel(tiny_llama, "text-generation"))
+    feeds = calibration_batches(CalibrationConfig(**calibration), load_tokenizer(tiny_llama))
+    originals = {n: m.weight.detach().double() for n, m in float_model.named_modules()
+                 if isinstance(m, torch.nn.Linear)}
+    # Each layer's output error on the inputs it sees in the quantized model (GPTQ's objective,
+    # block by block): for block 0 these are the float model's; for block 1 the quantized block 0's.
+    hessians = layer_inputs_of(gptq.module, feeds)
+    by_gptq, by_rtn = quantized_weights(gptq.module), quantized_weights(rtn.module)
+    for name, weight in by_gptq.items():
+        def output_error(decoded):  # E ||(W - Wq) x||^2 = trace((W - Wq) H (W - Wq)^T)
+            delta = decoded.double() - originals[name]
+            return float(torch.trace(delta @ hessians[name] @ delta.T))
+        assert output_error(weight) < output_error(by_rtn[name]), name
+    # The stored form reloads to the same layers: identical logits.
+    reloaded = load_torch_model(TorchModel(gptq.path, "text-generation"))
+    feed = torch_inputs(feeds[0])
+    with torch.no_grad():
+        assert torch.equal(gptq.module(**feed).logits, reloaded(**feed).logits)
+        float_logits = float_model(**feed).logits
+        gptq_error = ((gptq.module(**feed).logits - float_logits) ** 2).mean()
+        rtn_error = ((rtn.module(**feed).logits - float_logits) ** 2).mean()
+    assert gptq_error < rtn_error
+    on_disk = sum(f.stat().st_size for f in gptq.path.glob("*.safetensors"))
+    assert on_disk < 0.5 * sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
+
+
+def test_torch_gptq_is_sequential_and_act_order_changes_the_result(tiny_llama, text_file, tmp_path):
+    """Block 1 is quantized on the outputs of the already quantized block 0, not on the float model's:
+    the same layer quantized with one-pass Hessians from the float model gives other codes."""
+    import torch
+
+    from compressor.checkpoint import load_tokenizer, load_torch_model
+    from compressor.data import CalibrationConfig, calibration_batches
+    from compressor.stages.int4_gptq import gptq_quantize
+
+    calibration = calibration_for(text_file)
+    gptq, _ = torch_quantize(tiny_llama, tmp_path / "g", algorithm="gptq", block_size=32, calibration=calibration)
+    float_model = load_torch_model(TorchModel(tiny_llama, "text-generation"))
+    feeds = calibration_batches(CalibrationConfig(**calibration), load_tokenizer(tiny_llama))
+    one_pass = layer_inputs_of(float_model, feeds)
+    sequential = {name: layer.codes() for name, layer in gptq.module.named_modules()
+                  if type(layer).__name__ == "Int4WeightOnlyLinear"}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"):
+        weight = float_model.get_submodule(name).weight
+        codes, _, _ = gptq_quantize(weight, one_pass[name].float(), 32, symmetric=False)
+        same = torch.equal(codes, sequential[name])
+        # block 0 sees the float model's inputs either way; block 1 does not
+        assert same is (name.startswith("model.layers.0."))
+    ordered, _ = torch_quantize(tiny_llama, tmp_path / "a", algorithm="gptq", block_size=32, calibration=calibration,
+                                act_order=True)
+    assert ordered.module.model.layers[1].mlp.down_proj.codes().ne(
+        gptq.module.model.layers[1].mlp.down_proj.codes()).any()
+
+
+def test_torch_awq_lowers_output_error_below_rtn_and_keeps_the_float_function(tiny_llama, text_file, tmp_path):
+    import torch
+
+    from compressor.checkpoint import load_tokenizer, load_torch_model
+    from compressor.data import CalibrationConfig, calibration_batches, torch_inputs
+    from compressor.stages.awq import _apply, block_mappings
+
+    calibration = calibration_for(text_file)
+    awq, details = torch_quantize(tiny_llama, tmp_path / "a", algorithm="awq", block_size=32, calibration=calibration)
+    rtn, _ = torch_quantize(tiny_llama, tmp_path / "r", algorithm="rtn", block_size=32)
+    assert details["quantized_linear_layers"] == 2 * 7 and details["awq_groups_scaled"] > 0
+    assert details["awq_error_vs_rtn_mean"] < 1
+    float_model = load_torch_model(TorchModel(tiny_llama, "text-generation"))
+    feed = torch_inputs(calibration_batches(CalibrationConfig(**calibration), load_tokenizer(tiny_llama))[0])
+    with torch.no_grad():
+        reference = float_model(**feed).logits
+        awq_error = float(((awq.module(**feed).logits - reference) ** 2).mean())
+        rtn_error = float(((rtn.module(**feed).logits - reference) ** 2).mean())
+        assert awq_error < rtn_error
+        # Scaling alone (no rounding) leaves the float model's function unchanged.
+        block = float_model.model.layers[0]
+        mappings = block_mappings(block)
+        assert [m.parent for m in mappings] == ["self_attn", "mlp", "mlp.down_proj"]  # v -> o: 2 KV heads, widths differ
+        for mapping in mappings:
+            width = block.get_submodule(mapping.balance[0]).in_features
+            _apply(block, mapping, torch.linspace(0.5, 2.0, width))
+        assert torch.allclose(float_model(**feed).logits, reference, atol=1e-4)

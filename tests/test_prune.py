@@ -10,7 +10,8 @@ from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_torch_model
 from compressor.stages import REGISTRY
 from compressor.stages.prune import PruneConfig
-from compressor.stages.prune_calibrated import _sparsegpt, _Statistics, _wanda
+from compressor.stages.prune_calibrated import _sparsegpt, _wanda
+from compressor.stages.sequential import LayerInputs
 
 from .test_stages import run_stage
 
@@ -87,7 +88,7 @@ def test_sparsegpt_reconstructs_better_than_wanda():
     for method in ("wanda", "sparsegpt"):
         copy = torch.nn.Linear(64, 32, bias=False)
         copy.weight.data = layer.weight.data.clone()
-        stats = _Statistics(64, method)
+        stats = LayerInputs(64, "norms" if method == "wanda" else "hessian")
         stats.add(inputs)
         with torch.no_grad():
             if method == "wanda":

@@ -58,12 +58,15 @@ def hessians(model, nodes, feeds: list[dict]) -> dict[str, np.ndarray]:
     return {name: total / max(rows, 1) for name, total in sums.items()}
 
 
-def _grid(columns, symmetric: bool):
-    """Per-row scale and zero point for a block of columns (rows = output channels)."""
+def fit_grid(columns, symmetric: bool):
+    """Per-row scale and zero point of a group of columns (rows = output channels), on the 16 codes
+    0..15, as the GPTQ reference and compressed-tensors fit them: symmetric spreads [-max|w|, max|w|]
+    over 15 steps around code 8 (so the largest positive weight may clip by half a step);
+    asymmetric spans [min(w, 0), max(w, 0)] with an integer zero point."""
     import torch
 
     if symmetric:
-        scale = columns.abs().amax(dim=1) / 7
+        scale = columns.abs().amax(dim=1) * 2 / 15
         zero = torch.full_like(scale, 8.0)
     else:
         low = columns.amin(dim=1).clamp(max=0)
@@ -74,45 +77,96 @@ def _grid(columns, symmetric: bool):
     return scale, zero
 
 
-def gptq_codes(weight: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool,
-               dampening: float = 0.01):
-    """Quantize W (K inputs x N outputs) with GPTQ. Returns codes (N x K, 0..15), scales and zero
-    points (N x blocks)."""
+def dequantize(codes, scales, zeros, group_size: int):
+    """Float weights (N x K) from codes (N x K), and scales and zero points per row and group."""
+    k = codes.shape[1]
+    scale = scales.repeat_interleave(group_size, dim=1)[:, :k]
+    zero = zeros.to(scales.dtype).repeat_interleave(group_size, dim=1)[:, :k]
+    return (codes.to(scales.dtype) - zero) * scale
+
+
+def rtn_quantize(weight, group_size: int, symmetric: bool):
+    """Round to nearest on each group's grid. weight: N x K. Returns codes, scales, zeros (N x groups)."""
     import torch
 
-    w = torch.from_numpy(weight.T.copy()).float()  # N x K: rows are output channels
-    h = torch.from_numpy(hessian).float().clone()
-    k = w.shape[1]
+    w = weight.detach().float()
+    n, k = w.shape
+    groups = -(-k // group_size)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
+    for g in range(groups):
+        part = w[:, g * group_size:(g + 1) * group_size]
+        scale, zero = fit_grid(part, symmetric)
+        scales[:, g], zeros[:, g] = scale, zero
+        codes[:, g * group_size:(g + 1) * group_size] = torch.clamp(
+            torch.round(part / scale[:, None]) + zero[:, None], 0, 15).to(torch.uint8)
+    return codes, scales, zeros
+
+
+def gptq_quantize(weight, hessian, group_size: int, symmetric: bool, dampening: float = 0.01,
+                  act_order: bool = False):
+    """GPTQ (Frantar et al., 2022) of one layer. weight: N x K (rows = output channels); hessian:
+    K x K, the mean of x x^T over the layer's calibration inputs. Columns are quantized in order (or,
+    with `act_order`, by decreasing Hessian diagonal) and each one's rounding error is spread over
+    the columns not yet quantized through the upper Cholesky factor of H^-1.
+
+    Groups stay contiguous in the original column order, as MatMulNBits stores them. Without
+    act_order a group's grid is fitted when its first column comes up, to the weights as updated so
+    far (the reference implementation); with act_order, columns of one group are visited out of
+    order, so every grid is fitted on the original weights first ("static groups")."""
+    import torch
+
+    w = weight.detach().float().clone()
+    h = hessian.float().clone()
+    n, k = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    groups = -(-k // group_size)
+    scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
+    if act_order:
+        for g in range(groups):
+            scales[:, g], zeros[:, g] = fit_grid(w[:, g * group_size:(g + 1) * group_size], symmetric)
+        order = torch.argsort(torch.diag(h), descending=True)
+    else:
+        order = torch.arange(k)
+    w, h = w[:, order], h[order][:, order]
     h += torch.eye(k) * dampening * torch.mean(torch.diag(h))
     try:
         upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError as exc:
-        raise StageFailed(f"quantize int4 gptq: a layer's Hessian is singular ({exc})") from None
-    blocks = -(-k // block_size)
-    codes = torch.zeros_like(w, dtype=torch.uint8)
-    scales = torch.zeros(w.shape[0], blocks)
-    zeros = torch.zeros(w.shape[0], blocks)
-    batch = max(COLUMN_BATCH, block_size)
-    scale = zero = None
+        raise StageFailed(f"gptq: a layer's Hessian is not positive definite even after dampening ({exc}); "
+                          "raise `dampening` or calibrate on more tokens") from None
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    batch = max(COLUMN_BATCH, group_size)
     for start in range(0, k, batch):
         end = min(start + batch, k)
         part = w[:, start:end].clone()
         errors = torch.zeros_like(part)
         inverse = upper[start:end, start:end]
         for i in range(end - start):
-            column = start + i
-            if column % block_size == 0:  # a new block: fit its grid to the weights as they are now
-                scale, zero = _grid(part[:, i:i + block_size], symmetric)
-                scales[:, column // block_size], zeros[:, column // block_size] = scale, zero
+            column = int(order[start + i])
+            group = column // group_size
+            if not act_order and column % group_size == 0:  # a new group: fit it to the weights as they are now
+                scales[:, group], zeros[:, group] = fit_grid(part[:, i:i + group_size], symmetric)
+            scale, zero = scales[:, group], zeros[:, group]
             q = torch.clamp(torch.round(part[:, i] / scale) + zero, 0, 15)
             codes[:, column] = q.to(torch.uint8)
             error = (part[:, i] - (q - zero) * scale) / inverse[i, i]
             part[:, i:] -= error[:, None] * inverse[i, i:][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
+    return codes, scales, zeros
+
+
+def gptq_codes(weight: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool,
+               dampening: float = 0.01):
+    """GPTQ of an ONNX MatMul weight W (K inputs x N outputs). Returns codes (N x K, 0..15), scales and
+    zero points (N x blocks) as numpy arrays."""
+    import torch
+
+    codes, scales, zeros = gptq_quantize(torch.from_numpy(weight.T.copy()), torch.from_numpy(hessian), block_size,
+                                         symmetric, dampening)
     return codes.numpy(), scales.numpy(), zeros.numpy().astype(np.uint8)
 
 
@@ -150,7 +204,7 @@ def pack_matmulnbits(node, codes: np.ndarray, scales: np.ndarray, zeros, block_s
 
 
 def gptq_onnx(model, excluded: set[str], feeds: list[dict], block_size: int, symmetric: bool,
-              accuracy_level, progress) -> int:
+              accuracy_level, progress, dampening: float = 0.01) -> int:
     """Replace every target MatMul of `model` in place; return how many were quantized."""
     import onnx
     from onnx import numpy_helper
@@ -166,7 +220,7 @@ def gptq_onnx(model, excluded: set[str], feeds: list[dict], block_size: int, sym
     for index in progress.track(range(len(nodes)), len(nodes), "quantizing int4 (GPTQ)"):
         node = nodes[index]
         weight = numpy_helper.to_array(inits[node.input[1]])
-        codes, scales, zeros = gptq_codes(weight, h[node.input[0]], block_size, symmetric)
+        codes, scales, zeros = gptq_codes(weight, h[node.input[0]], block_size, symmetric, dampening)
         replaced[node.name] = pack_matmulnbits(node, codes, scales, None if symmetric else zeros, block_size,
                                                accuracy_level, prefix=f"{node.input[1]}_{index}")
     order = []

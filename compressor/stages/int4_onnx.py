@@ -32,30 +32,47 @@ log = logging.getLogger(__name__)
 
 
 class Int4WeightOnlyConfig(QuantizeConfigBase):
-    """4-bit weights in blocks, float activations (ONNX, ONNX Runtime's MatMulNBits)."""
+    """4-bit weights in blocks, float activations (ONNX Runtime's MatMulNBits, or torch)."""
 
     scheme: Literal["int4-weight-only"] = Field(
-        description="4-bit weights in blocks, float activations (ONNX only, ONNX Runtime's MatMulNBits)")
-    algorithm: Literal["rtn", "gptq", "hqq"] = Field(
+        description="4-bit weights in blocks, float activations (ONNX: ONNX Runtime's MatMulNBits; torch: packed "
+                    "codes dequantized per call)")
+    algorithm: Literal["rtn", "gptq", "awq", "hqq"] = Field(
         "rtn", description="rtn rounds each block to nearest; gptq compensates rounding error with calibration "
-                           "data; hqq optimises each block's scale and zero point")
+                           "data (on torch one transformer block at a time, on the outputs of the blocks already "
+                           "quantized); awq (torch, Llama-style blocks) scales the input channels with the largest "
+                           "activations up before rounding; hqq (ONNX only) optimises each block's scale and "
+                           "zero point")
     block_size: Literal[16, 32, 64, 128, 256] = Field(
         32, description="input rows sharing one scale; smaller is more accurate and larger on disk")
     symmetric: bool = Field(False, description="rtn and gptq: no zero point (hqq always uses one)")
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
-        None, description="rtn and gptq: MatMulNBits compute type on CPU: 0 or unset as the graph (fp32), "
+        None, description="ONNX, rtn and gptq: MatMulNBits compute type on CPU: 0 or unset as the graph (fp32), "
                           "1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest, least exact)")
+    act_order: bool = Field(False, description="gptq: quantize columns by decreasing Hessian diagonal (inputs with "
+                                               "the most energy first); block grids are then fitted up front")
+    dampening: float = Field(0.01, gt=0, lt=1, description="gptq: added to the Hessian diagonal, as a share of its "
+                                                           "mean, so that it can be inverted")
     calibration: Optional[CalibrationConfig] = Field(
-        None, description="algorithm gptq only, and required there: the samples whose layer inputs guide "
+        None, description="algorithms gptq and awq only, and required there: the samples whose layer inputs guide "
                           "rounding (see Calibration data)")
 
     def problem(self, input_kind: ArtifactKind) -> Optional[str]:
-        if input_kind == "torch":
-            return "int4-weight-only quantizes ONNX models; add an export_onnx stage before it"
-        if self.algorithm == "gptq" and self.calibration is None:
-            return "algorithm gptq needs `calibration:` data"
-        if self.algorithm != "gptq" and self.calibration is not None:
-            return f"calibration applies to algorithm gptq; {self.algorithm} uses no data"
+        if input_kind == "torch" and self.algorithm == "hqq":
+            return "algorithm hqq quantizes ONNX models (ONNX Runtime's quantizer); add an export_onnx stage " \
+                   "before it, or use rtn or gptq on torch"
+        if input_kind == "onnx" and self.algorithm == "awq":
+            return "algorithm awq quantizes torch models; put it before export_onnx"
+        if input_kind == "torch" and "accuracy_level" in self.model_fields_set:
+            return "accuracy_level applies to ONNX models (MatMulNBits' compute type)"
+        if self.algorithm in ("gptq", "awq") and self.calibration is None:
+            return f"algorithm {self.algorithm} needs `calibration:` data"
+        if self.algorithm not in ("gptq", "awq") and self.calibration is not None:
+            return f"calibration applies to algorithms gptq and awq; {self.algorithm} uses no data"
+        if self.algorithm != "gptq" and self.model_fields_set & {"act_order", "dampening"}:
+            return f"act_order and dampening apply to algorithm gptq, not {self.algorithm}"
+        if input_kind == "onnx" and self.act_order:
+            return "act_order is implemented for torch models; quantize before export_onnx to use it"
         # model_fields_set: the defaults are fine for hqq, only an explicit setting is refused
         if self.algorithm == "hqq" and "symmetric" in self.model_fields_set:
             return "symmetric applies to rtn and gptq; hqq always fits a zero point"
@@ -64,7 +81,7 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
         return None
 
     def backends(self, input_kind: ArtifactKind) -> list[str]:
-        return ["onnxruntime.quantization.matmul_nbits_quantizer"]
+        return ["onnxruntime.quantization.matmul_nbits_quantizer"] if input_kind == "onnx" else ["safetensors"]
 
 
 def int4_weight_only_onnx(config: Int4WeightOnlyConfig, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:
@@ -79,7 +96,7 @@ def int4_weight_only_onnx(config: Int4WeightOnlyConfig, artifact: OnnxModel, ctx
     if config.algorithm == "gptq":
         feeds = calibration_batches(config.calibration, load_tokenizer(artifact.folder))
         gptq_onnx(model, set(excluded), feeds, config.block_size, config.symmetric, config.accuracy_level,
-                  ctx.progress)
+                  ctx.progress, config.dampening)
         ctx.details["calibration_samples"] = config.calibration.samples
         onnx.save_model(model, str(out.path), save_as_external_data=artifact.needs_external_data(),
                         location=out.path.name + ".data")

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..artifacts import TorchModel
-from ..checkpoint import copy_checkpoint_files, load_tokenizer, load_torch_model
+from ..checkpoint import copy_checkpoint_files, load_tokenizer, load_torch_model, module_to_change
 from ..data import CalibrationConfig, calibration_batches
 from ..errors import StageFailed, UserError
 from ..sparsity import PATTERNS, nm_mask
@@ -127,10 +127,10 @@ class Prune(Stage):
             raise UserError(f"prune: the model is already quantized ({artifact.transforms[-1]['name']}); "
                             "prune before quantizing")
         refuse_quantized_checkpoint(artifact, "prune scores and zeroes")
-        original = load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code)
-        module = copy.deepcopy(original)
-        if config.kind == "structured":
-            return self._run_structured(config, artifact, original, module, ctx)
+        if config.kind == "structured":  # the unpruned model stays loaded: it teaches the recovery
+            original = load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code)
+            return self._run_structured(config, artifact, original, copy.deepcopy(original), ctx)
+        module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
         layers = select_linears(module, config.targets, config.ignore)
         with torch.no_grad():
             if config.method == "magnitude":

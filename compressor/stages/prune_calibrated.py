@@ -11,129 +11,44 @@ from __future__ import annotations
 import logging
 
 from ..checkpoint import load_tokenizer
-from ..data import calibration_batches, torch_inputs
+from ..data import calibration_batches
 from ..errors import UserError
 from ..sparsity import PATTERNS, nm_mask, row_mask
+from .sequential import LayerInputs, compress_sequentially
 
 log = logging.getLogger(__name__)
-
-
-class _Captured(Exception):
-    """Raised by the hook on the first block once it has recorded that block's inputs."""
-
-
-def _blocks(module, layers: dict):
-    """The repeated transformer blocks: the largest nn.ModuleList that holds targeted layers."""
-    import torch
-
-    lists = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.ModuleList)]
-    holding = [(name, child) for name, child in lists if any(key.startswith(name + ".") for key in layers)]
-    if not holding:
-        raise UserError("prune: found no repeated transformer blocks (an nn.ModuleList) holding the targeted layers")
-    name, blocks = max(holding, key=lambda item: len(item[1]))
-    outside = [key for key in layers if not key.startswith(name + ".")]
-    if outside:
-        raise UserError(f"prune: {outside[:3]} lie outside the transformer blocks; add them to `ignore` or use "
-                        "method magnitude")
-    return name, blocks
-
-
-def _block_inputs(module, blocks, feeds: list[dict], task: str):
-    """Run the model up to the first block and keep, per batch, what that block was called with."""
-    recorded = []
-
-    def hook(_module, args, kwargs):
-        recorded.append((args, kwargs))
-        raise _Captured
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for feed in feeds:
-            inputs = torch_inputs(feed)
-            try:
-                if task == "text-generation":
-                    module(**inputs, use_cache=False)
-                else:
-                    module(**inputs)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return recorded
-
-
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden) -> tuple[tuple, dict]:
-    """The same call with new hidden states, whether they were passed by position or by name."""
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 def prune_with_calibration(module, layers: dict, config, artifact, ctx) -> None:
     tokenizer = load_tokenizer(artifact.path)
     feeds = calibration_batches(config.calibration, tokenizer)
-    prefix, blocks = _blocks(module, layers)
-    recorded = _block_inputs(module, blocks, feeds, artifact.task)
     group = PATTERNS[config.pattern]
-    for index, block in enumerate(blocks):
-        in_block = {name: layer for name, layer in layers.items() if name.startswith(f"{prefix}.{index}.")}
-        stats = {name: _Statistics(layer.in_features, config.method) for name, layer in in_block.items()}
-        handles = [layer.register_forward_hook(lambda _m, args, _o, s=stats[name]: s.add(args[0]))
-                   for name, layer in in_block.items()]
-        try:
-            for args, kwargs in recorded:
-                block(*args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, layer in in_block.items():
-            if config.method == "wanda":
-                _wanda(layer, stats[name], config.target_sparsity, group)
-            else:
-                _sparsegpt(layer, stats[name], config.target_sparsity, group, config.block_size, config.dampening)
-        # the next block sees this block's outputs with its weights pruned
-        recorded = [_with_hidden(args, kwargs, _hidden(block(*args, **kwargs))) for args, kwargs in recorded]
-        log.info("pruned block %d/%d", index + 1, len(blocks))
+
+    def prune_layer(_name, layer, stats: LayerInputs) -> None:
+        if config.method == "wanda":
+            _wanda(layer, stats, config.target_sparsity, group)
+        else:
+            _sparsegpt(layer, stats, config.target_sparsity, group, config.block_size, config.dampening)
+
+    kind = "norms" if config.method == "wanda" else "hessian"
+    compress_sequentially(module, layers, feeds, artifact.task, kind, "prune", prune_layer)
     ctx.details["calibration_samples"] = config.calibration.samples
 
 
-class _Statistics:
-    """What a method needs from a layer's inputs: squared column norms (Wanda) or X^T X (SparseGPT)."""
-
-    def __init__(self, columns: int, method: str):
-        import torch
-
-        self.method, self.rows = method, 0
-        self.value = torch.zeros(columns, dtype=torch.float64) if method == "wanda" else \
-            torch.zeros(columns, columns, dtype=torch.float64)
-
-    def add(self, x) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.rows += x.shape[0]
-        if self.method == "wanda":
-            self.value += (x * x).sum(0)
-        else:
-            self.value += x.T @ x
-
-
-def _wanda(layer, stats: _Statistics, sparsity: float, group) -> None:
+def _wanda(layer, stats: LayerInputs, sparsity: float, group) -> None:
     scores = layer.weight.abs().double() * stats.value.sqrt()[None, :]
     mask = nm_mask(scores, *group) if group else row_mask(scores, sparsity)
     layer.weight[mask] = 0
 
 
-def _sparsegpt(layer, stats: _Statistics, sparsity: float, group, block_size: int, dampening: float) -> None:
+def _sparsegpt(layer, stats: LayerInputs, sparsity: float, group, block_size: int, dampening: float) -> None:
     import torch
 
     # statistics are summed in float64; the pruning loop runs in float32, as the reference
     # implementation does: several times faster than float64; on SmolLM2 perplexity moved by -0.3%
     # at 50% and +5% at 2:4 (the greedy column order amplifies rounding; docs/BENCHMARKS.md)
     weight = layer.weight.detach().float().clone()
-    hessian = (stats.value / max(stats.rows, 1)).float()
+    hessian = stats.hessian()
     dead = torch.diag(hessian) == 0
     hessian[dead, dead] = 1
     weight[:, dead] = 0

@@ -21,6 +21,7 @@ from .base import Stage, StageContext
 from .bnb_4bit import Bnb4bitConfig, quantize_bnb_4bit
 from .export_onnx import copy_tokenizer_files
 from .int4_onnx import Int4WeightOnlyConfig, int4_weight_only_onnx
+from .int4_torch import int4_weight_only_torch
 from .onnx_static_config import Int8StaticConfig
 from .quantize_base import QuantizeConfigBase
 from .weight_only import Int8WeightOnlyConfig, quantize_weight_only
@@ -63,11 +64,12 @@ QuantizeConfig = Annotated[
 
 class Quantize(Stage):
     type = "quantize"
-    summary = ("Quantize: int8 dynamic, static with calibration (ONNX) or weight-only; int4 weight-only (ONNX); "
+    summary = ("Quantize: int8 dynamic, static with calibration (ONNX) or weight-only; int4 weight-only (RTN or "
+               "GPTQ; HQQ on ONNX); "
                "nf4 / fp4 (torch, bitsandbytes)")
     config_model = QuantizeConfig
     accepts = ("onnx", "torch")
-    needs_calibration = "with scheme int8-static, or int4-weight-only with algorithm gptq"
+    needs_calibration = "with scheme int8-static, or int4-weight-only with algorithm gptq or awq"
 
     def check(self, config: QuantizeConfigBase, input_kind, task):
         return config.problem(input_kind)
@@ -95,6 +97,12 @@ def _int8_dynamic(config: Int8DynamicConfig, artifact, ctx: StageContext):
     return _quantize_torch(config, artifact, ctx)
 
 
+def _int4_weight_only(config: Int4WeightOnlyConfig, artifact, ctx: StageContext):
+    if isinstance(artifact, OnnxModel):
+        return int4_weight_only_onnx(config, artifact, ctx)
+    return int4_weight_only_torch(config, artifact, ctx)
+
+
 def _int8_static(config: Int8StaticConfig, artifact, ctx: StageContext):
     # Imported here, not at the top: onnx_static subclasses an ONNX Runtime class at import, and
     # `compress stages` and plan() (exit 3 naming the missing backend) must work without onnxruntime.
@@ -105,7 +113,7 @@ def _int8_static(config: Int8StaticConfig, artifact, ctx: StageContext):
 
 # What quantizes with each config class; the same classes as QuantizeConfig (a test checks).
 RUNS = {Int8DynamicConfig: _int8_dynamic, Int8StaticConfig: _int8_static, Int8WeightOnlyConfig: quantize_weight_only,
-        Int4WeightOnlyConfig: int4_weight_only_onnx, Bnb4bitConfig: quantize_bnb_4bit}
+        Int4WeightOnlyConfig: _int4_weight_only, Bnb4bitConfig: quantize_bnb_4bit}
 
 
 def _quantize_onnx(config: Int8DynamicConfig, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:

@@ -1,0 +1,123 @@
+"""Calibrated compression one transformer block at a time (the sequential setting of the SparseGPT,
+Wanda and GPTQ papers): the calibration batches are run up to the first block once; then, for each
+block, the inputs of its targeted layers are recorded, each layer is compressed from those
+statistics, and the block is run again with its compressed weights so that the next block sees
+what it will see at inference. Memory stays near one block's activations per batch."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..data import torch_inputs
+from ..errors import UserError
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first block once it has recorded that block's inputs."""
+
+
+def find_blocks(module, layers: dict, stage: str):
+    """The repeated transformer blocks: the largest nn.ModuleList that holds targeted layers."""
+    import torch
+
+    lists = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.ModuleList)]
+    holding = [(name, child) for name, child in lists if any(key.startswith(name + ".") for key in layers)]
+    if not holding:
+        raise UserError(f"{stage}: found no repeated transformer blocks (an nn.ModuleList) holding the targeted "
+                        "layers")
+    name, blocks = max(holding, key=lambda item: len(item[1]))
+    outside = [key for key in layers if not key.startswith(name + ".")]
+    if outside:
+        raise UserError(f"{stage}: {outside[:3]} lie outside the transformer blocks; exclude them (`ignore` / "
+                        "`exclude`) or use a method without calibration")
+    return name, blocks
+
+
+def block_inputs(module, blocks, feeds: list[dict], task: str) -> list[tuple[tuple, dict]]:
+    """Run the model up to the first block and keep, per batch, what that block was called with."""
+    recorded = []
+
+    def hook(_module, args, kwargs):
+        recorded.append((args, kwargs))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for feed in feeds:
+            inputs = torch_inputs(feed)
+            try:
+                if task == "text-generation":
+                    module(**inputs, use_cache=False)
+                else:
+                    module(**inputs)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return recorded
+
+
+def hidden_of(output):
+    """A block's or module's hidden states, whether it returns them alone or first in a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden) -> tuple[tuple, dict]:
+    """The same call with new hidden states, whether they were passed by position or by name."""
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class LayerInputs:
+    """What a method needs from a layer's inputs: squared column norms (`norms`, Wanda) or the
+    Hessian of the layer's reconstruction loss, X^T X (`hessian`, SparseGPT and GPTQ); summed in
+    float64 over every calibration token."""
+
+    def __init__(self, columns: int, kind: str):
+        import torch
+
+        self.kind, self.rows = kind, 0
+        self.value = torch.zeros(columns, dtype=torch.float64) if kind == "norms" else \
+            torch.zeros(columns, columns, dtype=torch.float64)
+
+    def add(self, x) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.rows += x.shape[0]
+        if self.kind == "norms":
+            self.value += (x * x).sum(0)
+        else:
+            self.value += x.T @ x
+
+    def hessian(self):
+        """X^T X / tokens, in float32 for the per-layer loops."""
+        return (self.value / max(self.rows, 1)).float()
+
+
+def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, kind: str, stage: str,
+                          compress_layer: Callable[[str, object, LayerInputs], None], progress=None) -> int:
+    """Walk the blocks in order; `compress_layer(name, layer, inputs)` changes each targeted layer's
+    weight in place. Returns the number of blocks."""
+    import torch
+
+    prefix, blocks = find_blocks(module, layers, stage)
+    with torch.no_grad():
+        recorded = block_inputs(module, blocks, feeds, task)
+        indices = range(len(blocks))
+        for index in (progress.track(indices, len(blocks), f"{stage}: block by block") if progress else indices):
+            block = blocks[index]
+            in_block = {name: layer for name, layer in layers.items() if name.startswith(f"{prefix}.{index}.")}
+            stats = {name: LayerInputs(layer.in_features, kind) for name, layer in in_block.items()}
+            handles = [layer.register_forward_hook(lambda _m, args, _o, s=stats[name]: s.add(args[0]))
+                       for name, layer in in_block.items()]
+            try:
+                for args, kwargs in recorded:
+                    block(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, layer in in_block.items():
+                compress_layer(name, layer, stats[name])
+            # the next block sees this block's outputs with its weights compressed
+            recorded = [with_hidden(args, kwargs, hidden_of(block(*args, **kwargs))) for args, kwargs in recorded]
+    return len(blocks)
