@@ -71,8 +71,9 @@ def with_hidden(args: tuple, kwargs: dict, hidden) -> tuple[tuple, dict]:
 
 class LayerInputs:
     """What a method needs from a layer's inputs: squared column norms (`norms`, Wanda) or the
-    Hessian of the layer's reconstruction loss, X^T X (`hessian`, SparseGPT and GPTQ); summed in
-    float64 over every calibration token."""
+    Hessian of the layer's reconstruction loss, X^T X (`hessian`, SparseGPT and GPTQ). Each batch's
+    product is computed in float32 (twice as fast as float64 on CPUs) and the batches are summed in
+    float64."""
 
     def __init__(self, columns: int, kind: str):
         import torch
@@ -82,12 +83,12 @@ class LayerInputs:
             torch.zeros(columns, columns, dtype=torch.float64)
 
     def add(self, x) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         self.rows += x.shape[0]
         if self.kind == "norms":
-            self.value += (x * x).sum(0)
+            self.value += (x * x).sum(0).double()
         else:
-            self.value += x.T @ x
+            self.value += (x.T @ x).double()
 
     def hessian(self):
         """X^T X / tokens, in float32 for the per-layer loops."""
@@ -108,11 +109,23 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
             block = blocks[index]
             in_block = {name: layer for name, layer in layers.items() if name.startswith(f"{prefix}.{index}.")}
             stats = {name: LayerInputs(layer.in_features, kind) for name, layer in in_block.items()}
-            handles = [layer.register_forward_hook(lambda _m, args, _o, s=stats[name]: s.add(args[0]))
+            added: dict[int, tuple] = {}  # id(input) -> (input, its statistics), within one call of the block
+
+            def record(name, x):
+                # Layers reading the very same tensor (q, k and v; gate and up) share one statistic:
+                # the product is computed once per input, not once per layer.
+                seen = added.get(id(x))
+                if seen is not None and seen[0] is x:
+                    stats[name] = seen[1]
+                else:
+                    stats[name].add(x)
+                    added[id(x)] = (x, stats[name])
+            handles = [layer.register_forward_hook(lambda _m, args, _o, n=name: record(n, args[0]))
                        for name, layer in in_block.items()]
             try:
                 for args, kwargs in recorded:
                     block(*args, **kwargs)
+                    added.clear()
             finally:
                 for handle in handles:
                     handle.remove()
