@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-recipes setup fixtures clean
+.PHONY: demo test test-fast test-recipes setup fixtures peer-llm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: $(STAMP)
 		--model "$$($(BIN)/compress fixtures --only sentiment-classifier --path)" --out runs/demo
 
 # The suite CI runs: unit tests, and shipped recipes on the real models, one recipe per kind of stage
-# (ONNX int8, int4 GPTQ, SparseGPT, torch weight-only, nf4, LoRA, the classifier set). One process: two
+# (ONNX int8, torch int4 GPTQ, SparseGPT, torch weight-only, nf4, LoRA, the classifier set). One process: two
 # test workers on two cores measured slower (torch's and ONNX Runtime's threads spin while they wait).
 test: fixtures
 	$(BIN)/python -m pytest -q -ra --durations=15 -m "not every_recipe"
@@ -39,5 +39,17 @@ test-recipes: fixtures
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not integration"
 
+# llm-compressor in its own virtualenv: it pins transformers 5.15-5.17, which compress's ONNX exporter
+# (optimum-onnx, transformers < 4.58) cannot share. benchmarks/peer_llm.py runs it there.
+PEER_LLM := .venv-peer-llm
+$(PEER_LLM)/.installed:
+	$(PYTHON) -m venv $(PEER_LLM)
+	$(PEER_LLM)/bin/pip install -q --upgrade pip
+	$(PEER_LLM)/bin/pip install -q torch==2.13.0
+	$(PEER_LLM)/bin/pip install -q llmcompressor==0.14.0.1 compressed-tensors==0.19.0 numpy safetensors
+	touch $@
+
+peer-llm: $(PEER_LLM)/.installed
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEER_LLM) runs .pytest_cache
