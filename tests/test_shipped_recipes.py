@@ -174,8 +174,9 @@ def test_smollm2_onnx_weight_only_passes(smollm2):
 @shipped("smollm2-int8-static-fails.yaml", every=True)
 def test_smollm2_static_fails_naming_perplexity(smollm2):
     report = smollm2.report("smollm2-int8-static-fails")
+    # +8.5% perplexity and 0.80 top-1 agreement: both of the recipe's accuracy goals catch it
     assert report["verdict"] == "fail" and [goal for goal, passed in goals(report).items() if not passed] == [
-        "accuracy.perplexity.max_drop_pct"]
+        "accuracy.perplexity.max_drop_pct", "accuracy.top1_agreement.min"]
     assert "FAIL" in (smollm2.folder("smollm2-int8-static-fails") / "report.md").read_text()
 
 
@@ -186,13 +187,16 @@ def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_per
     prune = report["stages"][0]
     assert prune["pruned_layers"] == 30 * 7
     assert all(abs(s - 0.5) < 0.002 for s in prune["sparsity_by_layer"].values())  # measured in the saved files
-    assert report["verdict"] == "fail" and goals(report) == {"accuracy.perplexity.max_drop_pct": False}
+    assert report["verdict"] == "fail" and goals(report) == {
+        "evaluation.consistent": True, "accuracy.perplexity.max_drop_pct": False, "accuracy.top1_agreement.min": False}
     ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
-    assert 1.5 < ratio < 5  # far worse than the bar, far better than magnitude pruning (~15x / ~55x)
+    # far worse than the bar, far better than magnitude pruning (~15x / ~55x); llm-compressor on the
+    # same tokens and evaluation: Wanda 2.238x, SparseGPT 2:4 3.412x (docs/BENCHMARKS.md)
+    assert 1.5 < ratio < 5
 
 
 @pytest.mark.parametrize("recipe, passes", [shipped_param("smollm2-onnx-int4-rtn.yaml", False, every=True),
-                                            shipped_param("smollm2-onnx-int4-gptq.yaml", False),
+                                            shipped_param("smollm2-onnx-int4-gptq.yaml", False, every=True),
                                             shipped_param("smollm2-onnx-int4-hqq.yaml", True, every=True)])
 def test_smollm2_int4_recipes(recipe, passes, smollm2):
     report = smollm2.report(recipe)
@@ -200,6 +204,20 @@ def test_smollm2_int4_recipes(recipe, passes, smollm2):
     assert quantize["quantized_matmuls"] == 30 * 7 and quantize["float_weight_matmuls"] == 0
     assert goals(report)["size.max_ratio"] is True  # 4-bit blocks; the tied embedding table stays float
     assert (report["verdict"] == "pass") is passes and goals(report)["accuracy.perplexity.max_drop_pct"] is passes
+
+
+@shipped("smollm2-int4-gptq.yaml")
+def test_smollm2_torch_gptq_lands_where_the_peer_does_and_fails_the_published_bar(smollm2):
+    report = smollm2.report("smollm2-int4-gptq")
+    quantize = report["stages"][0]
+    assert quantize["quantized_linear_layers"] == 30 * 7 and quantize["kept_in_float"] == ["lm_head"]
+    assert quantize["act_order"] and quantize["calibration_samples"] == 16
+    verdicts = goals(report)
+    assert verdicts["size.max_ratio"] and verdicts["evaluation.consistent"]
+    assert verdicts["accuracy.perplexity.max_drop_pct"] is False
+    ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
+    # llm-compressor's GPTQ with the same settings, tokens and evaluation: 1.286x (docs/BENCHMARKS.md)
+    assert 1.2 < ratio < 1.3
 
 
 def test_lora_fixture_learned_sentiment():
@@ -229,9 +247,10 @@ def test_smollm2_nf4_reloads_4bit_shrinks_and_fails_the_perplexity_bar(smollm2):
     assert quantize["quantized_linear_layers"] == 30 * 7 and quantize["kept_in_float"] == ["lm_head"]
     module = load_torch_model(TorchModel(Path(report["result"]["artifact"]), "text-generation"))
     assert sum(type(m).__name__ == "Linear4bit" for m in module.modules()) == 30 * 7
-    assert goals(report) == {"accuracy.perplexity.max_drop_pct": False, "size.max_ratio": True}
+    assert goals(report) == {"evaluation.consistent": True, "accuracy.perplexity.max_drop_pct": False,
+                             "accuracy.top1_agreement.min": False, "size.max_ratio": True}
     ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
-    assert 1.15 < ratio < 1.5  # measured 1.269: real 4-bit loss, not a broken model
+    assert 1.15 < ratio < 1.5  # measured 1.283: real 4-bit loss, not a broken model
 
 
 @pytest.fixture(scope="module")
