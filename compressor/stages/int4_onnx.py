@@ -45,7 +45,7 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
                            "zero point")
     block_size: Literal[16, 32, 64, 128, 256] = Field(
         32, description="input rows sharing one scale; smaller is more accurate and larger on disk")
-    symmetric: bool = Field(False, description="rtn and gptq: no zero point (hqq always uses one)")
+    symmetric: bool = Field(False, description="rtn, gptq and awq: no zero point (hqq always uses one)")
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
         None, description="ONNX, rtn and gptq: MatMulNBits compute type on CPU: 0 or unset as the graph (fp32), "
                           "1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest, least exact)")
