@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+from peer_llm import peak_rss_mb  # beside this script; it imports nothing from compress at load
+
 
 def recipe_for(method: str):
     from llmcompressor.modifiers.awq import AWQModifier
@@ -62,15 +64,6 @@ def effective_weights(model) -> dict:
                 weights[f"{name}.weight"] = forward_quantize(module, module.weight, "weight",
                                                              scheme.weights).detach().clone()
     return weights
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; getrusage's ru_maxrss would include the memory of
-    the process that started this one)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ The walk is block by block, each block calibrated on the outputs of the blocks a
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -95,8 +96,6 @@ def _calls(module, name: str, runs) -> list:
 
 def _search_scales(block, mapping: Mapping, calls: list, x_mean, group_size: int, symmetric: bool):
     """The scales of the best ratio, and the relative output error with and without them."""
-    import torch
-
     parent = block.get_submodule(mapping.parent)
     layers = [block.get_submodule(b) for b in mapping.balance]
     originals = [layer.weight.detach().clone() for layer in layers]
@@ -114,7 +113,7 @@ def _search_scales(block, mapping: Mapping, calls: list, x_mean, group_size: int
                                    scales[None, :])
             error = sum(float(((hidden_of(parent(*args, **kwargs)) - ref) ** 2).sum())
                         for (args, kwargs), ref in zip(calls, reference))
-            if error < best_error and torch.isfinite(torch.tensor(error)):
+            if error < best_error and math.isfinite(error):
                 best, best_error = scales.clone(), error
         for layer, weight in zip(layers, originals):
             layer.weight.copy_(dequantize(*rtn_quantize(weight, group_size, symmetric), group_size))
