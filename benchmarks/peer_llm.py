@@ -20,6 +20,10 @@ Methods (4-bit ones symmetric int4 in groups of g inputs; lm_head and embeddings
   awq-g64                                 compress int4 awq (torch) / AWQModifier
   gptq-onnx-g64                           compress's ONNX GPTQ (Hessians from the float model in one pass),
                                           for the record: no peer row
+  rtn-smax-g64, gptq-act-smax-g64, ...    compress with `symmetric_grid: signed-max` (its default, ONNX
+                                          Runtime's grid, which compressed-tensors does not fit): no peer row;
+                                          every other symmetric row uses absmax, the peer's grid
+  rtn-asym-g32, gptq-act-asym-g32, ...    compress with asymmetric grids (the shipped ONNX recipes'): no peer row
 Groups of 64, not 128: SmolLM2's hidden size is 576 = 4.5 x 128, and llm-compressor refuses groups
 that do not divide a layer's input size (compress quantizes the last, shorter group as it comes).
 
@@ -44,7 +48,9 @@ PEER_PYTHON = ROOT / ".venv-peer-llm" / "bin" / "python"
 TASK = "text-generation"
 METHODS = "sparsegpt-50,sparsegpt-2:4,wanda-50,rtn-g64,gptq-g64,gptq-act-g64,gptq-g32,gptq-act-g32,awq-g64,gptq-onnx-g64"
 EVALUATION = {"data": {"dataset": "lee-background"}, "max_length": 256, "max_samples": 32, "batch_size": 4}
-COMPRESS_ONLY = {"gptq-onnx"}  # compress's ONNX path, for the record; the peer has no ONNX output
+# compress's ONNX path, for the record (the peer has no ONNX output); and ONNX Runtime's signed-max grid
+COMPRESS_ONLY = {"gptq-onnx", "rtn-onnx", "rtn-smax", "gptq-smax", "gptq-act-smax", "awq-smax", "rtn-asym", "gptq-asym",
+                 "gptq-act-asym", "awq-asym", "rtn-onnx-asym", "gptq-onnx-asym"}
 
 
 def calibration(dataset: str, samples: int) -> dict:
@@ -62,12 +68,16 @@ def compress_stage(method: str, calib: dict):
         pattern = "2:4" if variant == "2:4" else "unstructured"
         extra = {} if pattern == "2:4" else {"sparsity": 0.5}
         return PruneConfig(type="prune", method=kind, pattern=pattern, calibration=calib, **extra), False
+    signed_max, asymmetric = kind.endswith("-smax"), kind.endswith("-asym")
+    kind = kind.removesuffix("-smax").removesuffix("-asym")
     algorithm = kind.removesuffix("-onnx").removesuffix("-act")
     extra = {"calibration": calib} if algorithm in ("gptq", "awq") else {}
     if kind.endswith("-act"):
         extra["act_order"] = True
+    if not asymmetric:  # the peer's grid (compressed-tensors fits absmax), unless -smax asks for compress's default
+        extra["symmetric_grid"] = "signed-max" if signed_max else "absmax"
     config = Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", algorithm=algorithm,
-                                  block_size=int(variant.removeprefix("g")), symmetric=True, **extra)
+                                  block_size=int(variant.removeprefix("g")), symmetric=not asymmetric, **extra)
     return config, kind.endswith("-onnx")
 
 

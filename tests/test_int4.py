@@ -175,6 +175,9 @@ def test_int4_config_errors():
     assert "hqq always fits a zero point" in check(algorithm="hqq", symmetric=True)
     assert "hqq quantizer does not set it" in check(algorithm="hqq", accuracy_level=4)
     assert "calibration applies to algorithms gptq and awq" in check(calibration={"data": {"path": "x"}})
+    assert "symmetric_grid applies with symmetric: true" in check("torch", symmetric_grid="signed-max")
+    assert "ONNX Runtime's rtn quantizer fits its own grid" in check(symmetric=True, symmetric_grid="signed-max")
+    assert check("torch", symmetric=True, symmetric_grid="signed-max") is None
     # What pydantic refuses while parsing: a block size ONNX Runtime lacks, an option of another scheme.
     with pytest.raises(ValidationError, match="16, 32, 64, 128 or 256"):
         check(block_size=48)
@@ -271,7 +274,7 @@ def test_torch_gptq_is_sequential_and_act_order_changes_the_result(tiny_llama, t
                   if type(layer).__name__ == "Int4WeightOnlyLinear"}
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"):
         weight = float_model.get_submodule(name).weight
-        codes, _, _ = gptq_quantize(weight, one_pass[name].float(), 32, symmetric=False)
+        codes, _, _ = gptq_quantize(weight, one_pass[name].float(), 32, "asymmetric")
         same = torch.equal(codes, sequential[name])
         # block 0 sees the float model's inputs either way; block 1 does not
         assert same is (name.startswith("model.layers.0."))
@@ -308,3 +311,65 @@ def test_torch_awq_lowers_output_error_below_rtn_and_keeps_the_float_function(ti
             width = block.get_submodule(mapping.balance[0]).in_features
             _apply(block, mapping, torch.linspace(0.5, 2.0, width))
         assert torch.allclose(float_model(**feed).logits, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_torch_int4_exports_to_matmulnbits_with_its_own_codes(tiny_llama, text_file, tmp_path, symmetric):
+    """export_onnx after torch GPTQ writes the torch stage's codes into MatMulNBits (no refitting),
+    and ONNX Runtime then computes what the torch int4 model computes."""
+    quantized, _ = torch_quantize(tiny_llama, tmp_path / "q", algorithm="gptq", block_size=32, symmetric=symmetric,
+                                  act_order=True, calibration=calibration_for(text_file))
+    exported, details = run_stage(ExportOnnxConfig(type="export_onnx", atol=1e-3), quantized, tmp_path / "e",
+                                  "text-generation")
+    assert details["int4_matmuls"] == 2 * 7 and details["max_abs_diff"] <= 1e-3
+    decoded = decode_matmulnbits(exported.path)
+    layers = quantized_weights(quantized.module)
+    assert len(decoded) == len(layers) == 14
+    # Each MatMulNBits decodes to exactly one torch layer's dequantized weight (same codes and scales).
+    torch_weights = {w.numpy().T.tobytes() for w in layers.values()}
+    assert {weight.astype(np.float32).tobytes() for weight, _ in decoded.values()} == torch_weights
+    graph = onnx.load(str(exported.path))
+    zero_points = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3]
+    assert len(zero_points) == (0 if symmetric else 14)
+    assert not any(p.name.startswith("float-source") for p in (tmp_path / "e").iterdir())
+    assert not list((tmp_path / "e").glob("*.safetensors"))
+    assert sqnr_db(logits(exported), outputs(quantized, tiny_llama)[0]) > 40
+
+
+def test_quantize_and_export_order_rules():
+    from compressor.stages.export_onnx import ExportOnnx
+
+    int4 = Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only")
+    int8 = Int8DynamicConfig(type="quantize", scheme="int8-dynamic")
+    export = ExportOnnxConfig(type="export_onnx")
+    assert ExportOnnx().check_order(export, [int4]) is None
+    assert "int4 weight-only is the exception" in ExportOnnx().check_order(export, [int8])
+    assert "already quantized by an earlier stage (int4-weight-only); quantize once" in \
+        REGISTRY["quantize"].check_order(int4, [int4, export])
+
+
+def test_signed_max_grid_is_onnxruntimes_and_keeps_the_extreme_weight_exact(tiny_llama, exported_llama, tmp_path):
+    import torch
+
+    from compressor.stages.int4_gptq import dequantize, fit_grid, rtn_quantize
+
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    codes, scales, zeros = rtn_quantize(weight, 32, "signed-max")
+    extremes = weight.reshape(8, 2, 32).abs().argmax(dim=2)
+    decoded = dequantize(codes, scales, zeros, 32).reshape(8, 2, 32)
+    original = weight.reshape(8, 2, 32)
+    assert torch.equal(decoded.gather(2, extremes[..., None]), original.gather(2, extremes[..., None]))
+    assert torch.all(codes.reshape(8, 2, 32).gather(2, extremes[..., None]) == 0)
+    absmax_scale, _ = fit_grid(weight[:, :32], "absmax")
+    assert torch.allclose(scales[:, 0].abs(), absmax_scale * 15 / 16)
+    # torch rtn on the signed-max grid, exported, decodes to what ONNX Runtime's own symmetric rtn
+    # writes for the float model's weights.
+    torch_rtn, _ = torch_quantize(tiny_llama, tmp_path / "t", algorithm="rtn", block_size=32, symmetric=True,
+                                  symmetric_grid="signed-max")
+    exported, _ = run_stage(ExportOnnxConfig(type="export_onnx", atol=1e-3), torch_rtn, tmp_path / "e",
+                            "text-generation")
+    ort_rtn, _ = quantize(exported_llama, tmp_path / "o", algorithm="rtn", block_size=32, symmetric=True)
+    ours = sorted(w.tobytes() for w, _ in decode_matmulnbits(exported.path).values())
+    theirs = decode_matmulnbits(ort_rtn.path)
+    theirs = sorted(w.tobytes() for name, (w, _) in theirs.items() if "lm_head" not in name)
+    assert len(ours) == len(theirs) == 14 and ours == theirs

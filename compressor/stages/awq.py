@@ -94,7 +94,7 @@ def _calls(module, name: str, runs) -> list:
     return recorded
 
 
-def _search_scales(block, mapping: Mapping, calls: list, x_mean, group_size: int, symmetric: bool):
+def _search_scales(block, mapping: Mapping, calls: list, x_mean, group_size: int, grid: str):
     """The scales of the best ratio, and the relative output error with and without them."""
     parent = block.get_submodule(mapping.parent)
     layers = [block.get_submodule(b) for b in mapping.balance]
@@ -109,14 +109,14 @@ def _search_scales(block, mapping: Mapping, calls: list, x_mean, group_size: int
             scales = scales / (scales.max() * scales.min()).sqrt()
             for layer, weight in zip(layers, originals):
                 scaled = weight * scales[None, :]
-                layer.weight.copy_(dequantize(*rtn_quantize(scaled, group_size, symmetric), group_size) /
+                layer.weight.copy_(dequantize(*rtn_quantize(scaled, group_size, grid), group_size) /
                                    scales[None, :])
             error = sum(float(((hidden_of(parent(*args, **kwargs)) - ref) ** 2).sum())
                         for (args, kwargs), ref in zip(calls, reference))
             if error < best_error and math.isfinite(error):
                 best, best_error = scales.clone(), error
         for layer, weight in zip(layers, originals):
-            layer.weight.copy_(dequantize(*rtn_quantize(weight, group_size, symmetric), group_size))
+            layer.weight.copy_(dequantize(*rtn_quantize(weight, group_size, grid), group_size))
         plain_error = sum(float(((hidden_of(parent(*args, **kwargs)) - ref) ** 2).sum())
                           for (args, kwargs), ref in zip(calls, reference))
     finally:
@@ -143,7 +143,7 @@ def _apply(block, mapping: Mapping, scales) -> None:
         smooth.bias.div_(scales.to(smooth.bias.dtype))
 
 
-def awq_smooth(module, layers: dict, feeds: list[dict], task: str, group_size: int, symmetric: bool,
+def awq_smooth(module, layers: dict, feeds: list[dict], task: str, group_size: int, grid: str,
                quantize_block, progress=None) -> dict:
     """Balance every block's groups in place, then call `quantize_block(name_prefix)` to round that
     block's layers before the next block is calibrated on its outputs. Returns, per compared module,
@@ -177,7 +177,7 @@ def awq_smooth(module, layers: dict, feeds: list[dict], task: str, group_size: i
                 finally:
                     handle.remove()
                 x_mean = (sums / max(count[0], 1)).float()
-                scales, best, plain = _search_scales(block, mapping, calls, x_mean, group_size, symmetric)
+                scales, best, plain = _search_scales(block, mapping, calls, x_mean, group_size, grid)
                 if scales is not None:
                     _apply(block, mapping, scales)
                 reductions[f"{prefix}.{index}.{mapping.parent}"] = round(best / plain, 4) if plain else 1.0

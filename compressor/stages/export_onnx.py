@@ -15,6 +15,7 @@ from ..data import encode
 from ..errors import StageFailed, UserError
 from ..runners import make_runner
 from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
+from .int4_export import int4_transform, pack_int4_matmuls, write_dequantized_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -51,35 +52,66 @@ class ExportOnnx(Stage):
         return None
 
     def check_order(self, config, earlier):
+        quantized = [c for c in earlier if c.type == "quantize"]
+        if quantized and all(c.scheme == "int4-weight-only" for c in quantized):
+            return None  # exported with its own codes in MatMulNBits (int4_export.py)
         problem = refuse_after_quantize(earlier, "export_onnx traces")
-        return problem and f"{problem}, and quantize the ONNX model after export"
+        return problem and f"{problem}, and quantize the ONNX model after export (int4 weight-only is the " \
+                           "exception: its codes are exported as they are)"
 
     def backends(self, config, input_kind):
         return ["optimum.exporters.onnx", "onnx", "onnxruntime"]
 
     def run(self, config: ExportOnnxConfig, artifact: TorchModel, ctx: StageContext) -> OnnxModel:
-        from optimum.exporters.onnx import main_export
-
-        if artifact.transforms:
+        int4 = int4_transform(artifact)
+        if artifact.transforms and int4 is None:
             raise UserError(f"export_onnx cannot export a torch model with in-memory transforms "
                             f"{artifact.transforms}; export first, then quantize the ONNX model")
-        refuse_quantized_checkpoint(artifact, "export_onnx traces")
-        task = OPTIMUM_TASK[artifact.task] + ("-with-past" if config.with_past else "")
-        out = ctx.workdir
-        try:
-            main_export(str(artifact.path), output=out, task=task, opset=config.opset, do_validation=False,
-                        trust_remote_code=ctx.trust_remote_code, library_name="transformers")
-        except (ValueError, KeyError, NotImplementedError) as exc:
-            raise UserError(f"Optimum cannot export {artifact.path} for task {task}: {exc}") from None
-        exported = OnnxModel(out / "model.onnx", artifact.task, with_past=config.with_past)
+        if int4 is None:
+            refuse_quantized_checkpoint(artifact, "export_onnx traces")
+            exported = self._export(config, artifact.path, artifact.task, ctx)
+        else:
+            exported = self._export_int4(config, artifact, int4, ctx)
         if config.static_axes:
             _fix_axes(exported, config.static_axes)
         diff = max_abs_difference(artifact, exported, ctx)
-        ctx.details.update({"optimum_task": task, "opset": config.opset, "max_abs_diff": diff,
-                            "atol": config.atol, "size_mb": round(exported.size_mb(), 3)})
+        ctx.details.update({"max_abs_diff": diff, "atol": config.atol, "size_mb": round(exported.size_mb(), 3)})
         if not diff <= config.atol:
             raise StageFailed(f"export_onnx: ONNX Runtime output differs from torch by {diff:.3g} "
                               f"(atol {config.atol:g}); raise atol if this is expected, or try another opset")
+        return exported
+
+    def _export(self, config: ExportOnnxConfig, checkpoint, task_name: str, ctx: StageContext) -> OnnxModel:
+        from optimum.exporters.onnx import main_export
+
+        task = OPTIMUM_TASK[task_name] + ("-with-past" if config.with_past else "")
+        try:
+            main_export(str(checkpoint), output=ctx.workdir, task=task, opset=config.opset, do_validation=False,
+                        trust_remote_code=ctx.trust_remote_code, library_name="transformers")
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise UserError(f"Optimum cannot export {checkpoint} for task {task}: {exc}") from None
+        ctx.details.update({"optimum_task": task, "opset": config.opset})
+        return OnnxModel(ctx.workdir / "model.onnx", task_name, with_past=config.with_past)
+
+    def _export_int4(self, config: ExportOnnxConfig, artifact: TorchModel, transform: dict,
+                     ctx: StageContext) -> OnnxModel:
+        """Export the dequantized float copy, then put the torch stage's codes into MatMulNBits."""
+        import onnx
+
+        source = ctx.workdir / "float-source"
+        try:
+            grids = write_dequantized_checkpoint(artifact, transform, source, ctx)
+            exported = self._export(config, source, artifact.task, ctx)
+        finally:
+            shutil.rmtree(source, ignore_errors=True)
+        model = onnx.load(str(exported.path))
+        packed = pack_int4_matmuls(model, grids, transform["group_size"], transform["symmetric"])
+        onnx.save_model(model, str(exported.path), save_as_external_data=exported.needs_external_data(),
+                        location=exported.path.name + ".data")
+        for stale in ctx.workdir.glob("model.onnx_data"):  # the exporter's float weights, now packed
+            stale.unlink()
+        ctx.details.update({"int4_matmuls": packed, "int4_from": "the torch stage's codes (not refitted)",
+                            "block_size": transform["group_size"], "symmetric": transform["symmetric"]})
         return exported
 
 

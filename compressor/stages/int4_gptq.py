@@ -58,22 +58,36 @@ def hessians(model, nodes, feeds: list[dict]) -> dict[str, np.ndarray]:
     return {name: total / max(rows, 1) for name, total in sums.items()}
 
 
-def fit_grid(columns, symmetric: bool):
+GRIDS = ("asymmetric", "absmax", "signed-max")
+
+
+def fit_grid(columns, grid: str):
     """Per-row scale and zero point of a group of columns (rows = output channels), on the 16 codes
-    0..15, as the GPTQ reference and compressed-tensors fit them: symmetric spreads [-max|w|, max|w|]
-    over 15 steps around code 8 (so the largest positive weight may clip by half a step);
-    asymmetric spans [min(w, 0), max(w, 0)] with an integer zero point."""
+    0..15. `grid`:
+    - asymmetric spans [min(w, 0), max(w, 0)] with an integer zero point;
+    - absmax (symmetric, as the GPTQ reference and compressed-tensors fit it) spreads
+      [-max|w|, max|w|] over 15 steps around code 8, so the largest positive weight may clip by half
+      a step and code 0 is only reached past -max|w|;
+    - signed-max (symmetric, ONNX Runtime's grid) puts the group's largest-magnitude weight m exactly
+      on code 0 (scale = m / -8, negative when m > 0), so all 16 codes are in use and the step is
+      15/16 of absmax's; weights of the other sign clip at 7/8 of |m|."""
     import torch
 
-    if symmetric:
-        scale = columns.abs().amax(dim=1) * 2 / 15
-        zero = torch.full_like(scale, 8.0)
-    else:
+    if grid == "asymmetric":
         low = columns.amin(dim=1).clamp(max=0)
         high = columns.amax(dim=1).clamp(min=0)
         scale = (high - low) / 15
         zero = torch.round(-low / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, 15)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    elif grid == "absmax":
+        scale = columns.abs().amax(dim=1) * 2 / 15
+        zero = torch.full_like(scale, 8.0)
+    elif grid == "signed-max":
+        extreme = columns.gather(1, columns.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        scale = extreme / -8
+        zero = torch.full_like(scale, 8.0)
+    else:
+        raise ValueError(f"unknown int4 grid {grid!r}; one of {GRIDS}")
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
     return scale, zero
 
 
@@ -85,7 +99,7 @@ def dequantize(codes, scales, zeros, group_size: int):
     return (codes.to(scales.dtype) - zero) * scale
 
 
-def rtn_quantize(weight, group_size: int, symmetric: bool):
+def rtn_quantize(weight, group_size: int, grid: str):
     """Round to nearest on each group's grid. weight: N x K. Returns codes, scales, zeros (N x groups)."""
     import torch
 
@@ -96,14 +110,14 @@ def rtn_quantize(weight, group_size: int, symmetric: bool):
     scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
     for g in range(groups):
         part = w[:, g * group_size:(g + 1) * group_size]
-        scale, zero = fit_grid(part, symmetric)
+        scale, zero = fit_grid(part, grid)
         scales[:, g], zeros[:, g] = scale, zero
         codes[:, g * group_size:(g + 1) * group_size] = torch.clamp(
             torch.round(part / scale[:, None]) + zero[:, None], 0, 15).to(torch.uint8)
     return codes, scales, zeros
 
 
-def gptq_quantize(weight, hessian, group_size: int, symmetric: bool, dampening: float = 0.01,
+def gptq_quantize(weight, hessian, group_size: int, grid: str, dampening: float = 0.01,
                   act_order: bool = False):
     """GPTQ (Frantar et al., 2022) of one layer. weight: N x K (rows = output channels); hessian:
     K x K, the mean of x x^T over the layer's calibration inputs. Columns are quantized in order (or,
@@ -126,7 +140,7 @@ def gptq_quantize(weight, hessian, group_size: int, symmetric: bool, dampening: 
     scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
     if act_order:
         for g in range(groups):
-            scales[:, g], zeros[:, g] = fit_grid(w[:, g * group_size:(g + 1) * group_size], symmetric)
+            scales[:, g], zeros[:, g] = fit_grid(w[:, g * group_size:(g + 1) * group_size], grid)
         order = torch.argsort(torch.diag(h), descending=True)
     else:
         order = torch.arange(k)
@@ -148,7 +162,7 @@ def gptq_quantize(weight, hessian, group_size: int, symmetric: bool, dampening: 
             column = int(order[start + i])
             group = column // group_size
             if not act_order and column % group_size == 0:  # a new group: fit it to the weights as they are now
-                scales[:, group], zeros[:, group] = fit_grid(part[:, i:i + group_size], symmetric)
+                scales[:, group], zeros[:, group] = fit_grid(part[:, i:i + group_size], grid)
             scale, zero = scales[:, group], zeros[:, group]
             q = torch.clamp(torch.round(part[:, i] / scale) + zero, 0, 15)
             codes[:, column] = q.to(torch.uint8)
@@ -159,14 +173,14 @@ def gptq_quantize(weight, hessian, group_size: int, symmetric: bool, dampening: 
     return codes, scales, zeros
 
 
-def gptq_codes(weight: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool,
+def gptq_codes(weight: np.ndarray, hessian: np.ndarray, block_size: int, grid: str,
                dampening: float = 0.01):
     """GPTQ of an ONNX MatMul weight W (K inputs x N outputs). Returns codes (N x K, 0..15), scales and
     zero points (N x blocks) as numpy arrays."""
     import torch
 
     codes, scales, zeros = gptq_quantize(torch.from_numpy(weight.T.copy()), torch.from_numpy(hessian), block_size,
-                                         symmetric, dampening)
+                                         grid, dampening)
     return codes.numpy(), scales.numpy(), zeros.numpy().astype(np.uint8)
 
 
@@ -203,26 +217,35 @@ def pack_matmulnbits(node, codes: np.ndarray, scales: np.ndarray, zeros, block_s
     return new, inits
 
 
-def gptq_onnx(model, excluded: set[str], feeds: list[dict], block_size: int, symmetric: bool,
+def gptq_onnx(model, excluded: set[str], feeds: list[dict], block_size: int, grid: str,
               accuracy_level, progress, dampening: float = 0.01) -> int:
     """Replace every target MatMul of `model` in place; return how many were quantized."""
-    import onnx
     from onnx import numpy_helper
 
     nodes = targets(model, excluded)
     h = hessians(model, nodes, feeds)
     inits = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
     replaced = {}
     for index in progress.track(range(len(nodes)), len(nodes), "quantizing int4 (GPTQ)"):
         node = nodes[index]
         weight = numpy_helper.to_array(inits[node.input[1]])
-        codes, scales, zeros = gptq_codes(weight, h[node.input[0]], block_size, symmetric, dampening)
-        replaced[node.name] = pack_matmulnbits(node, codes, scales, None if symmetric else zeros, block_size,
-                                               accuracy_level, prefix=f"{node.input[1]}_{index}")
+        codes, scales, zeros = gptq_codes(weight, h[node.input[0]], block_size, grid, dampening)
+        zero_points = zeros if grid == "asymmetric" else None  # symmetric grids sit on MatMulNBits' default 8
+        replaced[node.name] = pack_matmulnbits(node, codes, scales, zero_points, block_size, accuracy_level,
+                                               prefix=f"{node.input[1]}_{index}")
+    swap_matmul_nodes(model, replaced)
+    return len(replaced)
+
+
+def swap_matmul_nodes(model, replaced: dict[str, tuple]) -> None:
+    """Put each new node of `replaced` (old node name -> (new node, its initializers)) in place of
+    the old one, in place, and drop the float weights no node reads any more."""
+    import onnx
+
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     order = []
     for node in model.graph.node:
         if node.name in replaced:
@@ -239,4 +262,3 @@ def gptq_onnx(model, excluded: set[str], feeds: list[dict], block_size: int, sym
         model.graph.initializer.remove(init)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return len(replaced)

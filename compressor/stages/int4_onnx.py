@@ -46,6 +46,11 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
     block_size: Literal[16, 32, 64, 128, 256] = Field(
         32, description="input rows sharing one scale; smaller is more accurate and larger on disk")
     symmetric: bool = Field(False, description="rtn, gptq and awq: no zero point (hqq always uses one)")
+    symmetric_grid: Literal["signed-max", "absmax"] = Field(
+        "signed-max", description="symmetric torch rtn, gptq and awq, and ONNX gptq: signed-max puts each block's "
+                                  "largest-magnitude weight exactly on code 0 and uses all 16 codes (ONNX Runtime's "
+                                  "rtn grid, which ONNX rtn always uses); absmax spreads +-max|w| over 15 steps "
+                                  "around code 8 (the GPTQ reference's and compressed-tensors' grid)")
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
         None, description="ONNX, rtn and gptq: MatMulNBits compute type on CPU: 0 or unset as the graph (fp32), "
                           "1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest, least exact)")
@@ -57,7 +62,16 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
         None, description="algorithms gptq and awq only, and required there: the samples whose layer inputs guide "
                           "rounding (see Calibration data)")
 
+    def grid(self) -> str:
+        """The int4 grid of int4_gptq.fit_grid: asymmetric, absmax or signed-max."""
+        return self.symmetric_grid if self.symmetric else "asymmetric"
+
     def problem(self, input_kind: ArtifactKind) -> Optional[str]:
+        if "symmetric_grid" in self.model_fields_set and not self.symmetric:
+            return "symmetric_grid applies with symmetric: true"
+        if "symmetric_grid" in self.model_fields_set and input_kind == "onnx" and self.algorithm != "gptq":
+            return f"symmetric_grid applies to torch models and ONNX gptq; ONNX Runtime's {self.algorithm} " \
+                   "quantizer fits its own grid"
         if input_kind == "torch" and self.algorithm == "hqq":
             return "algorithm hqq quantizes ONNX models (ONNX Runtime's quantizer); add an export_onnx stage " \
                    "before it, or use rtn or gptq on torch"
@@ -95,7 +109,7 @@ def int4_weight_only_onnx(config: Int4WeightOnlyConfig, artifact: OnnxModel, ctx
     out = OnnxModel(ctx.workdir / "model.onnx", artifact.task, with_past=artifact.with_past)
     if config.algorithm == "gptq":
         feeds = calibration_batches(config.calibration, load_tokenizer(artifact.folder))
-        gptq_onnx(model, set(excluded), feeds, config.block_size, config.symmetric, config.accuracy_level,
+        gptq_onnx(model, set(excluded), feeds, config.block_size, config.grid(), config.accuracy_level,
                   ctx.progress, config.dampening)
         ctx.details["calibration_samples"] = config.calibration.samples
         onnx.save_model(model, str(out.path), save_as_external_data=artifact.needs_external_data(),

@@ -64,9 +64,9 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
 
     def quantize_layer(name, layer, stats=None) -> None:
         if stats is None:
-            codes, scales, zeros = rtn_quantize(layer.weight, group, config.symmetric)
+            codes, scales, zeros = rtn_quantize(layer.weight, group, config.grid())
         else:
-            codes, scales, zeros = gptq_quantize(layer.weight, stats.hessian(), group, config.symmetric,
+            codes, scales, zeros = gptq_quantize(layer.weight, stats.hessian(), group, config.grid(),
                                                  config.dampening, config.act_order)
         grids[name] = (codes, scales, zeros)
         # later blocks are calibrated on the outputs of this layer as it will compute
@@ -85,7 +85,7 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
                 for name, layer in layers.items():
                     if name.startswith(prefix):
                         quantize_layer(name, layer)
-            reductions = awq_smooth(module, layers, feeds, artifact.task, group, config.symmetric, quantize_block,
+            reductions = awq_smooth(module, layers, feeds, artifact.task, group, config.grid(), quantize_block,
                                     ctx.progress)
             missed = [name for name in layers if name not in grids]
             for name in missed:  # targeted layers outside the balanced groups' blocks: plain rounding
@@ -105,11 +105,11 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
     copy_checkpoint_files(artifact.path, out)
     save_model(module, str(out / "model.safetensors"), metadata={"format": "pt"})
     transform = {"name": INT4_WEIGHT_ONLY, "layers": names, "group_size": group, "symmetric": config.symmetric,
-                 "stored": True}
+                 "grid": config.grid(), "stored": True}
     (out / TRANSFORMS_FILE).write_text(json.dumps({"transforms": [transform]}, indent=2))
     result = TorchModel(out, artifact.task, transforms=[transform], module=module.eval())
     ctx.details.update({"backend": "torch", "algorithm": config.algorithm, "block_size": group,
-                        "symmetric": config.symmetric, "quantized_linear_layers": len(names),
+                        "symmetric": config.symmetric, "grid": config.grid(), "quantized_linear_layers": len(names),
                         "kept_in_float": tied, "size_mb_before": round(artifact.size_mb(), 3),
                         "size_mb_after": round(result.size_mb(), 3)})
     if config.algorithm == "gptq":

@@ -76,9 +76,8 @@ class Quantize(Stage):
 
     def check_order(self, config: QuantizeConfigBase, earlier):
         quantized = [c for c in earlier if c.type == "quantize"]
-        if quantized and isinstance(config, Bnb4bitConfig):
-            return f"the model is already quantized by an earlier stage ({quantized[-1].scheme}); nf4 / fp4 " \
-                   "quantize float weights"
+        if quantized:  # every scheme starts from float weights; quantizing codes again compounds the error
+            return f"the model is already quantized by an earlier stage ({quantized[-1].scheme}); quantize once"
         return None
 
     def backends(self, config: QuantizeConfigBase, input_kind):

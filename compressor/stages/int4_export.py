@@ -1,0 +1,93 @@
+"""Export of a torch int4 weight-only model to ONNX with its own 4-bit codes.
+
+The exporter traces float layers, so each Int4WeightOnlyLinear is swapped back for an nn.Linear
+holding its dequantized weight, and that float copy is exported. Every MatMul whose constant weight
+is bit-for-bit one of those dequantized weights (transposed, as the exporter stores it) is then
+replaced by ONNX Runtime's MatMulNBits carrying the torch stage's codes, scales and zero points:
+the grid GPTQ or AWQ chose is kept, not refitted by ONNX Runtime's round-to-nearest. Both forms
+compute (code - zero point) * scale, so ONNX Runtime matches torch to float rounding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..artifacts import TorchModel
+from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, module_to_change
+from ..errors import StageFailed
+from ..torch_transforms import INT4_WEIGHT_ONLY
+from .int4_gptq import pack_matmulnbits, swap_matmul_nodes
+
+
+def int4_transform(artifact: TorchModel) -> Optional[dict]:
+    """The stored int4 weight-only transform of a torch model (in memory or in its folder), or None."""
+    transforms = artifact.transforms
+    record = artifact.path / TRANSFORMS_FILE
+    if not transforms and record.exists():
+        transforms = json.loads(record.read_text()).get("transforms", [])
+    if len(transforms) == 1 and transforms[0].get("name") == INT4_WEIGHT_ONLY and transforms[0].get("stored"):
+        return transforms[0]
+    return None
+
+
+def _weight_key(weight: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(weight, dtype=np.float32).tobytes()).hexdigest()
+
+
+def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: Path, ctx) -> dict[str, tuple]:
+    """Save a float copy of the int4 model (each int4 layer an nn.Linear with its dequantized weight)
+    to `folder` as a plain safetensors checkpoint. Returns, per layer name, (weight key, codes,
+    scales, zero points) as numpy arrays, codes N x K."""
+    import torch
+
+    module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
+    grids = {}
+    with torch.no_grad():
+        for name in transform["layers"]:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            quantized = getattr(parent, child_name)
+            weight = quantized.dequantized_weight(torch.float32)
+            linear = torch.nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None)
+            linear.weight.copy_(weight)
+            if quantized.bias is not None:
+                linear.bias.copy_(quantized.bias)
+            setattr(parent, child_name, linear)
+            grids[name] = (_weight_key(weight.numpy()), quantized.codes().numpy(),
+                           quantized.weight_scale.numpy(), quantized.weight_zero_point.numpy())
+    folder.mkdir(parents=True)
+    module.save_pretrained(folder, safe_serialization=True)
+    copy_checkpoint_files(artifact.path, folder)
+    return grids
+
+
+def pack_int4_matmuls(model, grids: dict[str, tuple], group_size: int, symmetric: bool) -> int:
+    """Replace, in place, each MatMul of `model` whose constant weight is one of `grids`' dequantized
+    weights by MatMulNBits with that layer's codes. Every layer must be found once at least."""
+    import onnx
+    from onnx import numpy_helper
+
+    by_key = {key: (name, codes, scales, zeros) for name, (key, codes, scales, zeros) in grids.items()}
+    inits = {i.name: i for i in model.graph.initializer}
+    found, replaced = set(), {}
+    for index, node in enumerate(model.graph.node):
+        init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if init is None or len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        match = by_key.get(_weight_key(numpy_helper.to_array(init).T))
+        if match is None:
+            continue
+        name, codes, scales, zeros = match
+        found.add(name)
+        replaced[node.name] = pack_matmulnbits(node, codes, scales, None if symmetric else zeros, group_size, None,
+                                               prefix=f"{node.input[1]}_{index}")
+    missing = sorted(set(grids) - found)
+    if missing:
+        raise StageFailed(f"export_onnx: {len(missing)} int4 layers were not found as MatMul weights in the exported "
+                          f"graph (first: {missing[:3]}); the exporter changed their weights")
+    swap_matmul_nodes(model, replaced)
+    return len(replaced)
