@@ -137,6 +137,19 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
     return module
 
 
+def class_names(folder: Path) -> list[str]:
+    """A classifier's label names by index, from config.json's id2label (empty when it has none)."""
+    try:
+        labels = json.loads((folder / "config.json").read_text()).get("id2label") or {}
+    except (OSError, ValueError):
+        return []
+    try:
+        by_index = {int(index): str(name) for index, name in labels.items()}
+    except (TypeError, ValueError):
+        return []
+    return [by_index.get(i, str(i)) for i in range(max(by_index, default=-1) + 1)]
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 

@@ -148,7 +148,8 @@ def summary_table(report: Report) -> Table:
     table.add_column(_escape(f"baseline ({base.backend})"), justify="right")
     table.add_column(_escape(f"result ({res.backend})"), justify="right")
     for name, value in base.metrics.items():
-        table.add_row(name, f"{value:.4f}", f"{res.metrics[name]:.4f}")
+        if "[" not in name:  # per-class scores: report.md's Classes table
+            table.add_row(_escape(name), f"{value:.4f}", f"{res.metrics.get(name, float('nan')):.4f}")
     table.add_row("latency p50 / p95 (ms)", f"{base.latency_ms.p50:.2f} / {base.latency_ms.p95:.2f}",
                   f"{res.latency_ms.p50:.2f} / {res.latency_ms.p95:.2f}")
     table.add_row("size (MB)", f"{base.size_mb:.1f}", f"{res.size_mb:.1f}")

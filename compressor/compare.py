@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
+from .evaluate import MAIN_METRIC, higher_is_better
 from .pipeline import RunOptions, baseline_key, execute, prepare
 from .progress import Progress, Silent
 from .recipe import Recipe, load_recipe
@@ -117,12 +117,12 @@ def summarize(task: str, reports: list[Report]) -> dict:
                      "failed_goals": [g.goal for g in report.gate if not g.passed],
                      "backend": result.backend, "report": f"{report.recipe}/report.json"})
     frontier = pareto_frontier({row["recipe"]: (row["metric"], row["latency_p50_ms"]) for row in rows},
-                               HIGHER_IS_BETTER[metric])
+                               higher_is_better(metric))
     for row in rows:
         row["pareto"] = row["recipe"] in frontier
     rows.sort(key=lambda row: row["latency_p50_ms"])
     first = reports[0]
-    return {"task": task, "metric": metric, "higher_is_better": HIGHER_IS_BETTER[metric],
+    return {"task": task, "metric": metric, "higher_is_better": higher_is_better(metric),
             "model": first.model, "evaluation": first.evaluation.model_dump(), "benchmark": first.benchmark.model_dump(),
             "machine": first.environment.model_dump(exclude={"packages"}),
             "other_cpu_share": first.benchmark.other_cpu_share, "recipes": [r for r in rows if r["recipe"] != BASELINE],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -14,16 +15,31 @@ from .runners import Runner
 
 log = logging.getLogger(__name__)
 
-# Direction of every metric a task reports; the gate reads "worse" from here.
-HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "agreement": True, "cosine_mean": True,
-                    "cosine_min": True, "perplexity": False, "top1_agreement": True}
+# Direction of every metric a task reports; the gate reads "worse" from here (higher_is_better).
+HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "precision_macro": True, "recall_macro": True,
+                    "agreement": True, "cosine_mean": True, "cosine_min": True, "perplexity": False,
+                    "top1_agreement": True, "precision": True, "recall": True, "f1": True}
 TASK_METRICS = {
-    "text-classification": ("accuracy", "f1_macro", "agreement"),
+    "text-classification": ("accuracy", "f1_macro", "precision_macro", "recall_macro", "agreement"),
     "feature-extraction": ("cosine_mean", "cosine_min"),
     "text-generation": ("perplexity", "top1_agreement"),
 }
 # Each task's first metric is its main one: what compare ranks on and regression goals watch.
 MAIN_METRIC = {task: metrics[0] for task, metrics in TASK_METRICS.items()}
+# Classification also reports each class's precision, recall and F1 as `f1[label]`, label being the
+# class's name in the checkpoint's id2label (its index where the config names none).
+PER_CLASS = ("precision", "recall", "f1")
+PER_CLASS_METRIC = re.compile(r"(precision|recall|f1)\[(.+)\]")
+
+
+def higher_is_better(metric: str) -> bool:
+    per_class = PER_CLASS_METRIC.fullmatch(metric)
+    return HIGHER_IS_BETTER[per_class.group(1) if per_class else metric]
+
+
+def is_task_metric(task: str, metric: str) -> bool:
+    """Whether `task` can report `metric` (per-class names are checked against the labels later)."""
+    return metric in TASK_METRICS[task] or (task == "text-classification" and bool(PER_CLASS_METRIC.fullmatch(metric)))
 
 
 @dataclass
@@ -31,6 +47,7 @@ class Evaluation:
     metrics: dict[str, float]
     samples: int
     outputs: Any = field(repr=False, default=None)  # reduced outputs the candidate is compared with
+    classes: Optional[ClassTable] = None  # classification: per-class counts and the confusion matrix
 
 
 def _fixed_batches(texts: list[str], batch_size: int, fixed_batch: Optional[int]) -> Iterator[tuple[list[str], int]]:
@@ -45,8 +62,9 @@ def _fixed_batches(texts: list[str], batch_size: int, fixed_batch: Optional[int]
 
 
 def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, reference: Optional[Evaluation] = None,
-             progress: Progress = Silent()) -> Evaluation:
-    """Run `runner` over the evaluation set; with `reference`, add fidelity metrics against it."""
+             progress: Progress = Silent(), class_names: Optional[list[str]] = None) -> Evaluation:
+    """Run `runner` over the evaluation set; with `reference`, add fidelity metrics against it.
+    `class_names`: the classifier's label names by index (per-class metrics are named after them)."""
     if task == "text-generation":  # max_samples counts token windows here, not texts
         return _evaluate_generation(runner, tokenizer, samples.texts, config, reference, progress)
     texts = samples.texts[: config.max_samples] if config.max_samples else samples.texts
@@ -65,8 +83,15 @@ def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, ref
     reduced = np.concatenate(outputs)
     if task == "text-classification":
         labels = np.asarray(samples.labels[: len(texts)])
+        table = class_table(reduced, labels, class_names or [])
         metrics = {"accuracy": float((reduced == labels).mean()), "f1_macro": _f1_macro(reduced, labels),
+                   "precision_macro": float(np.mean([c.precision for c in table.rows])),
+                   "recall_macro": float(np.mean([c.recall for c in table.rows])),
                    "agreement": 1.0 if reference is None else float((reduced == reference.outputs).mean())}
+        for row in table.rows:
+            metrics.update({f"precision[{row.label}]": row.precision, f"recall[{row.label}]": row.recall,
+                            f"f1[{row.label}]": row.f1})
+        return Evaluation(metrics, len(texts), reduced, table)
     else:
         cosine = np.ones(len(reduced)) if reference is None else _cosine(reduced, reference.outputs)
         metrics = {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
@@ -105,6 +130,39 @@ def _logsumexp(logits: np.ndarray) -> np.ndarray:
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+@dataclass
+class ClassRow:
+    label: str
+    support: int  # samples whose true class this is
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass
+class ClassTable:
+    rows: list[ClassRow]
+    confusion: list[list[int]]  # confusion[true][predicted], in the order of `rows`
+
+
+def class_table(predicted: np.ndarray, labels: np.ndarray, names: list[str]) -> ClassTable:
+    """Per-class precision, recall and F1 (0 where undefined, as for F1 with no true positive) and
+    the confusion matrix, over every named class and any other that occurs as a label or prediction
+    (so that a baseline and a result report the same classes)."""
+    classes = sorted(set(range(len(names))) | {int(c) for c in np.union1d(predicted, labels)})
+    rows = []
+    for cls in classes:
+        tp = float(((predicted == cls) & (labels == cls)).sum())
+        predicted_as, actually = float((predicted == cls).sum()), float((labels == cls).sum())
+        precision = tp / predicted_as if predicted_as else 0.0
+        recall = tp / actually if actually else 0.0
+        f1 = 2 * tp / (predicted_as + actually) if tp else 0.0
+        name = names[cls] if 0 <= cls < len(names) else str(cls)
+        rows.append(ClassRow(name, int(actually), precision, recall, f1))
+    confusion = [[int(((labels == true) & (predicted == guess)).sum()) for guess in classes] for true in classes]
+    return ClassTable(rows, confusion)
 
 
 def _f1_macro(predicted: np.ndarray, labels: np.ndarray) -> float:

@@ -9,7 +9,7 @@ from typing import Optional
 from pydantic import ValidationError
 
 from .errors import UserError
-from .evaluate import HIGHER_IS_BETTER, MAIN_METRIC
+from .evaluate import MAIN_METRIC, higher_is_better
 from .recipe import format_path
 from .report_schema import SCHEMA_VERSION, BaselineSide, Environment, GateRow, Report, ResultSide, Speedup
 
@@ -38,7 +38,7 @@ def check_goals(goals, baseline: BaselineSide, result: ResultSide) -> list[GateR
             raise UserError(f"goals.accuracy: metric {goal.metric!r} is not measured for this task "
                             f"(measured: {', '.join(result.metrics)})")
         base, cand = baseline.metrics[goal.metric], result.metrics[goal.metric]
-        worse = (base - cand) if HIGHER_IS_BETTER[goal.metric] else (cand - base)
+        worse = (base - cand) if higher_is_better(goal.metric) else (cand - base)
         name = f"accuracy.{goal.metric}"
         if goal.max_drop is not None:
             verdicts.append(_at_most(f"{name}.max_drop", worse, goal.max_drop))
@@ -178,6 +178,6 @@ def check_regression(regression, task: str, previous: Report, baseline: Baseline
     if regression.max_accuracy_drop is not None:
         metric = MAIN_METRIC[task]
         before, now = previous.result.metrics[metric], result.metrics[metric]
-        worse = (before - now) if HIGHER_IS_BETTER[metric] else (now - before)
+        worse = (before - now) if higher_is_better(metric) else (now - before)
         verdicts.append(_at_most(f"regression.{metric}.drop", worse, regression.max_accuracy_drop))
     return verdicts

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -15,17 +15,18 @@ from . import cache
 from . import report as reporting
 from .artifacts import Artifact, TorchModel
 from .bench import OtherLoad, benchmark_feed, measure
-from .checkpoint import inspect_checkpoint, load_tokenizer
+from .checkpoint import class_names, inspect_checkpoint, load_tokenizer
 from .data import load_samples
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import PER_CLASS_METRIC, Evaluation, evaluate
 from .gate import (check_evaluation, check_goals, check_regression, load_previous, machine_differences,
                    machine_facts_known, speedup_thresholds)
 from .machine import has_int8_dot_product
 from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
 from .progress import Progress, Silent
 from .recipe import Recipe
-from .report_schema import Against, BaselineSide, Environment, GateRow, Report, ResultSide, Speedup, StageRecord
+from .report_schema import (Against, BaselineSide, Classes, Environment, GateRow, Report, ResultSide, Speedup,
+                            StageRecord)
 from .run_folder import RunFolder, place
 from .runners import Runner, make_runner
 from .stages import REGISTRY, StageContext
@@ -157,6 +158,8 @@ def prepare(recipes: list[Recipe], model: str | Path, options: RunOptions) -> Pr
     for steps in plans:
         check_device(options.device, options.ort_provider, steps)
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
+    for recipe in recipes:
+        _check_class_goals(recipe, class_names(checkpoint))
     previous = None
     if options.against is not None:
         if len(recipes) != 1:
@@ -176,6 +179,23 @@ class Outcome:
     recipe: Recipe
     report: Report
     passed: bool
+
+
+def _classes(evaluation: Evaluation) -> Optional[Classes]:
+    table = evaluation.classes
+    return None if table is None else Classes(rows=[asdict(row) for row in table.rows], confusion=table.confusion)
+
+
+def _check_class_goals(recipe: Recipe, names: list[str]) -> None:
+    """Per-class goals (`f1[LABEL]`) must name one of the checkpoint's classes (by index when its
+    config.json has no id2label)."""
+    for index, goal in enumerate(recipe.goals.accuracy):
+        per_class = PER_CLASS_METRIC.fullmatch(goal.metric)
+        label = per_class and per_class.group(2)
+        if per_class and (label not in names if names else not label.isdigit()):
+            known = ", ".join(names) if names else "none named: config.json has no id2label, so use class indices"
+            raise UserError(f"{recipe.where('goals', 'accuracy', index, 'metric')}: goals.accuracy[{index}].metric: "
+                            f"no class {label!r} in the checkpoint's labels ({known})")
 
 
 def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = Silent(), nested: bool = False
@@ -203,11 +223,13 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
     tokenizer = load_tokenizer(prepared.checkpoint)
     runner_args = options.runner_args(bench.threads)
     baseline = baseline_for(first, source, runner_args)
-    base_eval = evaluate(task, baseline.runner, tokenizer, samples, first.evaluation, progress=progress)
+    names = class_names(prepared.checkpoint)
+    base_eval = evaluate(task, baseline.runner, tokenizer, samples, first.evaluation, progress=progress,
+                         class_names=names)
     runners = [make_runner(final, recipe.name if nested else "result", **runner_args, torch_dtype=options.torch_dtype)
                for recipe, final in zip(recipes, finals)]
     evaluations = [evaluate(task, runner, tokenizer, samples, first.evaluation, reference=base_eval,
-                            progress=progress) for runner in runners]
+                            progress=progress, class_names=names) for runner in runners]
 
     env = reporting.environment(threads=bench.threads, device=options.device)
     differences = machine_differences(prepared.previous, env) if prepared.previous else []
@@ -220,14 +242,15 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
         bench = bench.model_copy(update={"max_remeasure_seconds": options.max_remeasure_seconds})
     with OtherLoad() as load:
         timings, speedups, remeasured = measure([baseline.runner] + runners, feed, bench, thresholds, progress)
-    base_side = BaselineSide(model=baseline.model, metrics=base_eval.metrics,
+    base_side = BaselineSide(model=baseline.model, metrics=base_eval.metrics, classes=_classes(base_eval),
                              latency_ms=timings.latency(baseline.runner.name).as_dict(),
                              size_mb=round(baseline.size_mb, 3), backend=baseline.runner.backend)
     outcomes, checkpoint_digest = [], None
     for recipe, runner, final, evaluation, stage_records, folder in zip(recipes, runners, finals, evaluations,
                                                                          records, folders):
         final_folder = out / recipe.name if nested else out
-        result_side = ResultSide(metrics=evaluation.metrics, latency_ms=timings.latency(runner.name).as_dict(),
+        result_side = ResultSide(metrics=evaluation.metrics, classes=_classes(evaluation),
+                                 latency_ms=timings.latency(runner.name).as_dict(),
                                  speedup=Speedup(**speedups[runner.name].as_dict()),
                                  size_mb=round(final.size_mb(), 3), backend=runner.backend,
                                  artifact=str(final_folder / final.path.relative_to(folder)))

@@ -10,7 +10,7 @@ from .artifacts import ArtifactKind
 from .data import read
 from .doctor import cuda_problem, ort_provider_problem
 from .errors import BackendMissing, UserError
-from .evaluate import TASK_METRICS
+from .evaluate import PER_CLASS, TASK_METRICS, is_task_metric
 from .recipe import Recipe
 from .stages import REGISTRY, Stage
 
@@ -80,10 +80,12 @@ def run_shapes(recipe: Recipe) -> dict[str, tuple[int, int]]:
 def _check_goal_metrics(recipe: Recipe) -> None:
     measured = TASK_METRICS[recipe.task]
     for index, goal in enumerate(recipe.goals.accuracy):
-        if goal.metric not in measured:
+        if not is_task_metric(recipe.task, goal.metric):
             where = recipe.where("goals", "accuracy", index, "metric")
+            per_class = f" and per class {', '.join(m + '[LABEL]' for m in PER_CLASS)}" \
+                if recipe.task == "text-classification" else ""
             raise UserError(f"{where}: goals.accuracy[{index}].metric: {recipe.task} measures "
-                            f"{', '.join(measured)}, not {goal.metric!r}")
+                            f"{', '.join(measured)}{per_class}, not {goal.metric!r}")
 
 
 def check_device(device: str, ort_provider: str, steps: list[PlannedStage]) -> None:

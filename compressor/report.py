@@ -11,8 +11,8 @@ from xml.etree import ElementTree as ET
 from . import machine
 from .artifacts import Artifact, EngineModel, OnnxModel, sha256_file
 from .machine import package_versions
-from .report_schema import (BaselineSide, BenchmarkInfo, Environment, EvaluationInfo, GateRow, Report, ResultSide,
-                            StageRecord)
+from .report_schema import (BaselineSide, BenchmarkInfo, Classes, Environment, EvaluationInfo, GateRow, Report,
+                            ResultSide, StageRecord)
 
 def environment(threads: Optional[int] = None, device: str = "cpu") -> Environment:
     return Environment(**machine.describe(), threads=threads, device=device, packages=package_versions())
@@ -109,7 +109,8 @@ def markdown(report: Report) -> str:
     lines += ["", "## Baseline vs result", "", "| | baseline | result |", "|---|---|---|",
               f"| model | {base.model} | {report.recipe} |"]
     for name in base.metrics:
-        lines.append(f"| {name} | {_fmt(base.metrics[name])} | {_fmt(res.metrics[name])} |")
+        if "[" not in name:  # per-class scores have their own table below
+            lines.append(f"| {name} | {_fmt(base.metrics[name])} | {_fmt(res.metrics.get(name, float('nan')))} |")
     for q in ("p50", "p90", "p95", "p99"):
         lines.append(f"| latency {q} (ms) | {_fmt(getattr(base.latency_ms, q))} | {_fmt(getattr(res.latency_ms, q))} |")
     lines.append(f"| throughput (samples/s) | {_fmt(base.latency_ms.throughput)} | {_fmt(res.latency_ms.throughput)} |")
@@ -122,8 +123,10 @@ def markdown(report: Report) -> str:
               + (f" ({bench.remeasured_seconds:.0f} s of it re-measuring a close call)"
                  if bench.remeasured_seconds else "") + "."
               + (f" Speed-up {speedup.speedup:.3f}x, {speedup.confidence:.0%} bootstrap interval "
-                 f"[{speedup.interval[0]:.3f}, {speedup.interval[1]:.3f}]." if speedup else ""), "",
-              "## Stages", "", "| stage | seconds | cache | details |", "|---|---|---|---|"]
+                 f"[{speedup.interval[0]:.3f}, {speedup.interval[1]:.3f}]." if speedup else ""), ""]
+    if base.classes and res.classes:
+        lines += classes_markdown(base.classes, res.classes)
+    lines += ["## Stages", "", "| stage | seconds | cache | details |", "|---|---|---|---|"]
     for stage in report.stages:
         details = ", ".join(f"{k}={_fmt(v)}" for k, v in stage.details().items())
         cache = "stored" if stage.cache_key else "-"
@@ -140,6 +143,25 @@ def markdown(report: Report) -> str:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
     lines += ["", f"Artifact: `{res.artifact}`", ""]
     return "\n".join(lines)
+
+
+def classes_markdown(base: Classes, res: Classes) -> list[str]:
+    """Per-class precision / recall / F1 of both sides, and each side's confusion matrix."""
+    lines = ["## Classes", "", "| class | support | precision | recall | F1 |", "|---|---|---|---|---|"]
+    result_rows = {row.label: row for row in res.rows}
+    for row in base.rows:
+        other = result_rows.get(row.label)
+        pair = (lambda key: f"{getattr(row, key):.4f} -> {getattr(other, key):.4f}" if other else
+                f"{getattr(row, key):.4f} -> -")
+        lines.append(f"| {row.label} | {row.support} | {pair('precision')} | {pair('recall')} | {pair('f1')} |")
+    lines += ["", "Baseline -> result. Confusion matrices (rows: true class, columns: predicted):", ""]
+    for side, table in (("baseline", base), ("result", res)):
+        labels = [row.label for row in table.rows]
+        lines += [f"| {side} | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        lines += [f"| {label} | " + " | ".join(str(n) for n in counts) + " |"
+                  for label, counts in zip(labels, table.confusion)]
+        lines.append("")
+    return lines
 
 
 def junit(report: Report) -> str:

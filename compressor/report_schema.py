@@ -38,6 +38,21 @@ class Speedup(Model):
     marginal: bool = Field(description="a latency threshold still lay inside the interval after re-measuring")
 
 
+class ClassScore(Model):
+    label: str = Field(description="the class's name in the checkpoint's id2label, or its index")
+    support: int = Field(description="evaluation samples whose true class this is")
+    precision: float
+    recall: float
+    f1: float
+
+
+class Classes(Model):
+    """A classifier's per-class scores and confusion matrix on the evaluation samples."""
+
+    rows: list[ClassScore]
+    confusion: list[list[int]] = Field(description="confusion[true][predicted], classes in the order of `rows`")
+
+
 class Side(Model):
     """What one side of the comparison measured: metrics, latency, size and the backend it ran on."""
 
@@ -45,6 +60,8 @@ class Side(Model):
     latency_ms: LatencyStats
     size_mb: float
     backend: str
+    classes: Optional[Classes] = Field(None, description="text-classification: per-class scores and the "
+                                                         "confusion matrix")
 
 
 class BaselineSide(Side):

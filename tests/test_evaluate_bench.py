@@ -32,12 +32,21 @@ def test_classification_metrics_and_agreement():
     samples = Samples(texts=["a", "bb", "ccc", "dddd"], labels=[0, 1, 1, 0], source="mem")
     config = EvaluationConfig.model_validate({"data": {"path": "x.jsonl"}, "batch_size": 3})
     truth = FixedRunner("base", lambda row: np.array([1.0, 0.0]) if row[0] in (1, 4) else np.array([0.0, 1.0]))
-    base = evaluate("text-classification", truth, Tokenizer(), samples, config)
-    assert base.metrics == {"accuracy": 1.0, "f1_macro": 1.0, "agreement": 1.0}
+    base = evaluate("text-classification", truth, Tokenizer(), samples, config, class_names=["neg", "pos"])
+    assert base.metrics == {"accuracy": 1.0, "f1_macro": 1.0, "precision_macro": 1.0, "recall_macro": 1.0,
+                            "agreement": 1.0, "precision[neg]": 1.0, "recall[neg]": 1.0, "f1[neg]": 1.0,
+                            "precision[pos]": 1.0, "recall[pos]": 1.0, "f1[pos]": 1.0}
+    assert base.classes.confusion == [[2, 0], [0, 2]]
     flipped = FixedRunner("cand", lambda row: np.array([0.0, 1.0]))  # always predicts 1
-    cand = evaluate("text-classification", flipped, Tokenizer(), samples, config, reference=base)
+    cand = evaluate("text-classification", flipped, Tokenizer(), samples, config, reference=base,
+                    class_names=["neg", "pos"])
     assert cand.metrics["accuracy"] == 0.5 and cand.metrics["agreement"] == 0.5
     assert cand.metrics["f1_macro"] == pytest.approx((0 + 2 * 2 / (2 * 2 + 2)) / 2)
+    # pos: predicted 4 times, right twice; neg: never predicted (precision 0 by convention)
+    assert cand.metrics["precision[pos]"] == 0.5 and cand.metrics["recall[pos]"] == 1.0
+    assert cand.metrics["precision[neg]"] == 0.0 and cand.metrics["recall[neg]"] == 0.0
+    assert cand.metrics["precision_macro"] == 0.25 and cand.metrics["recall_macro"] == 0.5
+    assert cand.classes.confusion == [[0, 2], [0, 2]] and [r.support for r in cand.classes.rows] == [2, 2]
 
 
 def test_generation_max_samples_counts_windows_not_texts():
@@ -54,6 +63,20 @@ def test_generation_max_samples_counts_windows_not_texts():
     result = evaluate("text-generation", uniform, WordTokenizer(), samples, config)
     assert result.samples == 5  # five windows, although five texts hold only three
     assert result.metrics["perplexity"] == pytest.approx(8.0)  # uniform over 8 tokens
+
+
+def test_class_table_names_every_class_and_falls_back_to_indices():
+    from compressor.evaluate import class_table, higher_is_better, is_task_metric
+
+    predicted, labels = np.array([0, 2, 2]), np.array([0, 0, 2])
+    table = class_table(predicted, labels, ["a", "b"])  # class 2 has no name; b occurs nowhere
+    assert [r.label for r in table.rows] == ["a", "b", "2"]
+    assert table.confusion == [[1, 0, 1], [0, 0, 0], [0, 0, 1]]
+    assert (table.rows[0].precision, table.rows[0].recall) == (1.0, 0.5)
+    assert table.rows[2].f1 == pytest.approx(2 / 3)
+    assert higher_is_better("recall[b]") and not higher_is_better("perplexity")
+    assert is_task_metric("text-classification", "f1[POSITIVE]")
+    assert not is_task_metric("text-generation", "f1[POSITIVE]") and not is_task_metric("text-classification", "f2[x]")
 
 
 def test_f1_macro_known_value():

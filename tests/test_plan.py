@@ -84,3 +84,29 @@ def test_goal_metric_must_belong_to_the_task():
 def test_stages_that_need_float_weights_refuse_to_follow_quantize(second, message):
     with pytest.raises(UserError, match=message):
         plan(recipe(f"  - type: quantize\n    scheme: int8-weight-only\n  - type: {second}"))
+
+
+def test_per_class_goals_name_a_class_of_the_checkpoint(tiny_classifier, tmp_path):
+    import json
+    import shutil
+
+    from compressor.pipeline import RunOptions, prepare
+
+    text = BASE.format(task="text-classification", stages="  - type: export_onnx").replace(
+        "goals:\n  latency: {min_speedup: 1.1}", "goals:\n  accuracy:\n    - metric: recall[LABEL]\n      max_drop: 0.05")
+    assert plan(parse_recipe(text.replace("LABEL", "ANY"), "r.yaml"))  # only the form is checked when planning
+    # The tiny classifier's config.json has no id2label: its classes are named by index.
+    prepare([parse_recipe(text.replace("LABEL", "1"), "r.yaml")], tiny_classifier, RunOptions(out=tmp_path / "a"))
+    with pytest.raises(UserError, match=r"r.yaml:9: goals.accuracy\[0\].metric: no class 'ANY' in the checkpoint's "
+                                        r"labels \(none named: config.json has no id2label, so use class indices\)"):
+        prepare([parse_recipe(text.replace("LABEL", "ANY"), "r.yaml")], tiny_classifier, RunOptions(out=tmp_path / "b"))
+    named = shutil.copytree(tiny_classifier, tmp_path / "named")
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**config, "id2label": {"0": "NEGATIVE", "1": "POSITIVE"}}))
+    prepare([parse_recipe(text.replace("LABEL", "POSITIVE"), "r.yaml")], named, RunOptions(out=tmp_path / "c"))
+    with pytest.raises(UserError, match=r"no class '1' in the checkpoint's labels \(NEGATIVE, POSITIVE\)"):
+        prepare([parse_recipe(text.replace("LABEL", "1"), "r.yaml")], named, RunOptions(out=tmp_path / "d"))
+    with pytest.raises(UserError, match=r"text-classification measures accuracy, f1_macro, precision_macro, "
+                                        r"recall_macro, agreement and per class precision\[LABEL\], recall\[LABEL\], "
+                                        r"f1\[LABEL\], not 'f2\[x\]'"):
+        plan(parse_recipe(text.replace("recall[LABEL]", "f2[x]"), "r.yaml"))

@@ -12,7 +12,7 @@ from compressor.errors import UserError
 from compressor.gate import load_report
 from compressor.report_schema import SCHEMA_VERSION, Report
 
-from .reports import report, result_side, speedup
+from .reports import baseline_side, report, result_side, speedup
 
 DOCS = Path(__file__).parent.parent / "docs" / "REPORT.md"
 
@@ -103,3 +103,26 @@ def test_int8_on_a_cpu_without_int8_dot_products_gets_a_note():
     assert "no int8 dot-product instructions" in note
     assert _machine_notes(recipe, onnx, vnni) == []
     assert _machine_notes(recipe, SimpleNamespace(backend="torch-cpu"), avx2) == []
+
+
+def test_classes_read_back_and_show_in_report_md(tmp_path):
+    from compressor.report import markdown
+    from compressor.report_schema import Classes
+
+    def classes(confusion):
+        rows = [{"label": label, "support": sum(counts), "precision": 0.5, "recall": 0.25, "f1": 1 / 3}
+                for label, counts in zip(["NEGATIVE", "POSITIVE"], confusion)]
+        return Classes(rows=rows, confusion=confusion)
+
+    base = baseline_side({"accuracy": 0.9, "f1[NEGATIVE]": 0.8})
+    base.classes = classes([[40, 10], [0, 50]])
+    result = result_side({"accuracy": 0.8, "f1[NEGATIVE]": 0.7})
+    result.classes = classes([[30, 20], [0, 50]])
+    written = report([], base=base, result=result)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(written.as_json()))
+    assert load_report(path).result.classes.confusion == [[30, 20], [0, 50]]
+    text = markdown(written)
+    assert "| NEGATIVE | 50 | 0.5000 -> 0.5000 | 0.2500 -> 0.2500 | 0.3333 -> 0.3333 |" in text
+    assert "| result | NEGATIVE | POSITIVE |" in text and "| NEGATIVE | 30 | 20 |" in text
+    assert "| f1[NEGATIVE] |" not in text  # per-class scores are in the Classes table, not repeated
