@@ -4,8 +4,9 @@ Sections (all by default; pick with --sections):
 - onnx: ONNX int4 (MatMulNBits) by RTN, GPTQ and HQQ at blocks of 32 and 128 (a variant may add
   `:al4`, accuracy_level 4 = int8 activations): perplexity on lee_background (32 windows of 256
   tokens, the shipped recipes' evaluation) as a ratio to the fp32 ONNX model, file size ratio, and
-  prompt latency (batch 1, 128 tokens) against ONNX fp32 in alternating blocks. GPTQ calibrates on
-  16 windows of 256 tokens of lee-test (news documents not in lee_background).
+  prompt latency (batch 1, 128 tokens) against ONNX fp32 in alternating blocks. GPTQ (asymmetric,
+  act order) runs on the torch model, calibrated on 16 windows of 256 tokens of lee-test (news
+  documents not in lee_background), and reaches ONNX through export_onnx, which keeps its codes.
 - decode: the same model exported with past key values; per-token decode latency (batch 1, one new
   token after a 128-token prompt) of int4 RTN blocks of 32, with and without accuracy_level 4,
   against fp32, in alternating blocks. GPTQ and HQQ write the same MatMulNBits layout, so their
@@ -44,7 +45,7 @@ def int4_config(variant: str):
     from compressor.stages.int4_onnx import Int4WeightOnlyConfig
 
     algorithm, block, *rest = variant.split(":")
-    extra = {"calibration": CALIBRATION} if algorithm == "gptq" else {}
+    extra = {"calibration": CALIBRATION, "act_order": True} if algorithm == "gptq" else {}
     if rest:
         extra["accuracy_level"] = int(rest[0].removeprefix("al"))
     return Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", algorithm=algorithm,
@@ -94,7 +95,14 @@ def onnx_section(variants, stage, checkpoint, tokenizer, samples, evaluation, fe
 
     def maker(variant):
         def make():
-            quantized, seconds = stage(int4_config(variant), fp32, variant.replace(":", "-"))
+            name = variant.replace(":", "-")
+            if variant.startswith("gptq"):  # torch GPTQ, then exported with its codes
+                started = time.perf_counter()
+                quantized, _ = stage(int4_config(variant), TorchModel(checkpoint, TASK), name + "-torch")
+                quantized, _ = stage(ExportOnnxConfig(type="export_onnx", atol=1e-3), quantized, name)
+                seconds = time.perf_counter() - started
+            else:
+                quantized, seconds = stage(int4_config(variant), fp32, name)
             return quantized, seconds, quantized.size_mb() / fp32_mb
         return make
 

@@ -18,8 +18,8 @@ Methods (4-bit ones symmetric int4 in groups of g inputs; lm_head and embeddings
   gptq-act-g64, gptq-act-g32              the same with activation order and static groups on both sides
                                           (compress act_order: true; the peer's default, actorder static)
   awq-g64                                 compress int4 awq (torch) / AWQModifier
-  gptq-onnx-g64                           compress's ONNX GPTQ (Hessians from the float model in one pass),
-                                          for the record: no peer row
+  rtn-onnx-g32                            ONNX Runtime's round to nearest on the exported model (signed-max
+                                          grid), for the record: no peer row
   rtn-smax-g64, gptq-act-smax-g64, ...    compress with `symmetric_grid: signed-max` (its default, ONNX
                                           Runtime's grid, which compressed-tensors does not fit): no peer row;
                                           every other symmetric row uses absmax, the peer's grid
@@ -46,11 +46,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / ".venv-peer-llm" / "bin" / "python"
 TASK = "text-generation"
-METHODS = "sparsegpt-50,sparsegpt-2:4,wanda-50,rtn-g64,gptq-g64,gptq-act-g64,gptq-g32,gptq-act-g32,awq-g64,gptq-onnx-g64"
+METHODS = "sparsegpt-50,sparsegpt-2:4,wanda-50,rtn-g64,gptq-g64,gptq-act-g64,gptq-g32,gptq-act-g32,awq-g64"
 EVALUATION = {"data": {"dataset": "lee-background"}, "max_length": 256, "max_samples": 32, "batch_size": 4}
-# compress's ONNX path, for the record (the peer has no ONNX output); and ONNX Runtime's signed-max grid
-COMPRESS_ONLY = {"gptq-onnx", "rtn-onnx", "rtn-smax", "gptq-smax", "gptq-act-smax", "awq-smax", "rtn-asym", "gptq-asym",
-                 "gptq-act-asym", "awq-asym", "rtn-onnx-asym", "gptq-onnx-asym"}
+# ONNX Runtime's rtn, for the record (the peer has no ONNX output); compress's signed-max and asymmetric grids
+COMPRESS_ONLY = {"rtn-onnx", "rtn-smax", "gptq-smax", "gptq-act-smax", "awq-smax", "rtn-asym", "gptq-asym",
+                 "gptq-act-asym", "awq-asym", "rtn-onnx-asym"}
 
 
 def calibration(dataset: str, samples: int) -> dict:
@@ -74,7 +74,8 @@ def compress_stage(method: str, calib: dict):
     extra = {"calibration": calib} if algorithm in ("gptq", "awq") else {}
     if kind.endswith("-act"):
         extra["act_order"] = True
-    if not asymmetric:  # the peer's grid (compressed-tensors fits absmax), unless -smax asks for compress's default
+    if not asymmetric and not kind.endswith("-onnx"):  # ONNX Runtime's rtn fits its own grid (signed-max)
+        # the peer's grid (compressed-tensors fits absmax), unless -smax asks for compress's default
         extra["symmetric_grid"] = "signed-max" if signed_max else "absmax"
     config = Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", algorithm=algorithm,
                                   block_size=int(variant.removeprefix("g")), symmetric=not asymmetric, **extra)

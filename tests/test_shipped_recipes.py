@@ -196,7 +196,6 @@ def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_per
 
 
 @pytest.mark.parametrize("recipe, passes", [shipped_param("smollm2-onnx-int4-rtn.yaml", False, every=True),
-                                            shipped_param("smollm2-onnx-int4-gptq.yaml", False, every=True),
                                             shipped_param("smollm2-onnx-int4-hqq.yaml", True, every=True)])
 def test_smollm2_int4_recipes(recipe, passes, smollm2):
     report = smollm2.report(recipe)
@@ -207,17 +206,26 @@ def test_smollm2_int4_recipes(recipe, passes, smollm2):
 
 
 @shipped("smollm2-int4-gptq.yaml")
-def test_smollm2_torch_gptq_lands_where_the_peer_does_and_fails_the_published_bar(smollm2):
+def test_smollm2_torch_gptq_meets_the_published_bar(smollm2):
     report = smollm2.report("smollm2-int4-gptq")
     quantize = report["stages"][0]
     assert quantize["quantized_linear_layers"] == 30 * 7 and quantize["kept_in_float"] == ["lm_head"]
-    assert quantize["act_order"] and quantize["calibration_samples"] == 16
-    verdicts = goals(report)
-    assert verdicts["size.max_ratio"] and verdicts["evaluation.consistent"]
-    assert verdicts["accuracy.perplexity.max_drop_pct"] is False
+    assert quantize["act_order"] and quantize["calibration_samples"] == 16 and quantize["grid"] == "signed-max"
+    assert all(goals(report).values()), report["gate"]
     ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
-    # llm-compressor's GPTQ with the same settings, tokens and evaluation: 1.286x (docs/BENCHMARKS.md)
-    assert 1.2 < ratio < 1.3
+    # 1.117x measured (docs/BENCHMARKS.md); llm-compressor's GPTQ on its absmax grid: 1.286x at best
+    assert 1.08 < ratio < 1.125
+
+
+@shipped("smollm2-onnx-int4-gptq.yaml", every=True)
+def test_smollm2_torch_gptq_exported_to_matmulnbits_meets_the_published_bar(smollm2):
+    report = smollm2.report("smollm2-onnx-int4-gptq")
+    quantize, export = report["stages"]
+    assert quantize["grid"] == "asymmetric" and quantize["act_order"] and quantize["quantized_linear_layers"] == 210
+    assert export["int4_matmuls"] == 30 * 7 and export["max_abs_diff"] <= 1e-3
+    assert all(goals(report).values()), report["gate"]
+    ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
+    assert 1.05 < ratio < 1.125  # 1.092x measured through the torch path (docs/BENCHMARKS.md)
 
 
 def test_lora_fixture_learned_sentiment():

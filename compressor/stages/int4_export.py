@@ -20,7 +20,6 @@ from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, module_to_change
 from ..errors import StageFailed
 from ..torch_transforms import INT4_WEIGHT_ONLY
-from .int4_gptq import pack_matmulnbits, swap_matmul_nodes
 
 
 def int4_transform(artifact: TorchModel) -> Optional[dict]:
@@ -91,3 +90,63 @@ def pack_int4_matmuls(model, grids: dict[str, tuple], group_size: int, symmetric
                           f"graph (first: {missing[:3]}); the exporter changed their weights")
     swap_matmul_nodes(model, replaced)
     return len(replaced)
+
+
+def pack_matmulnbits(node, codes: np.ndarray, scales: np.ndarray, zeros, block_size: int,
+                     accuracy_level, prefix: str):
+    """The MatMulNBits node and its initializers: B [N, blocks, block/2] uint8 with the low nibble
+    first, scales [N * blocks], zero points packed two per byte per row (omitted when symmetric,
+    where the operator's default of 8 applies)."""
+    from onnx import helper, numpy_helper
+
+    n, k = codes.shape
+    blocks = scales.shape[1]
+    padded = np.zeros((n, blocks * block_size), dtype=np.uint8)
+    padded[:, :k] = codes
+    for b in range(blocks):  # rows past K decode to zero: code = zero point
+        tail = slice(max(k, b * block_size), (b + 1) * block_size)
+        padded[:, tail] = (zeros[:, b:b + 1] if zeros is not None else 8)
+    pairs = padded.reshape(n, blocks, block_size // 2, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    inits = [numpy_helper.from_array(packed, f"{prefix}_Q4"),
+             numpy_helper.from_array(scales.astype(np.float32).reshape(-1), f"{prefix}_scales")]
+    inputs = [node.input[0], inits[0].name, inits[1].name]
+    if zeros is not None:
+        zp = np.zeros((n, blocks + blocks % 2), dtype=np.uint8)
+        zp[:, :blocks] = zeros
+        zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        inits.append(numpy_helper.from_array(zp.reshape(-1), f"{prefix}_zero_points"))
+        inputs.append(inits[-1].name)
+    attrs = {"K": k, "N": n, "bits": 4, "block_size": block_size}
+    if accuracy_level is not None:
+        attrs["accuracy_level"] = accuracy_level
+    new = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q4",
+                           domain="com.microsoft", **attrs)
+    return new, inits
+
+
+def swap_matmul_nodes(model, replaced: dict[str, tuple]) -> None:
+    """Put each new node of `replaced` (old node name -> (new node, its initializers)) in place of
+    the old one, in place, and drop the float weights no node reads any more."""
+    import onnx
+
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    order = []
+    for node in model.graph.node:
+        if node.name in replaced:
+            new, new_inits = replaced[node.name]
+            order.append(new)
+            model.graph.initializer.extend(new_inits)
+            readers[node.input[1]] -= 1
+        else:
+            order.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    unused = [i for i in model.graph.initializer if readers.get(i.name, 1) == 0]
+    for init in unused:
+        model.graph.initializer.remove(init)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))

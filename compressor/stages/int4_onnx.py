@@ -5,10 +5,9 @@ unless symmetric) per block; activations stay in float.
 Algorithms:
 - rtn: round to nearest per block (ONNX Runtime's default MatMulNBits quantizer);
 - hqq: half-quadratic optimisation of each block's scale and zero point, no data (Badri & Shaji,
-  2023; ONNX Runtime's implementation);
-- gptq: quantizes input rows in order and updates the not-yet-quantized weights with the inverse
-  Hessian of the layer's inputs on calibration data (Frantar et al., 2022); compress's own
-  implementation (int4_gptq.py says why not ONNX Runtime's)."""
+  2023; ONNX Runtime's implementation).
+GPTQ and AWQ run on the torch model (int4_torch.py), before export_onnx, which writes their codes
+into MatMulNBits (int4_export.py); int4_gptq.py says why not on the ONNX graph."""
 
 from __future__ import annotations
 
@@ -19,13 +18,11 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from ..artifacts import ArtifactKind, OnnxModel
-from ..checkpoint import load_tokenizer
-from ..data import CalibrationConfig, calibration_batches
+from ..data import CalibrationConfig
 from ..errors import StageFailed, UserError
 from ..onnx_graph import match_nodes
 from .base import StageContext
 from .export_onnx import copy_tokenizer_files
-from .int4_gptq import gptq_onnx
 from .quantize_base import QuantizeConfigBase
 
 log = logging.getLogger(__name__)
@@ -38,21 +35,21 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
         description="4-bit weights in blocks, float activations (ONNX: ONNX Runtime's MatMulNBits; torch: packed "
                     "codes dequantized per call)")
     algorithm: Literal["rtn", "gptq", "awq", "hqq"] = Field(
-        "rtn", description="rtn rounds each block to nearest; gptq compensates rounding error with calibration "
-                           "data (on torch one transformer block at a time, on the outputs of the blocks already "
-                           "quantized); awq (torch, Llama-style blocks) scales the input channels with the largest "
-                           "activations up before rounding; hqq (ONNX only) optimises each block's scale and "
-                           "zero point")
+        "rtn", description="rtn rounds each block to nearest; gptq (torch) compensates rounding error with "
+                           "calibration data, one transformer block at a time on the outputs of the blocks already "
+                           "quantized; awq (torch, Llama-style blocks) scales the input channels with the largest "
+                           "activations up before rounding; hqq (ONNX) optimises each block's scale and zero point. "
+                           "gptq and awq reach ONNX through export_onnx, which keeps their codes")
     block_size: Literal[16, 32, 64, 128, 256] = Field(
         32, description="input rows sharing one scale; smaller is more accurate and larger on disk")
     symmetric: bool = Field(False, description="rtn, gptq and awq: no zero point (hqq always uses one)")
     symmetric_grid: Literal["signed-max", "absmax"] = Field(
-        "signed-max", description="symmetric torch rtn, gptq and awq, and ONNX gptq: signed-max puts each block's "
+        "signed-max", description="symmetric torch rtn, gptq and awq: signed-max puts each block's "
                                   "largest-magnitude weight exactly on code 0 and uses all 16 codes (ONNX Runtime's "
                                   "rtn grid, which ONNX rtn always uses); absmax spreads +-max|w| over 15 steps "
                                   "around code 8 (the GPTQ reference's and compressed-tensors' grid)")
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
-        None, description="ONNX, rtn and gptq: MatMulNBits compute type on CPU: 0 or unset as the graph (fp32), "
+        None, description="ONNX rtn: MatMulNBits compute type on CPU: 0 or unset as the graph (fp32), "
                           "1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest, least exact)")
     act_order: bool = Field(False, description="gptq: quantize columns by decreasing Hessian diagonal (inputs with "
                                                "the most energy first); block grids are then fitted up front")
@@ -69,14 +66,15 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
     def problem(self, input_kind: ArtifactKind) -> Optional[str]:
         if "symmetric_grid" in self.model_fields_set and not self.symmetric:
             return "symmetric_grid applies with symmetric: true"
-        if "symmetric_grid" in self.model_fields_set and input_kind == "onnx" and self.algorithm != "gptq":
-            return f"symmetric_grid applies to torch models and ONNX gptq; ONNX Runtime's {self.algorithm} " \
-                   "quantizer fits its own grid"
+        if "symmetric_grid" in self.model_fields_set and input_kind == "onnx":
+            return f"symmetric_grid applies to torch models; ONNX Runtime's {self.algorithm} quantizer fits its own " \
+                   "grid (rtn: signed-max)"
         if input_kind == "torch" and self.algorithm == "hqq":
             return "algorithm hqq quantizes ONNX models (ONNX Runtime's quantizer); add an export_onnx stage " \
                    "before it, or use rtn or gptq on torch"
-        if input_kind == "onnx" and self.algorithm == "awq":
-            return "algorithm awq quantizes torch models; put it before export_onnx"
+        if input_kind == "onnx" and self.algorithm in ("gptq", "awq"):
+            return f"algorithm {self.algorithm} quantizes the torch model block by block; put this stage before " \
+                   "export_onnx, which writes its codes into MatMulNBits"
         if input_kind == "torch" and "accuracy_level" in self.model_fields_set:
             return "accuracy_level applies to ONNX models (MatMulNBits' compute type)"
         if self.algorithm in ("gptq", "awq") and self.calibration is None:
@@ -85,13 +83,11 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
             return f"calibration applies to algorithms gptq and awq; {self.algorithm} uses no data"
         if self.algorithm != "gptq" and self.model_fields_set & {"act_order", "dampening"}:
             return f"act_order and dampening apply to algorithm gptq, not {self.algorithm}"
-        if input_kind == "onnx" and self.act_order:
-            return "act_order is implemented for torch models; quantize before export_onnx to use it"
         # model_fields_set: the defaults are fine for hqq, only an explicit setting is refused
         if self.algorithm == "hqq" and "symmetric" in self.model_fields_set:
-            return "symmetric applies to rtn and gptq; hqq always fits a zero point"
+            return "symmetric applies to rtn, gptq and awq; hqq always fits a zero point"
         if self.algorithm == "hqq" and "accuracy_level" in self.model_fields_set:
-            return "accuracy_level applies to rtn and gptq; ONNX Runtime's hqq quantizer does not set it"
+            return "accuracy_level applies to rtn; ONNX Runtime's hqq quantizer does not set it"
         return None
 
     def backends(self, input_kind: ArtifactKind) -> list[str]:
@@ -107,27 +103,18 @@ def int4_weight_only_onnx(config: Int4WeightOnlyConfig, artifact: OnnxModel, ctx
     model = onnx.load(str(artifact.path))
     excluded = match_nodes([node.name for node in model.graph.node], config.exclude, "exclude")
     out = OnnxModel(ctx.workdir / "model.onnx", artifact.task, with_past=artifact.with_past)
-    if config.algorithm == "gptq":
-        feeds = calibration_batches(config.calibration, load_tokenizer(artifact.folder))
-        gptq_onnx(model, set(excluded), feeds, config.block_size, config.grid(), config.accuracy_level,
-                  ctx.progress, config.dampening)
-        ctx.details["calibration_samples"] = config.calibration.samples
-        onnx.save_model(model, str(out.path), save_as_external_data=artifact.needs_external_data(),
-                        location=out.path.name + ".data")
+    if config.algorithm == "rtn":
+        algorithm = nbits.DefaultWeightOnlyQuantConfig(
+            block_size=config.block_size, is_symmetric=config.symmetric, accuracy_level=config.accuracy_level, bits=4)
     else:
-        if config.algorithm == "rtn":
-            algorithm = nbits.DefaultWeightOnlyQuantConfig(
-                block_size=config.block_size, is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-                bits=4)
-        else:
-            algorithm = nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
-        quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, algo_config=algorithm)
-        try:
-            quantizer.process()
-        except Exception as exc:  # ONNX Runtime's quantizers raise bare exceptions and assertions
-            raise StageFailed(f"quantize int4-weight-only ({config.algorithm}): ONNX Runtime's quantizer failed: "
-                              f"{type(exc).__name__}: {exc}") from None
-        quantizer.model.save_model_to_file(str(out.path), use_external_data_format=artifact.needs_external_data())
+        algorithm = nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
+    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, algo_config=algorithm)
+    try:
+        quantizer.process()
+    except Exception as exc:  # ONNX Runtime's quantizers raise bare exceptions and assertions
+        raise StageFailed(f"quantize int4-weight-only ({config.algorithm}): ONNX Runtime's quantizer failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    quantizer.model.save_model_to_file(str(out.path), use_external_data_format=artifact.needs_external_data())
     copy_tokenizer_files(artifact.folder, ctx.workdir)
     graph = onnx.load(str(out.path), load_external_data=False).graph
     constants = {i.name for i in graph.initializer}
