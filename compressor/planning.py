@@ -34,6 +34,9 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
     for index, config in enumerate(recipe.stages):
         stage = REGISTRY[config.type]
         where = f"{recipe.where('stages', index)}: stages[{index}] ({config.type})"
+        if planned and planned[-1].stage.last_only:
+            raise UserError(f"{where}: stages[{index - 1}] ({planned[-1].config.type}) writes a serving format that "
+                            "no stage reads; it must be the last stage")
         if kind not in stage.accepts:
             produced = "the checkpoint is" if index == 0 else f"stages[{index - 1}] outputs"
             need = " or ".join(stage.accepts)

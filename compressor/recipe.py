@@ -13,6 +13,7 @@ from .data import DataConfig
 from .errors import UserError
 from .stages import REGISTRY
 from .stages.build_engine import BuildEngineConfig
+from .stages.compressed_tensors import ExportCompressedTensorsConfig
 from .stages.export_onnx import ExportOnnxConfig
 from .stages.merge_lora import MergeLoraConfig
 from .stages.optimize_onnx import OptimizeOnnxConfig
@@ -25,7 +26,8 @@ Task = Literal["text-classification", "feature-extraction", "text-generation"]
 # and type checkers; tests check that it and the registry agree. QuantizeConfig is itself a union on
 # `scheme`, so a quantize stage's errors carry two tags.
 StageConfig = Annotated[
-    Union[MergeLoraConfig, ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig, BuildEngineConfig],
+    Union[MergeLoraConfig, ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig,
+          ExportCompressedTensorsConfig, BuildEngineConfig],
     Field(discriminator="type"),
 ]
 

@@ -217,6 +217,21 @@ def test_smollm2_torch_gptq_meets_the_published_bar(smollm2):
     assert 1.08 < ratio < 1.125
 
 
+@shipped("smollm2-int4-gptq.yaml", "smollm2-int4-gptq-vllm.yaml")
+def test_smollm2_compressed_tensors_folder_is_the_gptq_model_as_transformers_reloads_it(smollm2):
+    report = smollm2.report("smollm2-int4-gptq-vllm")
+    quantize, export = report["stages"]
+    assert export["format"] == "pack-quantized" and export["quantized_linear_layers"] == 210
+    assert export["reload_max_abs_diff"] <= 1e-4
+    assert all(goals(report).values()), report["gate"]
+    # The same GPTQ model evaluated through transformers' compressed-tensors loader: the same figures.
+    direct = smollm2.report("smollm2-int4-gptq")["result"]["metrics"]
+    assert report["result"]["metrics"]["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    assert report["result"]["metrics"]["top1_agreement"] == pytest.approx(direct["top1_agreement"], abs=1e-3)
+    config = json.loads((Path(report["result"]["artifact"]) / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
 @shipped("smollm2-onnx-int4-gptq.yaml", every=True)
 def test_smollm2_torch_gptq_exported_to_matmulnbits_meets_the_published_bar(smollm2):
     report = smollm2.report("smollm2-onnx-int4-gptq")

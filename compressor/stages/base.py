@@ -60,6 +60,7 @@ class Stage:
     config_model: ClassVar[Any]
     accepts: ClassVar[tuple[ArtifactKind, ...]]
     needs_calibration: ClassVar[bool | str] = False  # a string says when
+    last_only: ClassVar[bool] = False  # writes a serving format no other stage reads: it ends the recipe
 
     @classmethod
     def config_variants(cls) -> list[ConfigVariant]:
