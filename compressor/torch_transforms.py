@@ -8,12 +8,14 @@ replays them, so this module sits below both and imports neither.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 
 import numpy as np
 
 from .artifacts import TorchModel
 from .errors import UserError
+from .linear_layers import conv1d_names, conv1d_to_linear
 
 INT8_DYNAMIC = "int8-dynamic"
 INT8_WEIGHT_ONLY = "int8-weight-only"
@@ -35,6 +37,9 @@ def torch_dynamic_int8(module, transform: dict):
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
     qconfig = per_channel_dynamic_qconfig if transform["per_channel"] else default_dynamic_qconfig
+    if conv1d_names(module):  # torch.ao quantizes nn.Linear: GPT-2's Conv1D layers become the Linear they equal,
+        module = copy.deepcopy(module)  # in a copy (the caller's module may be a run's baseline)
+        conv1d_to_linear(module)
     names = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)
              and not any(fnmatch.fnmatchcase(name, p) for p in transform["exclude"])]
     quantized = quantize_dynamic(module, {name: qconfig for name in names}, dtype=torch.qint8, inplace=False)
@@ -143,6 +148,7 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
 
     config = AutoConfig.from_pretrained(artifact.path, trust_remote_code=trust_remote_code)
     module = model_cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    conv1d_to_linear(module)  # the quantize stage swapped GPT-2's Conv1D layers for nn.Linear before saving
     if transform["name"] == INT4_WEIGHT_ONLY:
         linear4 = int4_linear_class()
         swap_modules(module, transform["layers"], lambda old: linear4(

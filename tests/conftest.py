@@ -25,17 +25,22 @@ def _tokenizer(folder: Path):
     return tokenizer, len(vocab)
 
 
-def build_tiny(folder: Path, task: str) -> Path:
-    """A randomly initialised, seeded model small enough for unit tests (a few hundred KB)."""
+def build_tiny(folder: Path, task: str, architecture: str = "") -> Path:
+    """A randomly initialised, seeded model small enough for unit tests (a few hundred KB); for
+    text-generation a Llama, or with `architecture="gpt2"` a GPT-2 (Conv1D layers)."""
     import torch
-    from transformers import BertConfig, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig
 
     from compressor.checkpoint import model_class
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer, vocab_size = _tokenizer(folder)
-    if task == "text-generation":  # BOS and EOS as a Llama tokenizer has them (ids 2 and 3)
+    if architecture == "gpt2":
+        tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
+        config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                            bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    elif task == "text-generation":  # BOS and EOS as a Llama tokenizer has them (ids 2 and 3)
         tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -79,6 +84,11 @@ def tiny_encoder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny") / "llama", "text-generation")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "gpt2", "text-generation", "gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pydantic import Field
 from ..artifacts import ArtifactKind, TorchModel
 from ..checkpoint import copy_checkpoint_files, model_class, quantization_of
 from ..errors import BackendMissing, UserError
+from ..linear_layers import is_linear_like
 from .base import StageContext
 from .quantize_base import QuantizeConfigBase
 
@@ -77,10 +78,9 @@ def bnb_unavailable() -> Optional[str]:
 
 
 def skipped_modules(module, patterns: list[str]) -> list[str]:
-    """Linear layers kept in float: the output embedding (lm_head) always, plus `exclude` patterns."""
-    import torch
-
-    linears = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
+    """Linear layers (GPT-2's Conv1D included) kept in float: the output embedding (lm_head) always,
+    plus `exclude` patterns."""
+    linears = [name for name, child in module.named_modules() if is_linear_like(child)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in linears)]
     if unmatched:
         raise UserError(f"quantize.exclude: no linear layer matches {unmatched}; names look like {linears[:3]}")

@@ -30,6 +30,7 @@ from pydantic import Field
 from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_torch_model, quantization_method
 from ..errors import StageFailed, UserError
+from ..linear_layers import is_linear_like, out_in_weight, shape_of
 from ..torch_transforms import INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY
 from .base import Stage, StageConfigBase, StageContext
 from .export_onnx import max_abs_difference
@@ -103,8 +104,7 @@ class ExportCompressedTensors(Stage):
                 owner = key.rpartition(".")[0]
                 if owner not in quantized and not key.endswith("rotary_emb.inv_freq"):
                     tensors[key] = value.detach().contiguous()
-        linears = [name for name, layer in module.named_modules()
-                   if isinstance(layer, torch.nn.Linear) or name in quantized]
+        linears = [name for name, layer in module.named_modules() if is_linear_like(layer) or name in quantized]
         ignore = [name for name in linears if name not in quantized]
         sparsity = _sparsity(module, ignore) if transform is None else {}
         out = ctx.workdir / "model"
@@ -191,13 +191,10 @@ def _drop_tied_copies(tensors: dict, module) -> None:
 
 
 def _sparsity(module, ignore: list[str]) -> dict:
-    """Pattern and share of zeros over the float Linear weights that are not ignored ("lm_head" is),
-    or {} when they are dense."""
-    import torch
-
-    weights = [layer.weight.detach() for name, layer in module.named_modules()
-               if isinstance(layer, torch.nn.Linear) and name != "lm_head"
-               and layer.weight.shape[1] % 4 == 0 and "embed" not in name]
+    """Pattern and share of zeros over the float Linear (and Conv1D) weights but lm_head, or {} when
+    they are dense. 2:4 runs along each output's inputs."""
+    weights = [out_in_weight(layer).detach() for name, layer in module.named_modules()
+               if is_linear_like(layer) and name != "lm_head" and shape_of(layer)[0] % 4 == 0]
     if not weights:
         return {}
     zeros = sum(int((w == 0).sum()) for w in weights)

@@ -23,6 +23,7 @@ from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer, module_to_change
 from ..data import calibration_batches
 from ..errors import UserError
+from ..linear_layers import conv1d_to_linear
 from ..torch_transforms import INT4_WEIGHT_ONLY, int4_linear_class, swap_modules
 from .base import StageContext
 from .int4_gptq import dequantize, gptq_quantize, rtn_quantize
@@ -56,6 +57,7 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
         raise UserError("quantize int4-weight-only: the model is already quantized "
                         f"({artifact.transforms[-1]['name']}); quantize once")
     module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
+    conv1d_to_linear(module)  # GPT-2's Conv1D layers are quantized as the nn.Linear they equal
     layers, tied = _targets(module, config.exclude)
     if not layers:
         raise UserError("quantize int4-weight-only: no nn.Linear left to quantize after `exclude`")

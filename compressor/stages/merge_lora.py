@@ -20,6 +20,7 @@ from .. import fixtures
 from ..artifacts import TorchModel, files_size_mb
 from ..checkpoint import copy_checkpoint_files, load_torch_model, quantization_of
 from ..errors import StageFailed, UserError
+from ..linear_layers import is_linear_like, shape_of
 from ..runners import TorchRunner
 from .base import Stage, StageConfigBase, StageContext
 
@@ -205,7 +206,6 @@ def _check_base_model(where: str, adapter_config: dict, base_config: dict) -> No
 
 def _check_shapes(adapter: Adapter, module) -> None:
     """Every LoRA matrix must fit the layer it targets; every target module must exist."""
-    import torch
     from safetensors import safe_open
 
     where = f"merge_lora: {adapter.folder}"
@@ -215,7 +215,7 @@ def _check_shapes(adapter: Adapter, module) -> None:
     if isinstance(targets, list):
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
         if missing:
-            names = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)][:4]
+            names = [n for n, m in modules.items() if is_linear_like(m)][:4]
             raise UserError(f"{where}: target modules {missing} are not in the checkpoint (its linear layers are "
                             f"named like {names}); the adapter was trained on another architecture")
     with safe_open(str(adapter.folder / ADAPTER_WEIGHTS), framework="pt") as handle:
@@ -225,14 +225,15 @@ def _check_shapes(adapter: Adapter, module) -> None:
             for marker in (".lora_A.", ".lora_B."):
                 if marker in name:
                     layer = modules.get(name.split(marker)[0])
-                    if not isinstance(layer, torch.nn.Linear):
+                    if not is_linear_like(layer):
                         raise UserError(f"{where}: {key} targets {name.split(marker)[0]}, which is not a linear "
                                         "layer of the checkpoint")
-                    expected = layer.in_features if marker == ".lora_A." else layer.out_features
+                    inputs, outputs = shape_of(layer)  # LoRA matrices are r x inputs and outputs x r for Conv1D too
+                    expected = inputs if marker == ".lora_A." else outputs
                     actual = shape[1] if marker == ".lora_A." else shape[0]
                     if actual != expected:
                         raise UserError(f"{where}: {key} has shape {list(shape)} but the checkpoint's layer has "
-                                        f"{layer.in_features} inputs and {layer.out_features} outputs; the "
+                                        f"{inputs} inputs and {outputs} outputs; the "
                                         "adapter was trained on a model of another size")
                     break
             else:

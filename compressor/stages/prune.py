@@ -21,6 +21,7 @@ from ..artifacts import TorchModel
 from ..checkpoint import copy_checkpoint_files, load_tokenizer, load_torch_model, module_to_change
 from ..data import CalibrationConfig, calibration_batches
 from ..errors import StageFailed, UserError
+from ..linear_layers import conv1d_to_linear, linear_to_conv1d
 from ..sparsity import PATTERNS, nm_mask
 from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
 from .prune_calibrated import prune_with_calibration
@@ -131,12 +132,14 @@ class Prune(Stage):
             original = load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code)
             return self._run_structured(config, artifact, original, copy.deepcopy(original), ctx)
         module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
+        conv1d = conv1d_to_linear(module)  # GPT-2's Conv1D layers pruned as the nn.Linear they equal
         layers = select_linears(module, config.targets, config.ignore)
         with torch.no_grad():
             if config.method == "magnitude":
                 prune_magnitude(layers, config)
             else:
                 prune_with_calibration(module, layers, config, artifact, ctx)
+        linear_to_conv1d(module, conv1d)  # saved in the layout the model's class loads
         out = ctx.workdir / "model"
         module.save_pretrained(out, safe_serialization=True)
         copy_checkpoint_files(artifact.path, out)  # tokenizer and the like; save_pretrained wrote config

@@ -1,10 +1,14 @@
 """Structured pruning: remove whole attention heads and FFN intermediate channels, so tensors
 physically shrink, and update the config so that `from_pretrained` rebuilds the smaller model.
 
-Two block layouts are understood, found by module names rather than by class:
+Three block layouts are understood, found by module names rather than by class:
 - BERT family (`attention.self.{query,key,value}`, `attention.output.dense`, `intermediate.dense`,
   `output.dense`): heads go through transformers' own `prune_heads`, which records them in
   `config.pruned_heads` (re-applied on load), so every layer may keep a different number of heads;
+- GPT-2 family (`attn.c_attn` holding query, key and value, `attn.c_proj`, `mlp.c_fc`,
+  `mlp.c_proj`, all transformers Conv1D layers, weights inputs x outputs): heads through
+  `prune_heads` as for BERT; FFN channels by cutting `c_fc`'s outputs and `c_proj`'s inputs, the
+  config's `n_inner` set to the new width;
 - Llama family (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`): with grouped-query
   attention a key/value head and the query heads that read it are removed together, so every
   remaining query head still has its KV head; the config's head counts change and `head_dim` is
@@ -31,6 +35,7 @@ from typing import Optional
 from ..checkpoint import model_class
 from ..data import torch_inputs
 from ..errors import StageFailed, UserError
+from ..linear_layers import is_conv1d, out_in_weight, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,7 @@ class Units:
     output: str  # module path of the projection that reads the units
     inputs: list[str]  # module paths whose output rows are the units
     value: Optional[tuple[str, int]] = None  # (path, width): rows that weigh a head's magnitude
+    value_offset: int = 0  # first of those rows (GPT-2's c_attn holds query, key and value rows in turn)
     kv: list[str] = field(default_factory=list)  # Llama KV groups: key and value rows, `value` width each
     scores: object = None
     keep: list[int] = field(default_factory=list)
@@ -59,8 +65,11 @@ def family(block) -> str:
         return "llama"
     if hasattr(block, "attention") and hasattr(block, "intermediate") and hasattr(block.attention, "self"):
         return "bert"
+    if hasattr(block, "attn") and hasattr(block.attn, "c_attn") and hasattr(block, "mlp") and hasattr(block.mlp, "c_fc"):
+        return "gpt2"
     raise UserError(f"prune structured: blocks of type {type(block).__name__} are neither BERT-like "
-                    "(attention.self, intermediate, output) nor Llama-like (self_attn, mlp.down_proj)")
+                    "(attention.self, intermediate, output), Llama-like (self_attn, mlp.down_proj) nor GPT-2-like "
+                    "(attn.c_attn, mlp.c_fc)")
 
 
 def find_blocks(module):
@@ -69,7 +78,7 @@ def find_blocks(module):
 
     lists = [(name, child) for name, child in module.named_modules()
              if isinstance(child, torch.nn.ModuleList) and len(child) and
-             (hasattr(child[0], "self_attn") or hasattr(child[0], "attention"))]
+             any(hasattr(child[0], name) for name in ("self_attn", "attention", "attn"))]
     if not lists:
         raise UserError("prune structured: found no transformer blocks (an nn.ModuleList of attention blocks)")
     return max(lists, key=lambda item: len(item[1]))
@@ -91,6 +100,15 @@ def plan_units(module, heads: Optional[float], channels: Optional[float]) -> lis
             if channels:
                 units.append(Units("channels", index, block.intermediate.dense.out_features, 1,
                                    f"{at}.output.dense", [f"{at}.intermediate.dense"]))
+        elif kind == "gpt2":
+            attention = block.attn
+            if heads:
+                units.append(Units("heads", index, attention.num_heads, attention.head_dim, f"{at}.attn.c_proj",
+                                   [f"{at}.attn.c_attn"], value=(f"{at}.attn.c_attn", attention.head_dim),
+                                   value_offset=2 * attention.split_size))
+            if channels:
+                units.append(Units("channels", index, shape_of(block.mlp.c_fc)[1], 1, f"{at}.mlp.c_proj",
+                                   [f"{at}.mlp.c_fc"]))
         else:
             head_dim = block.self_attn.head_dim
             groups = block.self_attn.k_proj.out_features // head_dim
@@ -109,14 +127,16 @@ def plan_units(module, heads: Optional[float], channels: Optional[float]) -> lis
 def magnitude_scores(module, unit: Units):
     import torch
 
-    out = module.get_submodule(unit.output).weight.detach().float()
+    out = out_in_weight(module.get_submodule(unit.output)).detach().float()
     column_norms = out.reshape(out.shape[0], unit.count, unit.width).pow(2).sum(dim=(0, 2))
     if unit.value:
         path, width = unit.value
-        rows = module.get_submodule(path).weight.detach().float()
+        rows = out_in_weight(module.get_submodule(path)).detach().float()
+        rows = rows[unit.value_offset:unit.value_offset + unit.count * width]
         row_norms = rows.reshape(unit.count, width, -1).pow(2).sum(dim=(1, 2))
     else:
-        row_norms = sum(module.get_submodule(p).weight.detach().float().pow(2).sum(dim=1) for p in unit.inputs)
+        row_norms = sum(out_in_weight(module.get_submodule(p)).detach().float().pow(2).sum(dim=1)
+                        for p in unit.inputs)
     return torch.sqrt(column_norms) * torch.sqrt(row_norms)
 
 
@@ -124,7 +144,7 @@ def activation_scores(module, units: list[Units], feeds: list[dict], task: str) 
     """Run the calibration batches once, gathering the squared input of every output projection."""
     import torch
 
-    sums = {unit.output: torch.zeros(module.get_submodule(unit.output).in_features, dtype=torch.float64)
+    sums = {unit.output: torch.zeros(shape_of(module.get_submodule(unit.output))[0], dtype=torch.float64)
             for unit in units}
 
     def hook(path):
@@ -142,7 +162,7 @@ def activation_scores(module, units: list[Units], feeds: list[dict], task: str) 
         for handle in handles:
             handle.remove()
     for unit in units:
-        out = module.get_submodule(unit.output).weight.detach().double()
+        out = out_in_weight(module.get_submodule(unit.output)).detach().double()
         per_column = out.pow(2).sum(0).sqrt() * sums[unit.output].sqrt()
         unit.scores = per_column.reshape(unit.count, unit.width).sum(1).float()
 
@@ -193,16 +213,21 @@ def _rows(count: int, width: int, keep: list[int]):
 
 
 def _replace(module, path: str, index, dim: int) -> None:
-    from transformers.pytorch_utils import prune_linear_layer
+    """Keep `index` along `dim` of the layer's (outputs x inputs) weight: 0 cuts outputs, 1 inputs."""
+    from transformers.pytorch_utils import prune_conv1d_layer, prune_linear_layer
 
     parent_path, _, name = path.rpartition(".")
     parent = module.get_submodule(parent_path)
-    setattr(parent, name, prune_linear_layer(getattr(parent, name), index, dim=dim))
+    layer = getattr(parent, name)
+    if is_conv1d(layer):  # its weight is inputs x outputs: the other axis
+        setattr(parent, name, prune_conv1d_layer(layer, index, dim=1 - dim))
+    else:
+        setattr(parent, name, prune_linear_layer(layer, index, dim=dim))
 
 
 def apply(module, units: list[Units], kind: str) -> None:
     config = module.config
-    if kind == "bert":
+    if kind in ("bert", "gpt2"):
         heads_to_prune = {}
         for unit in units:
             if unit.kind != "heads":
@@ -216,7 +241,7 @@ def apply(module, units: list[Units], kind: str) -> None:
         if heads_to_prune:
             module.prune_heads(heads_to_prune)
     for unit in units:
-        if kind == "bert" and unit.kind == "heads":
+        if kind in ("bert", "gpt2") and unit.kind == "heads":
             continue
         index = _rows(unit.count, unit.width, unit.keep)
         _replace(module, unit.output, index, dim=1)
@@ -227,7 +252,9 @@ def apply(module, units: list[Units], kind: str) -> None:
             for path in unit.kv:
                 _replace(module, path, _rows(unit.count, head_dim, unit.keep), dim=0)
     channel_units = [u for u in units if u.kind == "channels"]
-    if channel_units:
+    if channel_units and kind == "gpt2":
+        config.n_inner = len(channel_units[0].keep)
+    elif channel_units:
         config.intermediate_size = len(channel_units[0].keep)
     head_units = [u for u in units if u.kind == "heads"]
     if kind == "llama" and head_units:

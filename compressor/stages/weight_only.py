@@ -16,6 +16,7 @@ from pydantic import Field
 from ..artifacts import ArtifactKind, OnnxModel, TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_torch_model
 from ..errors import UserError
+from ..linear_layers import conv1d_to_linear
 from ..onnx_graph import match_nodes
 from ..torch_transforms import INT8_WEIGHT_ONLY, int8_linear_class, per_channel_int8, swap_modules
 from .base import StageContext
@@ -109,12 +110,13 @@ def weight_only_torch(config: Int8WeightOnlyConfig, artifact: TorchModel, ctx: S
         raise UserError("quantize int8-weight-only: the model is already quantized "
                         f"({artifact.transforms[-1]['name']}); quantize once")
     module = load_torch_model(artifact, allow_pickle=ctx.allow_pickle, trust_remote_code=ctx.trust_remote_code)
+    module = copy.deepcopy(module)  # the baseline may share the loaded module; it keeps its float weights
+    conv1d_to_linear(module)  # GPT-2's Conv1D layers are quantized as the nn.Linear they equal
     names = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)
              and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)]
     if not names:
         raise UserError("quantize int8-weight-only: no nn.Linear left to quantize after `exclude`")
     linear = int8_linear_class()
-    module = copy.deepcopy(module)  # the baseline may share the loaded module; it keeps its float weights
     swap_modules(module, names, linear.from_linear)
     out = ctx.workdir / "model"
     out.mkdir()
