@@ -13,6 +13,7 @@ from .data import DataConfig
 from .errors import UserError
 from .stages import REGISTRY
 from .stages.build_engine import BuildEngineConfig
+from .stages.cast import CastConfig
 from .stages.compressed_tensors import ExportCompressedTensorsConfig
 from .stages.export_onnx import ExportOnnxConfig
 from .stages.merge_lora import MergeLoraConfig
@@ -27,7 +28,7 @@ Task = Literal["text-classification", "feature-extraction", "text-generation"]
 # `scheme`, so a quantize stage's errors carry two tags.
 StageConfig = Annotated[
     Union[MergeLoraConfig, ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig,
-          ExportCompressedTensorsConfig, BuildEngineConfig],
+          CastConfig, ExportCompressedTensorsConfig, BuildEngineConfig],
     Field(discriminator="type"),
 ]
 

@@ -55,7 +55,12 @@ class TorchRunner(Runner):
             else:
                 module = module.to("cuda")
         self.module, self.task, self.name = module, task, name
-        self.backend = f"torch-cuda-{dtype or 'float32'}" if device == "cuda" else "torch-cpu"
+        if device == "cuda":
+            self.backend = f"torch-cuda-{dtype or 'float32'}"
+        else:  # a cast model runs in its own dtype on the CPU too
+            weights = next(iter(module.parameters()), None)
+            held = str(weights.dtype).removeprefix("torch.") if weights is not None else "float32"
+            self.backend = "torch-cpu" if held == "float32" else f"torch-cpu-{held}"
         self._accepted = set(inspect.signature(module.forward).parameters)
         self._torch = torch
 

@@ -20,6 +20,7 @@ from .linear_layers import conv1d_names, conv1d_to_linear
 INT8_DYNAMIC = "int8-dynamic"
 INT8_WEIGHT_ONLY = "int8-weight-only"
 INT4_WEIGHT_ONLY = "int4-weight-only"
+CAST = "cast"  # float16 / bfloat16: the saved weights are half precision, the record makes loading keep them so
 
 
 def per_channel_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,6 +49,10 @@ def torch_dynamic_int8(module, transform: dict):
 
 def apply_torch_transform(module, transform: dict):
     """Replay a transform recorded in compress_transforms.json on a freshly loaded module."""
+    import torch
+
+    if transform.get("name") == CAST and transform.get("dtype") in ("float16", "bfloat16"):
+        return module.to(getattr(torch, transform["dtype"]))
     if transform.get("name") != INT8_DYNAMIC:
         raise UserError(f"unknown transform {transform!r} in compress_transforms.json")
     return torch_dynamic_int8(module, transform)[0]

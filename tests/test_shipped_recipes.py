@@ -277,6 +277,24 @@ def test_smollm2_nf4_reloads_4bit_shrinks_and_fails_the_perplexity_bar(smollm2):
 
 
 @pytest.fixture(scope="module")
+def half_precision(request, tmp_path_factory):
+    return ShippedGroup("compare-minilm-half.txt", "sentiment-classifier", request, tmp_path_factory)
+
+
+@shipped("minilm-sentiment-bf16.yaml", "minilm-sentiment-onnx-fp16.yaml", every=True)
+def test_half_precision_classifiers_pass_and_halve_the_size(half_precision):
+    bf16 = half_precision.report("minilm-sentiment-bf16")
+    assert all(goals(bf16).values()), bf16["gate"]
+    assert bf16["result"]["backend"] == "torch-cpu-bfloat16" and bf16["stages"][0]["relative_diff"] < 0.01
+    fp16 = half_precision.report("minilm-sentiment-onnx-fp16")
+    assert all(goals(fp16).values()), fp16["gate"]
+    assert fp16["stages"][1]["relative_diff"] < 0.001
+    for report in (bf16, fp16):
+        assert_latency_measured(report)
+        assert report["result"]["size_mb"] < 0.55 * report["baseline"]["size_mb"]
+
+
+@pytest.fixture(scope="module")
 def minilm_comparison(tmp_path_factory):
     """The shipped sentiment-classifier set, whole, run by `compress compare` (the table is under test)."""
     out = tmp_path_factory.mktemp("compare") / "out"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Stage, StageContext
 from .build_engine import BuildEngine
+from .cast import Cast
 from .compressed_tensors import ExportCompressedTensors
 from .export_onnx import ExportOnnx
 from .merge_lora import MergeLora
@@ -12,6 +13,7 @@ from .prune import Prune
 from .quantize import Quantize
 
 REGISTRY: dict[str, Stage] = {stage.type: stage for stage in (MergeLora(), ExportOnnx(), OptimizeOnnx(), Prune(),
-                                                           Quantize(), ExportCompressedTensors(), BuildEngine())}
+                                                           Quantize(), Cast(), ExportCompressedTensors(),
+                                                           BuildEngine())}
 
 __all__ = ["REGISTRY", "Stage", "StageContext"]

@@ -128,6 +128,12 @@ def _fix_axes(model: OnnxModel, axes: dict[str, int]) -> None:
 
 def max_abs_difference(reference, candidate, ctx: StageContext) -> float:
     """Largest |torch - candidate| on the task's main output for a couple of real sentences."""
+    return output_difference(reference, candidate, ctx)[0]
+
+
+def output_difference(reference, candidate, ctx: StageContext) -> tuple[float, float]:
+    """(largest |reference - candidate|, largest |reference|) on the task's main output for a couple
+    of real sentences."""
     tokenizer = load_tokenizer(reference.path if isinstance(reference, TorchModel) else reference.folder)
     expected_runner = make_runner(reference, "reference", threads=ctx.threads, allow_pickle=ctx.allow_pickle)
     actual_runner = make_runner(candidate, "candidate", threads=ctx.threads)
@@ -138,7 +144,7 @@ def max_abs_difference(reference, candidate, ctx: StageContext) -> float:
     mask = feed["attention_mask"].astype(bool)
     if expected.ndim == 3:  # per-token outputs: compare only real tokens, padding is undefined
         expected, actual = expected[mask], actual[mask]
-    return float(np.max(np.abs(expected - actual)))
+    return float(np.max(np.abs(expected - actual))), float(np.max(np.abs(expected)))
 
 
 def copy_tokenizer_files(source, target) -> None:

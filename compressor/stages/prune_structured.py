@@ -65,7 +65,7 @@ def family(block) -> str:
         return "llama"
     if hasattr(block, "attention") and hasattr(block, "intermediate") and hasattr(block.attention, "self"):
         return "bert"
-    if hasattr(block, "attn") and hasattr(block.attn, "c_attn") and hasattr(block, "mlp") and hasattr(block.mlp, "c_fc"):
+    if hasattr(block, "attn") and hasattr(block.attn, "c_attn") and hasattr(getattr(block, "mlp", None), "c_fc"):
         return "gpt2"
     raise UserError(f"prune structured: blocks of type {type(block).__name__} are neither BERT-like "
                     "(attention.self, intermediate, output), Llama-like (self_attn, mlp.down_proj) nor GPT-2-like "
