@@ -144,15 +144,29 @@ def swap_modules(module, names: list[str], build) -> None:
         setattr(parent, child, build(getattr(parent, child)))
 
 
+def _share_tied_embeddings(module) -> None:
+    """A tied lm_head and embedding table are stored once, under either name: point both at it."""
+    if not getattr(module.config, "tie_word_embeddings", False):
+        return
+    inputs, outputs = module.get_input_embeddings(), module.get_output_embeddings()
+    if inputs is None or outputs is None or not hasattr(outputs, "weight"):
+        return  # the head was quantized on its own: nothing is shared
+    kept = outputs.weight if inputs.weight.is_meta else inputs.weight
+    inputs.weight = outputs.weight = kept
+
+
 def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, trust_remote_code: bool):
-    """Rebuild the model (`model_cls`, a transformers Auto class) from its config, swap in the int8 or
-    int4 layers, and load the stored tensors."""
+    """Rebuild the model (`model_cls`, a transformers Auto class) from its config with empty (meta)
+    weights, swap in the int8 or int4 layers, and load the stored tensors in place of the empty ones:
+    the float model is never materialised, so loading peaks near the quantized size, not fp32's."""
     import torch
-    from safetensors.torch import load_model
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(artifact.path, trust_remote_code=trust_remote_code)
-    module = model_cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    with init_empty_weights():
+        module = model_cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     conv1d_to_linear(module)  # the quantize stage swapped GPT-2's Conv1D layers for nn.Linear before saving
     if transform["name"] == INT4_WEIGHT_ONLY:
         linear4 = int4_linear_class()
@@ -162,9 +176,13 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
         linear = int8_linear_class()
         swap_modules(module, transform["layers"],
                      lambda old: linear(old.in_features, old.out_features, old.bias is not None))
-    missing, unexpected = load_model(module, str(artifact.path / "model.safetensors"), strict=False)
+    weights = artifact.path / "model.safetensors"
+    missing, unexpected = module.load_state_dict(load_file(str(weights)), strict=False, assign=True)
+    _share_tied_embeddings(module)
+    still_empty = [name for name, tensor in list(module.named_parameters()) + list(module.named_buffers())
+                   if tensor.is_meta]
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise UserError(f"{artifact.path / 'model.safetensors'}: does not match its {transform['name']} layout "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if still_empty or unexpected:
+        raise UserError(f"{weights}: does not match its {transform['name']} layout (missing "
+                        f"{(still_empty or missing)[:3]}, unexpected {unexpected[:3]})")
     return module.eval()
