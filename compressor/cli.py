@@ -153,6 +153,13 @@ def summary_table(report: Report) -> Table:
     table.add_row("latency p50 / p95 (ms)", f"{base.latency_ms.p50:.2f} / {base.latency_ms.p95:.2f}",
                   f"{res.latency_ms.p50:.2f} / {res.latency_ms.p95:.2f}")
     table.add_row("size (MB)", f"{base.size_mb:.1f}", f"{res.size_mb:.1f}")
+    if base.generation and res.generation:
+        table.add_row("first token / decode (ms)",
+                      f"{base.generation.time_to_first_token_ms:.1f} / {base.generation.decode_ms_per_token:.2f}",
+                      f"{res.generation.time_to_first_token_ms:.1f} / {res.generation.decode_ms_per_token:.2f}")
+        table.add_row("tokens/s", f"{base.generation.tokens_per_s:.1f}", f"{res.generation.tokens_per_s:.1f}")
+    if base.memory and res.memory:
+        table.add_row("peak memory (MB)", f"{base.memory.peak_rss_mb:.0f}", f"{res.memory.peak_rss_mb:.0f}")
     return table
 
 
@@ -197,11 +204,12 @@ def device_options(device: str, torch_dtype: str | None, ort_provider: str) -> d
               help="Reuse stages stored in the stage cache whose input, config and package versions are unchanged; "
                    "re-run from the first stage that changed (or that a killed run did not finish).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the stage cache.")
+@click.option("--no-memory", is_flag=True, help="Skip measuring each side's peak memory (a child process each).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @handle_errors
 def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: str | None, ort_provider: str,
         allow_pickle: bool, trust_remote_code: bool, keep_intermediate: bool, against: Path | None, resume: bool,
-        no_cache: bool, as_json: bool) -> None:
+        no_cache: bool, no_memory: bool, as_json: bool) -> None:
     """Run RECIPE on a checkpoint; exit 0 if the gate passes, 1 if it fails."""
     devices = device_options(device, torch_dtype, ort_provider)
     parsed = load_recipe(recipe)
@@ -209,7 +217,7 @@ def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: st
         raise click.UsageError("--resume reads the stage cache; it cannot be combined with --no-cache")
     options = RunOptions(out=out or Path("runs") / parsed.name, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate, against=against,
-                         cache=not no_cache, resume=resume, **devices)
+                         cache=not no_cache, resume=resume, measure_memory=False if no_memory else None, **devices)
     result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))
     if as_json:
         click.echo(json.dumps(result.json, indent=2))
@@ -227,7 +235,7 @@ def compare_table(summary: dict) -> Table:
     metric = summary["metric"]
     table = Table(title=f"compare: {metric} ({'higher' if summary['higher_is_better'] else 'lower'} is better) "
                         "vs latency, sorted by latency", title_justify="left")
-    for column in ("recipe", metric, "p50 ms", "speed-up", "size MB", "gate", "Pareto"):
+    for column in ("recipe", metric, "p50 ms", "speed-up", "tokens/s", "size MB", "peak MB", "gate", "Pareto"):
         # Numbers never wrap; on a narrow terminal the recipe names fold instead.
         table.add_column(column, justify="left" if column == "recipe" else "right", no_wrap=column != "recipe",
                          overflow="fold" if column == "recipe" else "ellipsis")
@@ -236,7 +244,10 @@ def compare_table(summary: dict) -> Table:
         if row.get("marginal"):
             verdict += " [yellow](marginal)[/]"
         table.add_row(_escape(row["recipe"]), f"{row['metric']:.4f}", f"{row['latency_p50_ms']:.2f}",
-                      f"{row['speedup']:.2f}x", f"{row['size_mb']:.1f}", verdict, "*" if row["pareto"] else "")
+                      f"{row['speedup']:.2f}x",
+                      "-" if row.get("tokens_per_s") is None else f"{row['tokens_per_s']:.1f}", f"{row['size_mb']:.1f}",
+                      "-" if row.get("peak_memory_mb") is None else f"{row['peak_memory_mb']:.0f}", verdict,
+                      "*" if row["pareto"] else "")
     return table
 
 
@@ -247,18 +258,20 @@ def compare_table(summary: dict) -> Table:
               help="Folder for compare.json / .md / .png and one run folder per recipe.")
 @click.option("--keep-intermediate", is_flag=True, help="Keep each stage's output under OUT/RECIPE/work.")
 @click.option("--no-cache", is_flag=True, help="Run every stage afresh; neither read nor write the stage cache.")
+@click.option("--no-memory", is_flag=True, help="Skip measuring each side's peak memory (a child process each).")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
 @handle_errors
 def compare(recipes: tuple[Path, ...], model: str, out: Path, allow_pickle: bool, trust_remote_code: bool,
             device: str, torch_dtype: str | None, ort_provider: str, keep_intermediate: bool, no_cache: bool,
-            as_json: bool) -> None:
+            no_memory: bool, as_json: bool) -> None:
     """Run several RECIPES (files, or .txt lists of them) against one baseline: a Pareto table and plot.
     Stages stored in the stage cache are reused (recipes that share a prefix of stages run it once).
     Exit 0 if at least one recipe passes its gate, 1 if none does."""
     devices = device_options(device, torch_dtype, ort_provider)
     parsed = load_recipes(list(recipes))
     options = RunOptions(out=out, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                         keep_intermediate=keep_intermediate, cache=not no_cache, resume=not no_cache, **devices)
+                         keep_intermediate=keep_intermediate, cache=not no_cache, resume=not no_cache,
+                         measure_memory=False if no_memory else None, **devices)
     result = run_compare(parsed, model, options, RichProgress(enabled=not as_json))
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))

@@ -103,6 +103,8 @@ def summarize(task: str, reports: list[Report]) -> dict:
     rows = [{"recipe": BASELINE, "model": baseline.model, "metric": baseline.metrics[metric],
              "latency_p50_ms": baseline.latency_ms.p50, "latency_p95_ms": baseline.latency_ms.p95,
              "speedup": 1.0, "size_mb": baseline.size_mb, "size_ratio": 1.0, "verdict": "-",
+             "peak_memory_mb": baseline.memory.peak_rss_mb if baseline.memory else None,
+             "tokens_per_s": baseline.generation.tokens_per_s if baseline.generation else None,
              "backend": baseline.backend}]
     for report in reports:
         result = report.result
@@ -113,6 +115,8 @@ def summarize(task: str, reports: list[Report]) -> dict:
                      "speedup_interval": list(result.speedup.interval) if result.speedup else None,
                      "marginal": any(g.marginal for g in report.gate),
                      "size_mb": result.size_mb, "size_ratio": result.size_mb / baseline.size_mb,
+                     "peak_memory_mb": result.memory.peak_rss_mb if result.memory else None,
+                     "tokens_per_s": result.generation.tokens_per_s if result.generation else None,
                      "verdict": report.verdict,
                      "failed_goals": [g.goal for g in report.gate if not g.passed],
                      "backend": result.backend, "report": f"{report.recipe}/report.json"})
@@ -123,7 +127,8 @@ def summarize(task: str, reports: list[Report]) -> dict:
     rows.sort(key=lambda row: row["latency_p50_ms"])
     first = reports[0]
     return {"task": task, "metric": metric, "higher_is_better": higher_is_better(metric),
-            "model": first.model, "evaluation": first.evaluation.model_dump(), "benchmark": first.benchmark.model_dump(),
+            "model": first.model, "evaluation": first.evaluation.model_dump(),
+            "benchmark": first.benchmark.model_dump(),
             "machine": first.environment.model_dump(exclude={"packages"}),
             "other_cpu_share": first.benchmark.other_cpu_share, "recipes": [r for r in rows if r["recipe"] != BASELINE],
             "baseline": next(r for r in rows if r["recipe"] == BASELINE), "rows": rows}
@@ -145,14 +150,22 @@ def markdown(summary: dict) -> str:
              f"tokens, {bench['threads']} threads, every model timed in one interleaved benchmark. "
              "Pareto: not beaten on both accuracy and latency by another row.", "",
              "![accuracy vs latency](compare.png)", "",
-             f"| recipe | {metric} | p50 ms | speed-up | size MB | size ratio | gate | Pareto |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| recipe | {metric} | p50 ms | speed-up | tokens/s | size MB | size ratio | peak memory MB | gate "
+             "| Pareto |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         gate = row["verdict"] if row["verdict"] != "fail" else "**fail** (" + ", ".join(row["failed_goals"]) + ")"
         gate += " (marginal)" if row.get("marginal") else ""
+        tokens = "-" if row.get("tokens_per_s") is None else f"{row['tokens_per_s']:.1f}"
         lines.append(f"| {row['recipe']} | {row['metric']:.4f} | {row['latency_p50_ms']:.2f} | {row['speedup']:.2f}x "
-                     f"| {row['size_mb']:.1f} | {row['size_ratio']:.3f} | {gate} | {'yes' if row['pareto'] else ''} |")
+                     f"| {tokens} | {row['size_mb']:.1f} | {row['size_ratio']:.3f} | {_memory(row)} | {gate} "
+                     f"| {'yes' if row['pareto'] else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def _memory(row: dict) -> str:
+    peak = row.get("peak_memory_mb")
+    return "-" if peak is None else f"{peak:.0f}"
 
 
 def plot(summary: dict, path: Path) -> None:

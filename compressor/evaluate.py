@@ -98,6 +98,14 @@ def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, ref
     return Evaluation(metrics, len(texts), reduced)
 
 
+def first_batch(task: str, tokenizer, samples: Samples, config) -> dict[str, np.ndarray]:
+    """The evaluation's first batch, as the evaluation feeds it (token windows for text-generation)."""
+    if task == "text-generation":
+        ids = token_windows(tokenizer, samples.texts, config.max_length, config.batch_size)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return encode(tokenizer, samples.texts[:config.batch_size], config.max_length)
+
+
 def _evaluate_generation(runner, tokenizer, texts, config, reference, progress) -> Evaluation:
     windows = token_windows(tokenizer, texts, runner.fixed_shape[1] or config.max_length, config.max_samples)
     fixed_batch = runner.fixed_shape[0]

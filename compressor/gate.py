@@ -56,9 +56,20 @@ def check_goals(goals, baseline: BaselineSide, result: ResultSide) -> list[GateR
         verdicts.append(_with_interval(verdict, result.speedup, lambda s: s))
     if latency.max_p95_ms is not None:
         verdicts.append(_at_most("latency.max_p95_ms", result.latency_ms.p95, latency.max_p95_ms, "ms"))
+    if latency.min_decode_speedup is not None:
+        speedup = baseline.generation.decode_ms_per_token / result.generation.decode_ms_per_token
+        verdicts.append(_at_least("latency.min_decode_speedup", speedup, latency.min_decode_speedup, "x"))
+    if latency.min_tokens_per_s is not None:
+        verdicts.append(_at_least("latency.min_tokens_per_s", result.generation.tokens_per_s,
+                                  latency.min_tokens_per_s, " tokens/s"))
     if goals.size.max_ratio is not None:
         ratio = result.size_mb / baseline.size_mb
         verdicts.append(_at_most("size.max_ratio", ratio, goals.size.max_ratio, "x"))
+    if goals.memory.max_ratio is not None:
+        if baseline.memory is None or result.memory is None:
+            raise UserError("goals.memory.max_ratio: peak memory was not measured (benchmark.memory is off)")
+        ratio = result.memory.peak_rss_mb / baseline.memory.peak_rss_mb
+        verdicts.append(_at_most("memory.max_ratio", ratio, goals.memory.max_ratio, "x"))
     return verdicts
 
 

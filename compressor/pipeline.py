@@ -11,22 +11,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import cache
+from . import cache, memory
 from . import report as reporting
 from .artifacts import Artifact, TorchModel
 from .bench import OtherLoad, benchmark_feed, measure
 from .checkpoint import class_names, inspect_checkpoint, load_tokenizer
 from .data import load_samples
 from .errors import UserError
-from .evaluate import PER_CLASS_METRIC, Evaluation, evaluate
+from .evaluate import PER_CLASS_METRIC, Evaluation, evaluate, first_batch
+from .generation import prompt_ids, time_generation
 from .gate import (check_evaluation, check_goals, check_regression, load_previous, machine_differences,
                    machine_facts_known, speedup_thresholds)
 from .machine import has_int8_dot_product
 from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
 from .progress import Progress, Silent
 from .recipe import Recipe
-from .report_schema import (Against, BaselineSide, Classes, Environment, GateRow, Report, ResultSide, Speedup,
-                            StageRecord)
+from .report_schema import (Against, BaselineSide, Classes, Environment, GateRow, GenerationStats, MemoryUse, Report,
+                            ResultSide, Speedup, StageRecord)
 from .run_folder import RunFolder, place
 from .runners import Runner, make_runner
 from .stages import REGISTRY, StageContext
@@ -49,6 +50,8 @@ class RunOptions:
     # Overrides every recipe's benchmark.max_remeasure_seconds when set: 0 reports latency with its interval
     # but spends nothing on settling close calls (for checks that do not judge latency).
     max_remeasure_seconds: Optional[float] = None
+    # Overrides every recipe's benchmark.memory when set (False: no child processes measuring peak memory).
+    measure_memory: Optional[bool] = None
 
     def runner_args(self, threads: int) -> dict:
         """make_runner's arguments for the baseline; a result adds torch_dtype."""
@@ -160,6 +163,9 @@ def prepare(recipes: list[Recipe], model: str | Path, options: RunOptions) -> Pr
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
     for recipe in recipes:
         _check_class_goals(recipe, class_names(checkpoint))
+        if options.measure_memory is False and recipe.goals.memory.max_ratio is not None:
+            raise UserError(f"{recipe.where('goals', 'memory')}: goals.memory needs peak memory, which --no-memory "
+                            "turns off")
     previous = None
     if options.against is not None:
         if len(recipes) != 1:
@@ -179,6 +185,21 @@ class Outcome:
     recipe: Recipe
     report: Report
     passed: bool
+
+
+BASELINE_SIDE = "\0baseline"  # a key no recipe name can take
+
+
+def _peak_memory(recipe: Recipe, checkpoint: Path, finals: list, names: list[str], feeds: list[dict],
+                 runner_args: dict, torch_dtype: Optional[str], progress: Progress) -> dict[str, MemoryUse]:
+    """Each side's peak memory, measured alone in a child process (memory.py says why)."""
+    progress.phase("measuring each side's peak memory, one child process at a time")
+    peaks = {BASELINE_SIDE: MemoryUse(**memory.measure(memory.side_for_baseline(recipe, checkpoint), feeds,
+                                                       runner_args))}
+    for name, final in zip(names, finals):
+        peaks[name] = MemoryUse(**memory.measure({"artifact": memory.artifact_spec(final)}, feeds,
+                                                 {**runner_args, "torch_dtype": torch_dtype}))
+    return peaks
 
 
 def _classes(evaluation: Evaluation) -> Optional[Classes]:
@@ -240,16 +261,31 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                   for runner, recipe in zip(runners, recipes)}
     if options.max_remeasure_seconds is not None:
         bench = bench.model_copy(update={"max_remeasure_seconds": options.max_remeasure_seconds})
+    if options.measure_memory is not None:
+        bench = bench.model_copy(update={"memory": options.measure_memory})
     with OtherLoad() as load:
         timings, speedups, remeasured = measure([baseline.runner] + runners, feed, bench, thresholds, progress)
+    generation = {}
+    if bench.generate is not None:
+        progress.phase("timing generation: time to first token and decode per token, sides alternating")
+        wanted = bench.generate
+        prompt = prompt_ids(tokenizer, samples.texts, wanted.prompt_tokens)
+        times = time_generation([baseline.runner] + runners, prompt, wanted.new_tokens, wanted.rounds, progress)
+        generation = {name: GenerationStats(**t.summary(wanted.prompt_tokens, wanted.new_tokens))
+                      for name, t in times.items()}
+    peaks = _peak_memory(first, prepared.checkpoint, finals, [runner.name for runner in runners],
+                         [first_batch(task, tokenizer, samples, first.evaluation), feed], runner_args,
+                         options.torch_dtype, progress) if bench.memory else {}
     base_side = BaselineSide(model=baseline.model, metrics=base_eval.metrics, classes=_classes(base_eval),
                              latency_ms=timings.latency(baseline.runner.name).as_dict(),
-                             size_mb=round(baseline.size_mb, 3), backend=baseline.runner.backend)
+                             size_mb=round(baseline.size_mb, 3), backend=baseline.runner.backend,
+                             memory=peaks.get(BASELINE_SIDE), generation=generation.get(baseline.runner.name))
     outcomes, checkpoint_digest = [], None
     for recipe, runner, final, evaluation, stage_records, folder in zip(recipes, runners, finals, evaluations,
                                                                          records, folders):
         final_folder = out / recipe.name if nested else out
         result_side = ResultSide(metrics=evaluation.metrics, classes=_classes(evaluation),
+                                 memory=peaks.get(runner.name), generation=generation.get(runner.name),
                                  latency_ms=timings.latency(runner.name).as_dict(),
                                  speedup=Speedup(**speedups[runner.name].as_dict()),
                                  size_mb=round(final.size_mb(), 3), backend=runner.backend,

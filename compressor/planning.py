@@ -56,6 +56,7 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
         planned.append(PlannedStage(index, stage, config, kind, output))
         kind = output
     _check_goal_metrics(recipe)
+    _check_generation(recipe, planned)
     # Backends last: a recipe's own mistakes (exit 2) are reported on any machine, not hidden behind
     # a missing package (exit 3).
     for step in planned:
@@ -78,6 +79,21 @@ def run_shapes(recipe: Recipe) -> dict[str, tuple[int, int]]:
     """The [batch, sequence] shapes a run feeds its result: the benchmark's, and evaluation's largest."""
     return {"benchmark": (recipe.benchmark.batch_size, recipe.benchmark.seq_len),
             "evaluation": (recipe.evaluation.batch_size, recipe.evaluation.max_length)}
+
+
+def _check_generation(recipe: Recipe, planned: list[PlannedStage]) -> None:
+    """benchmark.generate decodes with the KV cache: an ONNX result must be exported with past key/values."""
+    if recipe.benchmark.generate is None or not planned:
+        return
+    final = planned[-1].output_kind
+    exports = [step for step in planned if step.config.type == "export_onnx"]
+    if final == "engine":
+        raise UserError(f"{recipe.where('benchmark', 'generate')}: benchmark.generate times torch and ONNX Runtime "
+                        "models; this recipe builds a TensorRT engine")
+    if final == "onnx" and exports and not exports[-1].config.with_past:
+        step = exports[-1]
+        raise UserError(f"{recipe.where('stages', step.index)}: stages[{step.index}] (export_onnx): benchmark.generate "
+                        "decodes with the KV cache; export with `with_past: true`")
 
 
 def _check_goal_metrics(recipe: Recipe) -> None:

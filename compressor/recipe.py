@@ -45,6 +45,12 @@ class EvaluationConfig(Strict):
     batch_size: int = Field(32, gt=0)
 
 
+class GenerateConfig(Strict):
+    prompt_tokens: int = Field(128, gt=0, le=8192, description="prompt length in tokens (real evaluation text)")
+    new_tokens: int = Field(32, ge=2, le=4096, description="tokens generated greedily after the prompt")
+    rounds: int = Field(5, gt=0, description="timed generations per side, in alternating rounds")
+
+
 class BenchmarkConfig(Strict):
     batch_size: int = Field(1, gt=0)
     seq_len: int = Field(128, gt=0, le=8192)
@@ -58,6 +64,11 @@ class BenchmarkConfig(Strict):
         60.0, ge=0, description="while the speed-up's interval still holds a latency threshold, keep timing for "
                                 "up to this many more seconds; a verdict still undecided then is marked marginal; "
                                 "0 turns re-measuring off")
+    memory: bool = Field(True, description="measure each side's peak memory (load, one evaluation batch, the "
+                                           "benchmark input) in a fresh child process")
+    generate: Optional[GenerateConfig] = Field(
+        None, description="text-generation: also time generation (time to first token, decode per token with "
+                          "the KV cache, tokens/s) on every side")
 
 
 class AccuracyGoal(Strict):
@@ -79,10 +90,20 @@ class AccuracyGoal(Strict):
 class LatencyGoals(Strict):
     min_speedup: Optional[float] = Field(None, gt=0, description="baseline p50 / candidate p50 must be at least this")
     max_p95_ms: Optional[float] = Field(None, gt=0, description="candidate p95 latency ceiling in milliseconds")
+    min_decode_speedup: Optional[float] = Field(
+        None, gt=0, description="baseline / candidate decode time per token (benchmark.generate) must be at least this")
+    min_tokens_per_s: Optional[float] = Field(
+        None, gt=0, description="candidate decode speed in tokens per second (benchmark.generate) must be at least "
+                                "this")
 
 
 class SizeGoals(Strict):
     max_ratio: Optional[float] = Field(None, gt=0, description="candidate size / baseline size must be at most this")
+
+
+class MemoryGoals(Strict):
+    max_ratio: Optional[float] = Field(None, gt=0, description="candidate peak memory / baseline peak memory (each "
+                                                               "side's process, measured apart) must be at most this")
 
 
 class RegressionGoals(Strict):
@@ -101,6 +122,7 @@ class Goals(Strict):
     accuracy: list[AccuracyGoal] = Field(default_factory=list)
     latency: LatencyGoals = Field(default_factory=LatencyGoals)
     size: SizeGoals = Field(default_factory=SizeGoals)
+    memory: MemoryGoals = Field(default_factory=MemoryGoals)
     regression: RegressionGoals = Field(default_factory=RegressionGoals)
 
 
@@ -116,9 +138,18 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _has_goals(self) -> "Recipe":
         goals = self.goals
-        if not goals.accuracy and goals.latency.min_speedup is None and goals.latency.max_p95_ms is None \
-                and goals.size.max_ratio is None:
-            raise ValueError("goals: a recipe needs at least one goal (accuracy, latency or size) to gate on")
+        latency = goals.latency
+        if not goals.accuracy and all(v is None for v in (latency.min_speedup, latency.max_p95_ms,
+                                                          latency.min_decode_speedup, latency.min_tokens_per_s)) \
+                and goals.size.max_ratio is None and goals.memory.max_ratio is None:
+            raise ValueError("goals: a recipe needs at least one goal (accuracy, latency, size or memory) to gate on")
+        if goals.memory.max_ratio is not None and not self.benchmark.memory:
+            raise ValueError("goals.memory needs benchmark.memory: true (peak memory is not measured otherwise)")
+        decode = goals.latency.min_decode_speedup is not None or goals.latency.min_tokens_per_s is not None
+        if decode and self.benchmark.generate is None:
+            raise ValueError("goals.latency.min_decode_speedup and min_tokens_per_s need benchmark.generate")
+        if self.benchmark.generate is not None and self.task != "text-generation":
+            raise ValueError("benchmark.generate applies to text-generation recipes")
         return self
 
     @field_validator("goals")

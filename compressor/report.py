@@ -115,6 +115,20 @@ def markdown(report: Report) -> str:
         lines.append(f"| latency {q} (ms) | {_fmt(getattr(base.latency_ms, q))} | {_fmt(getattr(res.latency_ms, q))} |")
     lines.append(f"| throughput (samples/s) | {_fmt(base.latency_ms.throughput)} | {_fmt(res.latency_ms.throughput)} |")
     lines.append(f"| size (MB) | {_fmt(base.size_mb)} | {_fmt(res.size_mb)} |")
+    if base.generation and res.generation:
+        gen = (base.generation, res.generation)
+        lines.append(f"| time to first token (ms, {gen[0].prompt_tokens}-token prompt) "
+                     f"| {_fmt(gen[0].time_to_first_token_ms)} | {_fmt(gen[1].time_to_first_token_ms)} |")
+        lines.append(f"| decode per token (ms) | {_fmt(gen[0].decode_ms_per_token)} "
+                     f"| {_fmt(gen[1].decode_ms_per_token)} |")
+        lines.append(f"| tokens/s (batch 1, {gen[0].new_tokens} new) | {_fmt(gen[0].tokens_per_s)} "
+                     f"| {_fmt(gen[1].tokens_per_s)} |")
+    if base.memory and res.memory:
+        peaks = [f"{m.peak_rss_mb:.0f} ({m.runtime_rss_mb:.0f} the runtime)" for m in (base.memory, res.memory)]
+        lines.append(f"| peak memory (MB) | {peaks[0]} | {peaks[1]} |")
+        if base.memory.cuda_peak_mb is not None and res.memory.cuda_peak_mb is not None:
+            lines.append(f"| CUDA peak allocated (MB) | {base.memory.cuda_peak_mb:.0f} "
+                         f"| {res.memory.cuda_peak_mb:.0f} |")
     lines.append(f"| backend | {base.backend} | {res.backend} |")
     bench, speedup = report.benchmark, res.speedup
     timed = f"{speedup.rounds} interleaved rounds of calls" if speedup else f"{bench.iterations} interleaved calls"

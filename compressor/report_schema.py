@@ -53,6 +53,27 @@ class Classes(Model):
     confusion: list[list[int]] = Field(description="confusion[true][predicted], classes in the order of `rows`")
 
 
+class MemoryUse(Model):
+    """Peak memory of serving one side, measured alone in a fresh child process."""
+
+    peak_rss_mb: float = Field(description="the child process's peak resident memory (VmHWM): runtime, model, "
+                                           "one evaluation batch and the benchmark input")
+    runtime_rss_mb: float = Field(description="its resident memory after importing the runtime (torch or ONNX "
+                                              "Runtime), before loading the model")
+    cuda_peak_mb: Optional[float] = Field(None, description="torch.cuda.max_memory_allocated, on CUDA")
+
+
+class GenerationStats(Model):
+    """Greedy generation after a prompt (benchmark.generate), medians over the timed rounds."""
+
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token_ms: float = Field(description="the prompt's forward pass and the first token out of it")
+    decode_ms_per_token: float = Field(description="one decode step with the KV cache, median over every step")
+    tokens_per_s: float = Field(description="1000 / decode_ms_per_token, at batch 1")
+    rounds: int = Field(description="timed generations of this side, alternating with the other sides")
+
+
 class Side(Model):
     """What one side of the comparison measured: metrics, latency, size and the backend it ran on."""
 
@@ -62,6 +83,8 @@ class Side(Model):
     backend: str
     classes: Optional[Classes] = Field(None, description="text-classification: per-class scores and the "
                                                          "confusion matrix")
+    memory: Optional[MemoryUse] = Field(None, description="peak memory, when the benchmark measured it")
+    generation: Optional[GenerationStats] = Field(None, description="generation speed, with benchmark.generate")
 
 
 class BaselineSide(Side):
@@ -121,6 +144,8 @@ class BenchmarkInfo(Model):
     iterations: int
     confidence: float
     max_remeasure_seconds: float
+    generate: Optional[dict] = Field(None, description="benchmark.generate: prompt_tokens, new_tokens, rounds")
+    memory: bool = Field(False, description="each side's peak memory was measured (reports before it: not)")
     other_cpu_share: Optional[float] = Field(None, description="share of the CPU other processes used while timing")
     remeasured_seconds: float = 0.0
 

@@ -118,7 +118,7 @@ def text_file(tmp_path_factory) -> Path:
 TINY_EVALUATION = """evaluation:
   data: {{path: "{data}"}}
   batch_size: 8
-benchmark: {{seq_len: 32, iterations: 6, warmup: 1}}
+benchmark: {{seq_len: 32, iterations: 6, warmup: 1, memory: false}}
 """
 
 

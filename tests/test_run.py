@@ -30,7 +30,7 @@ stages:
 evaluation:
   data: {{path: "{data}"}}
   batch_size: 8
-benchmark: {{seq_len: 32, iterations: 6, warmup: 1}}
+benchmark: {{seq_len: 32, iterations: 6, warmup: 1, memory: false}}
 goals:
   accuracy:
     - {{metric: agreement, min: {agreement}}}
@@ -69,6 +69,29 @@ def test_run_writes_complete_run_folder(tiny_classifier, sentences_jsonl, tmp_pa
     assert ort.InferenceSession(str(out / "model.onnx")).get_outputs()[0].name == "logits"
 
 
+def test_peak_memory_is_measured_per_side_and_gated(tiny_classifier, sentences_jsonl, tmp_path):
+    """Each side's peak memory comes from its own child process: the baseline's (torch) and the
+    result's (ONNX Runtime) differ, both exceed their runtime's own memory, and memory.max_ratio
+    gates on their ratio."""
+    from compressor.report import markdown
+    from compressor.report_schema import Report
+
+    text = CLASSIFIER_RECIPE.format(data=sentences_jsonl, agreement=0.0).replace("memory: false", "memory: true")
+    text = text.replace("  size: {max_ratio: 0.9}", "  size: {max_ratio: 0.9}\n  memory: {max_ratio: 0.01}")
+    result = run(load_recipe(write_recipe(tmp_path, text)), tiny_classifier, RunOptions(out=tmp_path / "out"))
+    report = result.json
+    base, res = report["baseline"]["memory"], report["result"]["memory"]
+    assert base["peak_rss_mb"] > base["runtime_rss_mb"] > 50 and res["peak_rss_mb"] > res["runtime_rss_mb"] > 20
+    assert res["runtime_rss_mb"] < base["runtime_rss_mb"]  # ONNX Runtime alone is lighter than torch + transformers
+    gate = {g["goal"]: g for g in report["gate"]}
+    assert gate["memory.max_ratio"]["measured"] == pytest.approx(res["peak_rss_mb"] / base["peak_rss_mb"])
+    assert not gate["memory.max_ratio"]["passed"] and not result.passed  # no model fits in 1% of the baseline
+    assert "| peak memory (MB) |" in markdown(Report.model_validate(report))
+    outcome = CliRunner().invoke(main, ["run", str(tmp_path / "recipe.yaml"), "--model", str(tiny_classifier),
+                                        "--out", str(tmp_path / "again"), "--no-memory"])
+    assert outcome.exit_code == 2 and "goals.memory needs peak memory, which --no-memory turns off" in outcome.output
+
+
 def test_failed_gate_is_reported(tiny_classifier, sentences_jsonl, tmp_path):
     recipe = load_recipe(classifier_recipe(tmp_path, sentences_jsonl, agreement=1.01))
     result = run(recipe, tiny_classifier, RunOptions(out=tmp_path / "out"))
@@ -93,7 +116,7 @@ def test_torch_only_recipe_and_generation_metrics(tiny_llama, text_file, tmp_pat
           max_length: 32
           max_samples: 6
           batch_size: 2
-        benchmark: {{seq_len: 32, iterations: 4, warmup: 1}}
+        benchmark: {{seq_len: 32, iterations: 4, warmup: 1, memory: false}}
         goals:
           accuracy:
             - {{metric: perplexity, max_drop_pct: 50}}

@@ -23,10 +23,11 @@ RECIPES = Path(__file__).parent.parent / "recipes"
 pytestmark = pytest.mark.integration
 
 
-def options(out: Path) -> RunOptions:
+def options(out: Path, memory: bool = False) -> RunOptions:
     # Resumed from the session's stage cache, as `compress run --resume` would. Close latency calls are
-    # not re-measured: no latency verdict is asserted here, so that time would buy nothing.
-    return RunOptions(out=out, resume=True, max_remeasure_seconds=0)
+    # not re-measured: no latency verdict is asserted here, so that time would buy nothing. Peak memory
+    # (a child process per side) is measured where a test asserts it: the SmolLM2 group.
+    return RunOptions(out=out, resume=True, max_remeasure_seconds=0, measure_memory=memory)
 
 
 def run_shipped(name: str, model: str, tmp_path):
@@ -37,15 +38,15 @@ class ShippedGroup:
     """Shipped recipes of one listing run by `compress compare` against one baseline; only the recipes
     that the selected tests ask for (their `shipped` mark), so that running one test runs one recipe."""
 
-    def __init__(self, listing: str, model: str, request, tmp_path_factory):
+    def __init__(self, listing: str, model: str, request, tmp_path_factory, memory: bool = False):
         wanted = {name for item in request.session.items for mark in item.iter_markers("shipped")
                   for name in mark.args}
         paths = [p for p in read_recipe_list(RECIPES / listing) if p.name in wanted]
         self.out = tmp_path_factory.mktemp("compare") / "out"
         if len(paths) == 1:  # compare needs two; one recipe is a plain run into its own sub-folder
-            run(load_recipe(paths[0]), real_fixture(model), options(self.out / paths[0].stem))
+            run(load_recipe(paths[0]), real_fixture(model), options(self.out / paths[0].stem, memory))
         elif paths:
-            compare(load_recipes(paths), real_fixture(model), options(self.out))
+            compare(load_recipes(paths), real_fixture(model), options(self.out, memory))
 
     def report(self, recipe: str) -> dict:
         return json.loads((self.out / recipe.removesuffix(".yaml") / "report.json").read_text())
@@ -94,7 +95,7 @@ def shipped_param(recipe: str, *values, every: bool = False):
 @pytest.fixture(scope="module")
 def smollm2(request, tmp_path_factory):
     """The SmolLM2 recipes the selected tests need, against one baseline (recipes/compare-smollm2.txt)."""
-    return ShippedGroup("compare-smollm2.txt", "smollm2", request, tmp_path_factory)
+    return ShippedGroup("compare-smollm2.txt", "smollm2", request, tmp_path_factory, memory=True)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +216,11 @@ def test_smollm2_torch_gptq_meets_the_published_bar(smollm2):
     ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
     # 1.117x measured (docs/BENCHMARKS.md); llm-compressor's GPTQ on its absmax grid: 1.286x at best
     assert 1.08 < ratio < 1.125
+    # Peak memory, each side alone: the fp32 model's 540 MB are in the baseline's peak; the packed
+    # int4 layers hold about a third of that.
+    base, result = report["baseline"]["memory"], report["result"]["memory"]
+    assert base["peak_rss_mb"] - base["runtime_rss_mb"] > 540
+    assert result["peak_rss_mb"] < base["peak_rss_mb"] - 150
 
 
 @shipped("smollm2-int4-gptq.yaml", "smollm2-int4-gptq-vllm.yaml")
@@ -230,6 +236,16 @@ def test_smollm2_compressed_tensors_folder_is_the_gptq_model_as_transformers_rel
     assert report["result"]["metrics"]["top1_agreement"] == pytest.approx(direct["top1_agreement"], abs=1e-3)
     config = json.loads((Path(report["result"]["artifact"]) / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+@shipped("smollm2-onnx-int4-decode.yaml", every=True)
+def test_smollm2_int4_decodes_faster_than_fp32_with_the_kv_cache(tmp_path):
+    report = run_shipped("smollm2-onnx-int4-decode.yaml", "smollm2", tmp_path).json
+    base, result = report["baseline"]["generation"], report["result"]["generation"]
+    assert base["prompt_tokens"] == result["prompt_tokens"] == 128 and result["new_tokens"] == 32
+    assert result["decode_ms_per_token"] < base["decode_ms_per_token"]
+    assert report["stages"][1]["int4_matmuls"] == 30 * 7
+    assert all(goals(report).values()), report["gate"]
 
 
 @shipped("smollm2-onnx-int4-gptq.yaml", every=True)
