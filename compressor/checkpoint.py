@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .artifacts import TorchModel
 from .errors import BackendMissing, UserError
-from .torch_transforms import apply_torch_transform, load_weight_only_torch
+from .torch_transforms import CAST, apply_torch_transform, load_weight_only_torch
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ def quantization_method(folder: Path) -> str | None:
     transforms_file = folder / TRANSFORMS_FILE
     if transforms_file.exists():
         transforms = json.loads(transforms_file.read_text()).get("transforms", [])
-        if transforms:
-            return transforms[-1].get("name", "unknown")
+        quantized = [t for t in transforms if t.get("name") != CAST]  # half precision is not quantization
+        if quantized:
+            return quantized[-1].get("name", "unknown")
     return None
 
 
@@ -121,9 +122,12 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
         artifact.transforms = transforms
         return artifact.module
     use_safetensors = any(artifact.path.glob("*.safetensors"))
+    # A cast model loads in its own dtype: upcasting to float32 first would cost the memory it saves.
+    cast = [t for t in transforms if t.get("name") == CAST]
+    dtype = getattr(torch, cast[-1]["dtype"]) if cast and len(cast) == len(transforms) else torch.float32
     try:
         module = model_class(artifact.task).from_pretrained(
-            artifact.path, dtype=torch.float32, use_safetensors=use_safetensors,
+            artifact.path, dtype=dtype, use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code)
     except ImportError as exc:  # a quantized checkpoint whose backend (e.g. bitsandbytes) is missing
         raise BackendMissing(f"{artifact.path}: loading it needs a package not installed here: {exc}") from None
@@ -135,6 +139,15 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
     artifact.module = module
     artifact.transforms = transforms
     return module
+
+
+def empty_model(folder: Path, task: str, trust_remote_code: bool = False):
+    """The checkpoint's model built from its config on the meta device: its structure, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights():
+        return model_class(task).from_config(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
 
 
 def class_names(folder: Path) -> list[str]:

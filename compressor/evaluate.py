@@ -84,9 +84,10 @@ def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, ref
     if task == "text-classification":
         labels = np.asarray(samples.labels[: len(texts)])
         table = class_table(reduced, labels, class_names or [])
+        occurring = [row for row, present in zip(table.rows, table.occurring) if present]
         metrics = {"accuracy": float((reduced == labels).mean()), "f1_macro": _f1_macro(reduced, labels),
-                   "precision_macro": float(np.mean([c.precision for c in table.rows])),
-                   "recall_macro": float(np.mean([c.recall for c in table.rows])),
+                   "precision_macro": float(np.mean([c.precision for c in occurring])),
+                   "recall_macro": float(np.mean([c.recall for c in occurring])),
                    "agreement": 1.0 if reference is None else float((reduced == reference.outputs).mean())}
         for row in table.rows:
             metrics.update({f"precision[{row.label}]": row.precision, f"recall[{row.label}]": row.recall,
@@ -153,6 +154,9 @@ class ClassRow:
 class ClassTable:
     rows: list[ClassRow]
     confusion: list[list[int]]  # confusion[true][predicted], in the order of `rows`
+    # per row: the class occurs as a label or a prediction; macro averages are over these (as f1_macro
+    # and scikit-learn's are), so a named class absent from the data does not pull them down
+    occurring: list[bool] = field(default_factory=list)
 
 
 def class_table(predicted: np.ndarray, labels: np.ndarray, names: list[str]) -> ClassTable:
@@ -170,7 +174,8 @@ def class_table(predicted: np.ndarray, labels: np.ndarray, names: list[str]) -> 
         name = names[cls] if 0 <= cls < len(names) else str(cls)
         rows.append(ClassRow(name, int(actually), precision, recall, f1))
     confusion = [[int(((labels == true) & (predicted == guess)).sum()) for guess in classes] for true in classes]
-    return ClassTable(rows, confusion)
+    seen = {int(c) for c in np.union1d(predicted, labels)}
+    return ClassTable(rows, confusion, [cls in seen for cls in classes])
 
 
 def _f1_macro(predicted: np.ndarray, labels: np.ndarray) -> float:

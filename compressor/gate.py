@@ -34,9 +34,9 @@ def _at_least(goal: str, measured: float, threshold: float, unit: str = "") -> G
 def check_goals(goals, baseline: BaselineSide, result: ResultSide) -> list[GateRow]:
     verdicts: list[GateRow] = []
     for goal in goals.accuracy:
-        if goal.metric not in result.metrics:
-            raise UserError(f"goals.accuracy: metric {goal.metric!r} is not measured for this task "
-                            f"(measured: {', '.join(result.metrics)})")
+        if goal.metric not in result.metrics or goal.metric not in baseline.metrics:
+            raise UserError(f"goals.accuracy: metric {goal.metric!r} is not measured on both sides "
+                            f"(baseline: {', '.join(baseline.metrics)}; result: {', '.join(result.metrics)})")
         base, cand = baseline.metrics[goal.metric], result.metrics[goal.metric]
         worse = (base - cand) if higher_is_better(goal.metric) else (cand - base)
         name = f"accuracy.{goal.metric}"

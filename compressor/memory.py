@@ -63,8 +63,12 @@ def measure(side: dict, feeds: list[dict[str, np.ndarray]], runner_args: dict) -
             np.savez(folder / f"feed{index}.npz", **feed)
         (folder / "side.json").write_text(json.dumps({"side": side, "feeds": len(feeds),
                                                       "runner_args": runner_args}))
-        done = subprocess.run([sys.executable, "-m", "compressor.memory", str(folder)], capture_output=True,
-                              text=True, timeout=PROBE_TIMEOUT_S, env={**os.environ, **ALLOCATOR})
+        try:
+            done = subprocess.run([sys.executable, "-m", "compressor.memory", str(folder)], capture_output=True,
+                                  text=True, timeout=PROBE_TIMEOUT_S, env={**os.environ, **ALLOCATOR})
+        except subprocess.TimeoutExpired:
+            raise StageFailed(f"measuring peak memory took over {PROBE_TIMEOUT_S} s in its child process; run with "
+                              "--no-memory to skip it") from None
         result = folder / "memory.json"
         if done.returncode != 0 or not result.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -86,7 +90,8 @@ def _probe(folder: Path) -> None:
     side, runner_args = request["side"], request["runner_args"]
     kind = side.get("artifact", {}).get("kind", "torch")
     device = runner_args.get("device", "cpu")
-    for name in ("onnxruntime",) if kind == "onnx" else ("torch", "transformers"):
+    runtimes = {"onnx": ("onnxruntime",), "engine": ("torch", "tensorrt")}.get(kind, ("torch", "transformers"))
+    for name in runtimes:
         importlib.import_module(name)  # the runtime's own memory, counted before the model's
     runtime = _status_mb("VmRSS")
     feeds = [dict(np.load(folder / f"feed{i}.npz")) for i in range(request["feeds"])]
@@ -108,12 +113,13 @@ def _probe(folder: Path) -> None:
         if (batch and ids.shape[0] != batch) or (length and ids.shape[1] != length):
             continue  # a model fixed to other shapes runs only the input that fits it
         runner(feed)
+    peak = _status_mb("VmHWM")  # before anything else is imported
     cuda = None
-    if device == "cuda":
+    if device == "cuda" and kind == "torch":  # ONNX Runtime and TensorRT do not allocate through torch
         import torch
 
         cuda = torch.cuda.max_memory_allocated() / 2**20
-    (folder / "memory.json").write_text(json.dumps({"peak_rss_mb": round(_status_mb("VmHWM"), 1),
+    (folder / "memory.json").write_text(json.dumps({"peak_rss_mb": round(peak, 1),
                                                     "runtime_rss_mb": round(runtime, 1),
                                                     "cuda_peak_mb": None if cuda is None else round(cuda, 1)}))
 

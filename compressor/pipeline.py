@@ -163,6 +163,7 @@ def prepare(recipes: list[Recipe], model: str | Path, options: RunOptions) -> Pr
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
     for recipe in recipes:
         _check_class_goals(recipe, class_names(checkpoint))
+        _check_generation_length(recipe, checkpoint)
         if options.measure_memory is False and recipe.goals.memory.max_ratio is not None:
             raise UserError(f"{recipe.where('goals', 'memory')}: goals.memory needs peak memory, which --no-memory "
                             "turns off")
@@ -205,6 +206,23 @@ def _peak_memory(recipe: Recipe, checkpoint: Path, finals: list, names: list[str
 def _classes(evaluation: Evaluation) -> Optional[Classes]:
     table = evaluation.classes
     return None if table is None else Classes(rows=[asdict(row) for row in table.rows], confusion=table.confusion)
+
+
+def _check_generation_length(recipe: Recipe, checkpoint: Path) -> None:
+    """benchmark.generate's prompt and new tokens must fit the model's positions."""
+    import json
+
+    wanted = recipe.benchmark.generate
+    if wanted is None:
+        return
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # inspect_checkpoint has read it already; a model without the field sets no limit
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if limit and wanted.prompt_tokens + wanted.new_tokens > limit:
+        raise UserError(f"{recipe.where('benchmark', 'generate')}: benchmark.generate: {wanted.prompt_tokens} prompt "
+                        f"+ {wanted.new_tokens} new tokens exceed the model's {limit} positions")
 
 
 def _check_class_goals(recipe: Recipe, names: list[str]) -> None:

@@ -38,12 +38,13 @@ def torch_dynamic_int8(module, transform: dict):
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
     qconfig = per_channel_dynamic_qconfig if transform["per_channel"] else default_dynamic_qconfig
-    if conv1d_names(module):  # torch.ao quantizes nn.Linear: GPT-2's Conv1D layers become the Linear they equal,
+    copied = bool(conv1d_names(module))
+    if copied:  # torch.ao quantizes nn.Linear: GPT-2's Conv1D layers become the Linear they equal,
         module = copy.deepcopy(module)  # in a copy (the caller's module may be a run's baseline)
         conv1d_to_linear(module)
     names = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)
              and not any(fnmatch.fnmatchcase(name, p) for p in transform["exclude"])]
-    quantized = quantize_dynamic(module, {name: qconfig for name in names}, dtype=torch.qint8, inplace=False)
+    quantized = quantize_dynamic(module, {name: qconfig for name in names}, dtype=torch.qint8, inplace=copied)
     return quantized, len(names)
 
 
@@ -168,14 +169,15 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
     with init_empty_weights():
         module = model_cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     conv1d_to_linear(module)  # the quantize stage swapped GPT-2's Conv1D layers for nn.Linear before saving
-    if transform["name"] == INT4_WEIGHT_ONLY:
-        linear4 = int4_linear_class()
-        swap_modules(module, transform["layers"], lambda old: linear4(
-            old.in_features, old.out_features, old.bias is not None, transform["group_size"]))
-    else:
-        linear = int8_linear_class()
-        swap_modules(module, transform["layers"],
-                     lambda old: linear(old.in_features, old.out_features, old.bias is not None))
+    with torch.device("meta"):  # the quantized layers' tensors too: a tensor missing from the file stays empty
+        if transform["name"] == INT4_WEIGHT_ONLY:
+            linear4 = int4_linear_class()
+            swap_modules(module, transform["layers"], lambda old: linear4(
+                old.in_features, old.out_features, old.bias is not None, transform["group_size"]))
+        else:
+            linear = int8_linear_class()
+            swap_modules(module, transform["layers"],
+                         lambda old: linear(old.in_features, old.out_features, old.bias is not None))
     weights = artifact.path / "model.safetensors"
     missing, unexpected = module.load_state_dict(load_file(str(weights)), strict=False, assign=True)
     _share_tied_embeddings(module)

@@ -108,3 +108,21 @@ def test_what_has_no_compressed_tensors_form_is_refused_when_planning(stages, me
             "evaluation:\n  data: {dataset: lee-background}\ngoals:\n  size: {max_ratio: 0.5}\n")
     with pytest.raises(UserError, match=message):
         plan(parse_recipe(text, "r.yaml"))
+
+
+def test_a_stored_file_missing_a_quantized_tensor_is_refused_and_asymmetric_is_not_written(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from compressor.checkpoint import load_torch_model
+
+    quantized, _ = run_stage(Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", block_size=32),
+                             TorchModel(tiny_llama, TASK), tmp_path / "q", TASK)  # asymmetric
+    with pytest.raises(UserError, match="asymmetric int4 has no loader here"):
+        export(quantized, tmp_path)
+    weights = quantized.path / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["model.layers.0.mlp.up_proj.weight_scale"]
+    save_file(tensors, str(weights))
+    with pytest.raises(UserError, match=r"does not match its int4-weight-only layout \(missing "
+                                        r"\['model.layers.0.mlp.up_proj.weight_scale'\]"):
+        load_torch_model(TorchModel(quantized.path, TASK))

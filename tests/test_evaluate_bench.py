@@ -79,6 +79,17 @@ def test_class_table_names_every_class_and_falls_back_to_indices():
     assert not is_task_metric("text-generation", "f1[POSITIVE]") and not is_task_metric("text-classification", "f2[x]")
 
 
+def test_macro_averages_leave_out_named_classes_the_data_never_shows():
+    samples = Samples(texts=["a", "bb", "ccc", "dddd"], labels=[0, 1, 1, 0], source="mem")
+    config = EvaluationConfig.model_validate({"data": {"path": "x.jsonl"}, "batch_size": 4})
+    perfect = FixedRunner("base", lambda row: np.array([1.0, 0.0, -1.0]) if row[0] in (1, 4) else
+                          np.array([0.0, 1.0, -1.0]))
+    result = evaluate("text-classification", perfect, Tokenizer(), samples, config,
+                      class_names=["neg", "pos", "neutral"])
+    assert result.metrics["recall[neutral]"] == 0.0  # reported, never seen ...
+    assert result.metrics["precision_macro"] == result.metrics["recall_macro"] == result.metrics["f1_macro"] == 1.0
+
+
 def test_f1_macro_known_value():
     predicted, labels = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0])
     # class 0: tp1 fp1 fn1 -> 0.5 ; class 1: tp2 fp1 fn1 -> 4/6

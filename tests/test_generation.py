@@ -96,3 +96,11 @@ def test_generation_needs_a_cache_and_a_language_model(text_file, tmp_path):
     text = text.replace("  generate: {prompt_tokens: 16, new_tokens: 6, rounds: 2}\n", "")
     with pytest.raises(UserError, match="min_decode_speedup and min_tokens_per_s need benchmark.generate"):
         parse_recipe(text, "r.yaml")
+
+
+def test_a_generation_longer_than_the_model_is_refused_before_running(tiny_llama, text_file, tmp_path):
+    from compressor.pipeline import prepare
+
+    text = GENERATE_RECIPE.format(with_past="true", data=text_file).replace("new_tokens: 6", "new_tokens: 250")
+    with pytest.raises(UserError, match="16 prompt \\+ 250 new tokens exceed the model's 256 positions"):
+        prepare([load_recipe(write_recipe(tmp_path, text))], tiny_llama, RunOptions(out=tmp_path / "out"))

@@ -122,3 +122,18 @@ def test_merge_lora_into_conv1d_equals_the_unmerged_adapter(tiny_gpt2, tmp_path)
     assert sorted(conv1d_names(reloaded)) == sorted(conv1d_names(load_torch_model(gpt2(tiny_gpt2))))
     assert not torch.equal(reloaded.transformer.h[0].attn.c_attn.weight,
                            load_torch_model(gpt2(tiny_gpt2)).transformer.h[0].attn.c_attn.weight)
+
+
+def test_int4_gpt2_is_refused_where_its_layout_cannot_follow(tiny_gpt2, tmp_path):
+    """The exporter writes Conv1D as Gemm and compressed-tensors' groups target Linear: both say so
+    instead of failing halfway."""
+    from compressor.errors import UserError
+    from compressor.stages.compressed_tensors import ExportCompressedTensorsConfig
+    from compressor.stages.export_onnx import ExportOnnxConfig
+
+    quantized, _ = run_stage(Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", symmetric=True),
+                             gpt2(tiny_gpt2), tmp_path / "q", TASK)
+    with pytest.raises(UserError, match="GPT-2-style Conv1D layers cannot be exported with its codes yet"):
+        run_stage(ExportOnnxConfig(type="export_onnx"), quantized, tmp_path / "e", TASK)
+    with pytest.raises(UserError, match="quantized GPT-2-style Conv1D models are not written in compressed-tensors"):
+        run_stage(ExportCompressedTensorsConfig(type="export_compressed_tensors"), quantized, tmp_path / "c", TASK)

@@ -16,7 +16,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from ..artifacts import ArtifactKind, TorchModel
-from ..checkpoint import copy_checkpoint_files, model_class, quantization_of
+from ..checkpoint import copy_checkpoint_files, empty_model, model_class, quantization_of
 from ..errors import BackendMissing, UserError
 from ..linear_layers import is_linear_like
 from .base import StageContext
@@ -104,13 +104,7 @@ def quantize_bnb_4bit(config: Bnb4bitConfig, artifact: TorchModel, ctx: StageCon
     if problem:
         raise BackendMissing(problem)
     # Names to skip come from the float model's structure, which a meta-device instance gives for free.
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
-    with init_empty_weights():
-        skeleton = model_class(artifact.task).from_config(
-            AutoConfig.from_pretrained(artifact.path, trust_remote_code=ctx.trust_remote_code))
-    skip = skipped_modules(skeleton, config.exclude)
+    skip = skipped_modules(empty_model(artifact.path, artifact.task, ctx.trust_remote_code), config.exclude)
     settings = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=config.scheme, bnb_4bit_use_double_quant=config.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype), llm_int8_skip_modules=skip)

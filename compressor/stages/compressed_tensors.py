@@ -28,9 +28,9 @@ import numpy as np
 from pydantic import Field
 
 from ..artifacts import TorchModel
-from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_torch_model, quantization_method
+from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, load_torch_model, quantization_method
 from ..errors import StageFailed, UserError
-from ..linear_layers import is_linear_like, out_in_weight, shape_of
+from ..linear_layers import conv1d_names, is_linear_like, out_in_weight, shape_of
 from ..torch_transforms import INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY
 from .base import Stage, StageConfigBase, StageContext
 from .export_onnx import max_abs_difference
@@ -86,12 +86,19 @@ class ExportCompressedTensors(Stage):
                 raise UserError(f"{artifact.path}: holds {existing} weights; compressed-tensors is written from "
                                 "compress's int4 / int8 weight-only results or float weights")
         transform = transforms[0] if transforms else None
+        if transform is not None and transform["name"] == INT4_WEIGHT_ONLY and not transform["symmetric"]:
+            raise UserError("export_compressed_tensors: asymmetric int4 has no loader here (transformers 4.57 with "
+                            "compressed-tensors 0.19 cannot read its zero points); quantize with symmetric: true")
+        if transform is not None and conv1d_names(empty_model(artifact.path, artifact.task, ctx.trust_remote_code)):
+            raise UserError("export_compressed_tensors: quantized GPT-2-style Conv1D models are not written in "
+                            "compressed-tensors yet (its groups target Linear layers); write the float model, or "
+                            "keep compress's own int4 / int8 result")
         tensors, quantized = {}, set()
         with torch.no_grad():
             for name, layer in module.named_modules():
                 kind = type(layer).__name__
                 if kind == "Int4WeightOnlyLinear":
-                    tensors.update(_int4_tensors(name, layer))
+                    tensors.update(_int4_tensors(name, layer, transform["symmetric"]))
                 elif kind == "Int8WeightOnlyLinear":
                     tensors.update(_int8_tensors(name, layer))
                 else:
@@ -147,7 +154,7 @@ def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
     return words.view(np.int32)
 
 
-def _int4_tensors(name: str, layer) -> dict:
+def _int4_tensors(name: str, layer, symmetric: bool) -> dict:
     import torch
 
     if layer.in_features % layer.group_size:
@@ -158,8 +165,8 @@ def _int4_tensors(name: str, layer) -> dict:
     tensors = {f"{name}.weight_packed": torch.from_numpy(pack_int32(codes, 4)),
                f"{name}.weight_scale": layer.weight_scale.detach().float().contiguous(),
                f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
-    zeros = layer.weight_zero_point.numpy().astype(np.uint32)
-    if np.any(zeros != 8):  # asymmetric: signed zero points zp = zero - 8, stored as zp + 8, packed along outputs
+    if not symmetric:  # signed zero points zp = zero - 8, stored as zp + 8, packed along the outputs
+        zeros = layer.weight_zero_point.numpy().astype(np.uint32)
         tensors[f"{name}.weight_zero_point"] = torch.from_numpy(np.ascontiguousarray(pack_int32(zeros.T, 4).T))
     return tensors
 

@@ -17,8 +17,9 @@ from typing import Optional
 import numpy as np
 
 from ..artifacts import TorchModel
-from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, module_to_change
-from ..errors import StageFailed
+from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, module_to_change
+from ..errors import StageFailed, UserError
+from ..linear_layers import conv1d_names
 from ..torch_transforms import INT4_WEIGHT_ONLY
 
 
@@ -43,6 +44,10 @@ def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: 
     scales, zero points) as numpy arrays, codes N x K."""
     import torch
 
+    if conv1d_names(empty_model(artifact.path, artifact.task, ctx.trust_remote_code)):
+        raise UserError("export_onnx: a torch int4 model with GPT-2-style Conv1D layers cannot be exported with its "
+                        "codes yet (the exporter writes Conv1D as Gemm); export the float model and quantize the "
+                        "ONNX model, or keep the torch int4 result")
     module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
     grids = {}
     with torch.no_grad():
@@ -70,18 +75,21 @@ def pack_int4_matmuls(model, grids: dict[str, tuple], group_size: int, symmetric
     import onnx
     from onnx import numpy_helper
 
-    by_key = {key: (name, codes, scales, zeros) for name, (key, codes, scales, zeros) in grids.items()}
+    by_key, names_of = {}, {}
+    for name, (key, codes, scales, zeros) in grids.items():  # layers with bit-identical weights share one entry
+        by_key[key] = (name, codes, scales, zeros)
+        names_of.setdefault(key, []).append(name)
     inits = {i.name: i for i in model.graph.initializer}
     found, replaced = set(), {}
     for index, node in enumerate(model.graph.node):
         init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
         if init is None or len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT:
             continue
-        match = by_key.get(_weight_key(numpy_helper.to_array(init).T))
-        if match is None:
+        key = _weight_key(numpy_helper.to_array(init).T)
+        if key not in by_key:
             continue
-        name, codes, scales, zeros = match
-        found.add(name)
+        _, codes, scales, zeros = by_key[key]
+        found.update(names_of[key])
         replaced[node.name] = pack_matmulnbits(node, codes, scales, None if symmetric else zeros, group_size, None,
                                                prefix=f"{node.input[1]}_{index}")
     missing = sorted(set(grids) - found)
