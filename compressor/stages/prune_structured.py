@@ -213,16 +213,30 @@ def _rows(count: int, width: int, keep: list[int]):
 
 
 def _replace(module, path: str, index, dim: int) -> None:
-    """Keep `index` along `dim` of the layer's (outputs x inputs) weight: 0 cuts outputs, 1 inputs."""
-    from transformers.pytorch_utils import prune_conv1d_layer, prune_linear_layer
+    """Keep `index` along `dim` of the layer's (outputs x inputs) weight: 0 cuts outputs, 1 inputs.
+    Written here rather than taken from transformers.pytorch_utils, whose Conv1D version is gone
+    from transformers 5."""
+    import torch
 
     parent_path, _, name = path.rpartition(".")
     parent = module.get_submodule(parent_path)
     layer = getattr(parent, name)
-    if is_conv1d(layer):  # its weight is inputs x outputs: the other axis
-        setattr(parent, name, prune_conv1d_layer(layer, index, dim=1 - dim))
+    index = index.to(layer.weight.device)
+    weight = out_in_weight(layer).detach().index_select(dim, index).clone()
+    bias = None if layer.bias is None else layer.bias.detach()
+    if bias is not None and dim == 0:
+        bias = bias.index_select(0, index)
+    outputs, inputs = weight.shape
+    if is_conv1d(layer):  # Conv1D(outputs, inputs) holds its weight as inputs x outputs
+        new = type(layer)(outputs, inputs)
+        new.weight = torch.nn.Parameter(weight.T.contiguous())
+        new.bias = torch.nn.Parameter(bias.clone())
     else:
-        setattr(parent, name, prune_linear_layer(layer, index, dim=dim))
+        new = torch.nn.Linear(inputs, outputs, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        new.weight = torch.nn.Parameter(weight)
+        if bias is not None:
+            new.bias = torch.nn.Parameter(bias.clone())
+    setattr(parent, name, new.train(layer.training))
 
 
 def apply(module, units: list[Units], kind: str) -> None:
