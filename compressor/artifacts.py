@@ -132,3 +132,23 @@ class EngineModel:
 
 
 Artifact = TorchModel | OnnxModel | EngineModel
+
+
+def artifact_spec(artifact: Artifact) -> dict:
+    """What rebuilds the artifact elsewhere (a child process, a cache entry): kind, path, task and
+    the kind's own fields."""
+    spec = {"kind": artifact.kind, "path": str(artifact.path), "task": artifact.task}
+    if isinstance(artifact, TorchModel):
+        spec["transforms"] = artifact.transforms
+    if isinstance(artifact, OnnxModel):
+        spec["with_past"] = artifact.with_past
+    return spec
+
+
+def artifact_from_spec(spec: dict) -> Artifact:
+    path = Path(spec["path"])
+    if spec["kind"] == "onnx":
+        return OnnxModel(path, spec["task"], with_past=spec.get("with_past", False))
+    if spec["kind"] == "engine":
+        return EngineModel(path, spec["task"])
+    return TorchModel(path, spec["task"], transforms=spec.get("transforms", []))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel, sha256_file
+from .artifacts import Artifact, artifact_from_spec, sha256_file
 from .fixtures import home
 from .machine import package_versions
 
@@ -165,12 +165,7 @@ def restore(entry: Entry, workdir: Path) -> Optional[Artifact]:
             workdir.mkdir(parents=True)
             shutil.rmtree(entry.folder, ignore_errors=True)
             return None
-    path = workdir / entry.meta["artifact"]
-    if entry.meta["kind"] == "onnx":
-        return OnnxModel(path, entry.meta["task"], with_past=entry.meta["with_past"])
-    if entry.meta["kind"] == "engine":
-        return EngineModel(path, entry.meta["task"])
-    return TorchModel(path, entry.meta["task"], transforms=entry.meta["transforms"])
+    return artifact_from_spec({**entry.meta, "path": str(workdir / entry.meta["artifact"])})
 
 
 def process_alive(pid: int) -> bool:

@@ -20,11 +20,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel
+from .artifacts import TorchModel, artifact_from_spec, artifact_spec
 from .errors import StageFailed
 
 PROBE_TIMEOUT_S = 1800
@@ -33,24 +32,6 @@ PROBE_TIMEOUT_S = 1800
 # 1,109 MB in the next. A fixed threshold returns every large tensor when it is freed, so the peak is
 # the memory in use, the same from run to run (a server can set the same variable).
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-def artifact_spec(artifact: Artifact) -> dict:
-    spec = {"kind": artifact.kind, "path": str(artifact.path), "task": artifact.task}
-    if isinstance(artifact, TorchModel):
-        spec["transforms"] = artifact.transforms
-    if isinstance(artifact, OnnxModel):
-        spec["with_past"] = artifact.with_past
-    return spec
-
-
-def artifact_from_spec(spec: dict) -> Artifact:
-    path = Path(spec["path"])
-    if spec["kind"] == "onnx":
-        return OnnxModel(path, spec["task"], with_past=spec.get("with_past", False))
-    if spec["kind"] == "engine":
-        return EngineModel(path, spec["task"])
-    return TorchModel(path, spec["task"], transforms=spec.get("transforms", []))
 
 
 def measure(side: dict, feeds: list[dict[str, np.ndarray]], runner_args: dict) -> dict:
@@ -133,10 +114,6 @@ def side_for_baseline(recipe, checkpoint: Path) -> dict:
     if REGISTRY[first.type].baseline_key(first) is not None:
         return {"baseline_stage": first.model_dump(mode="json"), "checkpoint": str(checkpoint), "task": recipe.task}
     return {"artifact": artifact_spec(TorchModel(checkpoint, recipe.task))}
-
-
-def memory_feeds(evaluation_feed: Optional[dict], benchmark_feed: dict) -> list[dict]:
-    return [feed for feed in (evaluation_feed, benchmark_feed) if feed is not None]
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Optional
 
 from . import cache, memory
 from . import report as reporting
-from .artifacts import Artifact, TorchModel
+from .artifacts import Artifact, TorchModel, artifact_spec
 from .bench import OtherLoad, benchmark_feed, measure
 from .checkpoint import class_names, inspect_checkpoint, load_tokenizer
 from .data import load_samples
@@ -198,7 +198,7 @@ def _peak_memory(recipe: Recipe, checkpoint: Path, finals: list, names: list[str
     peaks = {BASELINE_SIDE: MemoryUse(**memory.measure(memory.side_for_baseline(recipe, checkpoint), feeds,
                                                        runner_args))}
     for name, final in zip(names, finals):
-        peaks[name] = MemoryUse(**memory.measure({"artifact": memory.artifact_spec(final)}, feeds,
+        peaks[name] = MemoryUse(**memory.measure({"artifact": artifact_spec(final)}, feeds,
                                                  {**runner_args, "torch_dtype": torch_dtype}))
     return peaks
 

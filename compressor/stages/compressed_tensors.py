@@ -116,7 +116,7 @@ class ExportCompressedTensors(Stage):
         sparsity = _sparsity(module, ignore) if transform is None else {}
         out = ctx.workdir / "model"
         out.mkdir(parents=True)
-        _drop_tied_copies(tensors, module)
+        _drop_tied_copies(tensors)
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         copy_checkpoint_files(artifact.path, out)
         (out / TRANSFORMS_FILE).unlink(missing_ok=True)
@@ -182,21 +182,16 @@ def _int8_tensors(name: str, layer) -> dict:
             f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
 
 
-def _drop_tied_copies(tensors: dict, module) -> None:
-    """safetensors refuses tensors sharing memory: keep one name of each tied weight (transformers
-    ties them again on load, as its own save_pretrained expects)."""
-    tied = getattr(module, "_tied_weights_keys", None) or []
-    tied = tied if isinstance(tied, (list, tuple)) else list(tied)
-    if getattr(module.config, "tie_word_embeddings", False):
-        for key in tied:
-            tensors.pop(key, None)
-    seen = {}
+def _drop_tied_copies(tensors: dict) -> None:
+    """safetensors refuses tensors sharing memory: keep the first name of each tied weight (the
+    embedding's, which state_dict lists before lm_head; transformers ties them again on load)."""
+    seen = set()
     for key in list(tensors):
         pointer = tensors[key].data_ptr()
         if pointer in seen and tensors[key].numel() > 1:
             del tensors[key]
         else:
-            seen[pointer] = key
+            seen.add(pointer)
 
 
 def _sparsity(module, ignore: list[str]) -> dict:
@@ -221,14 +216,13 @@ def _sparsity(module, ignore: list[str]) -> dict:
 def quantization_config(transform: Optional[dict], ignore: list[str], sparsity: dict) -> dict:
     """config.json's `quantization_config` for compressed-tensors."""
     groups = {}
-    if transform is not None and transform["name"] == INT4_WEIGHT_ONLY:
-        weights = {"num_bits": 4, "type": "int", "symmetric": transform["symmetric"], "strategy": "group",
-                   "group_size": transform["group_size"], "dynamic": False, "actorder": None}
-        groups = {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                              "output_activations": None, "format": "pack-quantized"}}
-    elif transform is not None:
-        weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
-                   "dynamic": False, "actorder": None}
+    if transform is not None:
+        if transform["name"] == INT4_WEIGHT_ONLY:
+            weights = {"num_bits": 4, "symmetric": transform["symmetric"], "strategy": "group",
+                       "group_size": transform["group_size"]}
+        else:
+            weights = {"num_bits": 8, "symmetric": True, "strategy": "channel", "group_size": None}
+        weights.update({"type": "int", "dynamic": False, "actorder": None})
         groups = {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                               "output_activations": None, "format": "pack-quantized"}}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized" if groups else "dense",
