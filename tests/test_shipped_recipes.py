@@ -223,7 +223,7 @@ def test_smollm2_torch_gptq_meets_the_published_bar(smollm2):
     assert result["peak_rss_mb"] < base["peak_rss_mb"] - 150
 
 
-@shipped("smollm2-int4-gptq.yaml", "smollm2-int4-gptq-vllm.yaml")
+@shipped("smollm2-int4-gptq.yaml", "smollm2-int4-gptq-vllm.yaml", every=True)
 def test_smollm2_compressed_tensors_folder_is_the_gptq_model_as_transformers_reloads_it(smollm2):
     report = smollm2.report("smollm2-int4-gptq-vllm")
     quantize, export = report["stages"]
