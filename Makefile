@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-recipes setup fixtures peer-llm clean
+.PHONY: demo test test-fast test-recipes setup fixtures peer-llm peer-optimum clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,8 @@ test-recipes: fixtures
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not integration"
 
-# llm-compressor in its own virtualenv: it pins transformers 5.15-5.17, which compress's ONNX exporter
-# (optimum-onnx, transformers < 4.58) cannot share. benchmarks/peer_llm.py runs it there.
+# llm-compressor in its own virtualenv: it pins transformers 5.15-5.17, beside compress's 5.24.
+# benchmarks/peer_llm.py runs it there.
 PEER_LLM := .venv-peer-llm
 $(PEER_LLM)/.installed:
 	$(PYTHON) -m venv $(PEER_LLM)
@@ -51,5 +51,18 @@ $(PEER_LLM)/.installed:
 
 peer-llm: $(PEER_LLM)/.installed
 
+# Optimum's ONNX exporter and quantizer (optimum-onnx 0.1.0, transformers < 4.58) for the benchmarks that
+# compare against them (benchmarks/optimum_worker.py runs there).
+PEER_OPTIMUM := .venv-peer-optimum
+$(PEER_OPTIMUM)/.installed:
+	$(PYTHON) -m venv $(PEER_OPTIMUM)
+	$(PEER_OPTIMUM)/bin/pip install -q --upgrade pip
+	$(PEER_OPTIMUM)/bin/pip install -q torch==2.13.0
+	$(PEER_OPTIMUM)/bin/pip install -q optimum-onnx==0.1.0 optimum==2.1.0 transformers==4.57.6 \
+		onnx==1.23.2 onnxruntime==1.32.0 datasets==4.8.5 numpy
+	touch $@
+
+peer-optimum: $(PEER_OPTIMUM)/.installed
+
 clean:
-	rm -rf $(VENV) $(PEER_LLM) runs .pytest_cache
+	rm -rf $(VENV) $(PEER_LLM) $(PEER_OPTIMUM) runs .pytest_cache

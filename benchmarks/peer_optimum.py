@@ -15,24 +15,23 @@ Usage: python benchmarks/peer_optimum.py [--iterations 300] [--samples 2114]
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def optimum_int8(checkpoint: Path, workdir: Path) -> tuple[Path, Path]:
-    from optimum.exporters.onnx import main_export
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+def optimum_int8(checkpoint: Path, workdir: Path) -> tuple[Path, Path, dict]:
+    """Optimum's export and dynamic quantization, in its own virtualenv (benchmarks/optimum_worker.py)."""
+    from optimum_peer import optimum
 
     exported = workdir / "optimum-fp32"
-    main_export(str(checkpoint), output=exported, task="feature-extraction", library_name="transformers")
-    quantizer = ORTQuantizer.from_pretrained(exported, file_name="model.onnx")
-    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
-    quantized_dir = quantizer.quantize(quantization_config=config, save_dir=workdir / "optimum-int8")
-    return exported / "model.onnx", Path(quantized_dir) / "model_quantized.onnx"
+    optimum("export", checkpoint, "feature-extraction", exported)
+    done = optimum("quantize-dynamic", exported, workdir / "optimum-int8")
+    return exported / "model.onnx", Path(done["model"]), done["versions"]
 
 
 FFN_DOWN = "/encoder/layer.*/output/dense/MatMul"
@@ -79,7 +78,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        ort_fp32, optimum_q = optimum_int8(checkpoint, workdir)
+        ort_fp32, optimum_q, peer_versions = optimum_int8(checkpoint, workdir)
         paths = {"ORT fp32": ort_fp32, "Optimum int8": optimum_q,
                  "compress int8": compress_int8(checkpoint, workdir, exclude_ffn_down=False),
                  "compress, FFN-down float": compress_int8(checkpoint, workdir, exclude_ffn_down=True)}
@@ -110,7 +109,8 @@ def main() -> None:
     print(f"target: compress int8 <= 0.8 x Optimum int8 latency with min cosine >= 0.99: "
           f"{ratio:.3f} x, min cosine {cosine:.4f} -> {verdict}")
     versions = package_versions()
-    print("versions: " + ", ".join(f"{k} {versions[k]}" for k in ("torch", "onnxruntime", "optimum", "optimum-onnx")))
+    print("versions: " + ", ".join(f"{k} {versions[k]}" for k in ("torch", "transformers", "onnxruntime")) +
+          "; Optimum's side: " + ", ".join(f"{k} {v}" for k, v in peer_versions.items()))
 
 
 if __name__ == "__main__":

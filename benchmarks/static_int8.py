@@ -18,11 +18,13 @@ Usage: python benchmarks/static_int8.py [--iterations 300] [--model minilm|class
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MODELS = {
     "minilm": ("minilm", "feature-extraction", "minilm-int8-dynamic.yaml", "minilm-int8-static.yaml"),
@@ -40,26 +42,16 @@ def calibration_texts(recipe_name: str) -> list[str]:
     return draw_texts(next(s for s in recipe.stages if s.type == "quantize").calibration)
 
 
-def optimum_static(checkpoint: Path, task: str, texts: list[str], workdir: Path) -> tuple[Path, Path]:
-    from datasets import Dataset
-    from optimum.exporters.onnx import main_export
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig
-
-    from compressor.checkpoint import load_tokenizer
+def optimum_static(checkpoint: Path, task: str, texts: list[str], workdir: Path) -> tuple[Path, Path, dict]:
+    """Optimum's export and static quantization, in its own virtualenv (benchmarks/optimum_worker.py)."""
+    from optimum_peer import optimum
 
     exported = workdir / f"optimum-{task}"
-    main_export(str(checkpoint), output=exported, task=task, library_name="transformers")
-    tokenizer = load_tokenizer(checkpoint)
-    dataset = Dataset.from_dict(dict(tokenizer(texts, truncation=True, max_length=128)))
-    quantizer = ORTQuantizer.from_pretrained(exported, file_name="model.onnx")
-    config = AutoQuantizationConfig.avx512_vnni(is_static=True, per_channel=True)
-    ranges = quantizer.fit(dataset=dataset, calibration_config=AutoCalibrationConfig.minmax(dataset),
-                           operators_to_quantize=config.operators_to_quantize, batch_size=1,
-                           onnx_augmented_model_name=workdir / "augmented.onnx")
-    quantized = quantizer.quantize(quantization_config=config, save_dir=workdir / f"optimum-static-{task}",
-                                   calibration_tensors_range=ranges)
-    return exported / "model.onnx", Path(quantized) / "model_quantized.onnx"
+    optimum("export", checkpoint, task, exported)
+    texts_file = workdir / f"calibration-{task}.txt"
+    texts_file.write_text("\n".join(text.replace("\n", " ") for text in texts) + "\n")
+    done = optimum("quantize-static", exported, workdir / f"optimum-static-{task}", "--texts", texts_file)
+    return exported / "model.onnx", Path(done["model"]), done["versions"]
 
 
 def compress_recipe(checkpoint: Path, task: str, recipe_name: str, workdir: Path) -> Path:
@@ -93,7 +85,8 @@ def measure(model: str, iterations: int, warmup: int) -> None:
     samples = load_samples(eval_config.data, task)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        ort_fp32, optimum_q = optimum_static(checkpoint, task, calibration_texts(static_recipe), workdir)
+        ort_fp32, optimum_q, peer = optimum_static(checkpoint, task, calibration_texts(static_recipe), workdir)
+        print("Optimum's side: " + ", ".join(f"{k} {v}" for k, v in peer.items()))
         paths = {"ORT fp32": ort_fp32, "Optimum static int8": optimum_q,
                  "compress int8-dynamic": compress_recipe(checkpoint, task, dynamic_recipe, workdir),
                  "compress int8-static": compress_recipe(checkpoint, task, static_recipe, workdir)}
@@ -150,7 +143,7 @@ def main() -> None:
     for model in (["minilm", "classifier"] if args.model == "both" else [args.model]):
         measure(model, args.iterations, args.warmup)
     versions = package_versions()
-    print("versions: " + ", ".join(f"{k} {versions[k]}" for k in ("torch", "onnxruntime", "optimum", "optimum-onnx")))
+    print("versions: " + ", ".join(f"{k} {versions[k]}" for k in ("torch", "transformers", "onnxruntime")))
 
 
 if __name__ == "__main__":

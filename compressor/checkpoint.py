@@ -104,6 +104,19 @@ def model_class(task: str):
             "text-generation": AutoModelForCausalLM}[task]
 
 
+def cache_keyword(module) -> str:
+    """The forward argument that takes past key/values: transformers 5.24 renamed `past_key_values` to `cache`
+    (the old name still works, with a deprecation warning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The key/value cache a forward pass returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_remote_code: bool = False):
     """Load (or reuse) the nn.Module for a TorchModel, in eval mode, with its transforms applied."""
     if artifact.module is not None:

@@ -79,11 +79,13 @@ def _quiet_libraries(verbose: bool) -> None:
     if not verbose:
         # Exporters and tracers warn about things the stages already check (e.g. output tolerances).
         warnings.simplefilter("ignore")
-        for name in ("transformers", "optimum", "onnxruntime", "torch", "peft", "bitsandbytes"):
+        for name in ("transformers", "onnxscript", "onnxruntime", "torch", "peft", "bitsandbytes"):
             logging.getLogger(name).setLevel(logging.ERROR)
         # Read by transformers when a stage imports it; importing it here would slow every command.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # it read the variable at import: its weight-loading bar stays on
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _escape(text: str) -> str:

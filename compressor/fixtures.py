@@ -344,9 +344,11 @@ def build_smollm2(root: Path) -> Path:
         with _quiet_gguf_progress():
             tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
             model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
-        # The GGUF origin leaves a quantization_config behind although the weights are now fp32.
+        # The GGUF origin leaves a quantization_config (and, in transformers 5, a quantizer that refuses to
+        # save) behind although the weights are now plain fp32 tensors.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.hf_quantizer = None
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)

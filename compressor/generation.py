@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checkpoint import cache_keyword, returned_cache
 from .errors import UserError
 from .onnx_graph import complete_feed
 from .progress import Progress, Silent
@@ -46,7 +47,7 @@ class TorchGenerator:
         with torch.inference_mode():
             out = self.module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return (out.past_key_values, ids.shape[1] + 1, token), int(token[0, 0])
+        return (returned_cache(out), ids.shape[1] + 1, token), int(token[0, 0])
 
     def next(self, state):
         torch = self._torch
@@ -54,9 +55,9 @@ class TorchGenerator:
         with torch.inference_mode():
             out = self.module(input_ids=token, attention_mask=torch.ones((token.shape[0], length), dtype=torch.long,
                                                                          device=token.device),
-                              past_key_values=past, use_cache=True)
+                              use_cache=True, **{cache_keyword(self.module): past})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return (out.past_key_values, length + 1, token), int(token[0, 0])
+        return (returned_cache(out), length + 1, token), int(token[0, 0])
 
 
 class OrtGenerator:

@@ -68,7 +68,7 @@ def describe() -> dict:
             "isa_flags": isa_flags(), "gpu": gpu_name()}
 
 
-PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu", "peft",
+PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "peft",
             "bitsandbytes", "tensorrt", "numpy", "pydantic")
 
 

@@ -68,16 +68,15 @@ def test_unstructured_pruning_zeroes_conv1d_weights_and_saves_gpt2_layout(tiny_g
         assert written["sparsity"]["sparsity_structure"] == "2:4" and written["reload_max_abs_diff"] == 0.0
 
 
-def test_structured_pruning_removes_gpt2_heads_and_channels(tiny_gpt2, tmp_path):
-    pruned, details = run_stage(PruneConfig(type="prune", kind="structured", heads=0.5, channels=0.5),
+def test_structured_pruning_removes_gpt2_channels(tiny_gpt2, tmp_path):
+    pruned, details = run_stage(PruneConfig(type="prune", kind="structured", channels=0.5),
                                 gpt2(tiny_gpt2), tmp_path, TASK)
     assert details["family"] == "gpt2" and details["reload_max_abs_diff"] <= 1e-4
-    assert details["heads_after"] == details["heads_before"] // 2 == 4
     assert details["channels_after"] == details["channels_before"] // 2 == 256
-    assert details["params_ratio"] < 0.9 and details["macs_ratio"] < 0.7
+    assert details["params_ratio"] < 0.9 and details["macs_ratio"] < 0.85
     reloaded = load_torch_model(reload_from_disk(pruned))
     assert tuple(reloaded.transformer.h[0].mlp.c_fc.weight.shape) == (64, 128)
-    assert reloaded.config.n_inner == 128 and len(reloaded.config.pruned_heads[0]) == 2
+    assert reloaded.config.n_inner == 128
 
 
 def test_int8_dynamic_and_weight_only_quantize_conv1d(tiny_gpt2, tmp_path):

@@ -61,9 +61,9 @@ def test_missing_backend_is_exit_3(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name, *a))
-    with pytest.raises(BackendMissing, match="'optimum'") as info:
-        plan(recipe("  - type: export_onnx"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(BackendMissing, match="'onnxscript'") as info:
+        plan(recipe("  - type: export_onnx\n    exporter: dynamo"))
     assert info.value.exit_code == 3
 
 

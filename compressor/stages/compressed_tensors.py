@@ -123,7 +123,7 @@ class ExportCompressedTensors(Stage):
         config_file = out / "config.json"
         model_config = json.loads(config_file.read_text())
         model_config["quantization_config"] = quantization_config(transform, ignore, sparsity)
-        model_config["torch_dtype"] = "float32"
+        model_config["dtype"] = "float32"
         if "lm_head" in quantized:  # its own packed weights: tying it to the float embeddings would be wrong
             model_config["tie_word_embeddings"] = False
         config_file.write_text(json.dumps(model_config, indent=2) + "\n")

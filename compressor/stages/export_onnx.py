@@ -1,4 +1,5 @@
-"""export_onnx: a torch checkpoint to ONNX through Optimum's exporter, checked against torch afterwards."""
+"""export_onnx: a torch checkpoint to ONNX through PyTorch's exporter (onnx_exporter.py), checked against torch
+afterwards."""
 
 from __future__ import annotations
 
@@ -16,11 +17,9 @@ from ..errors import StageFailed, UserError
 from ..runners import make_runner
 from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
 from .int4_export import int4_transform, pack_int4_matmuls, write_dequantized_checkpoint
+from .onnx_exporter import export_checkpoint
 
 log = logging.getLogger(__name__)
-
-OPTIMUM_TASK = {"text-classification": "text-classification", "feature-extraction": "feature-extraction",
-                "text-generation": "text-generation"}
 
 VALIDATION_TEXTS = (
     "The film is a quiet triumph, funny and sad in equal measure.",
@@ -30,7 +29,10 @@ VALIDATION_TEXTS = (
 
 class ExportOnnxConfig(StageConfigBase):
     type: Literal["export_onnx"]
-    opset: int = Field(18, ge=14, le=21, description="ONNX opset version")
+    opset: int = Field(18, ge=14, le=21, description="ONNX opset version (the dynamo exporter writes 18 or later)")
+    exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript", description="torchscript: torch.onnx.export(dynamo=False), the graphs ONNX Runtime's "
+                                   "optimizer fuses, fast; dynamo: torch.export + onnxscript, PyTorch's default")
     with_past: bool = Field(False, description="text-generation only: export past key/value inputs for decoding")
     static_axes: Optional[dict[Literal["batch_size", "sequence_length"], int]] = Field(
         None, description="fix these dynamic axes to a size (e.g. {batch_size: 1}); default: all axes dynamic")
@@ -39,7 +41,7 @@ class ExportOnnxConfig(StageConfigBase):
 
 class ExportOnnx(Stage):
     type = "export_onnx"
-    summary = "Export a torch model to ONNX (Optimum exporter) and check ONNX Runtime against torch"
+    summary = "Export a torch model to ONNX (PyTorch's exporter) and check ONNX Runtime against torch"
     config_model = ExportOnnxConfig
     accepts = ("torch",)
 
@@ -60,7 +62,7 @@ class ExportOnnx(Stage):
                            "exception: its codes are exported as they are)"
 
     def backends(self, config, input_kind):
-        return ["optimum.exporters.onnx", "onnx", "onnxruntime"]
+        return ["onnx", "onnxruntime"] + (["onnxscript"] if config.exporter == "dynamo" else [])
 
     def run(self, config: ExportOnnxConfig, artifact: TorchModel, ctx: StageContext) -> OnnxModel:
         int4 = int4_transform(artifact)
@@ -82,15 +84,10 @@ class ExportOnnx(Stage):
         return exported
 
     def _export(self, config: ExportOnnxConfig, checkpoint, task_name: str, ctx: StageContext) -> OnnxModel:
-        from optimum.exporters.onnx import main_export
-
-        task = OPTIMUM_TASK[task_name] + ("-with-past" if config.with_past else "")
-        try:
-            main_export(str(checkpoint), output=ctx.workdir, task=task, opset=config.opset, do_validation=False,
-                        trust_remote_code=ctx.trust_remote_code, library_name="transformers")
-        except (ValueError, KeyError, NotImplementedError) as exc:
-            raise UserError(f"Optimum cannot export {checkpoint} for task {task}: {exc}") from None
-        ctx.details.update({"optimum_task": task, "opset": config.opset})
+        done = export_checkpoint(checkpoint, task_name, ctx.workdir, exporter=config.exporter, opset=config.opset,
+                                 with_past=config.with_past, trust_remote_code=ctx.trust_remote_code,
+                                 allow_pickle=ctx.allow_pickle)
+        ctx.details.update({"exporter": done["exporter"], "opset": done["opset"], "with_past": config.with_past})
         return OnnxModel(ctx.workdir / "model.onnx", task_name, with_past=config.with_past)
 
     def _export_int4(self, config: ExportOnnxConfig, artifact: TorchModel, transform: dict,
@@ -108,8 +105,6 @@ class ExportOnnx(Stage):
         packed = pack_int4_matmuls(model, grids, transform["group_size"], transform["symmetric"])
         onnx.save_model(model, str(exported.path), save_as_external_data=exported.needs_external_data(),
                         location=exported.path.name + ".data")
-        for stale in ctx.workdir.glob("model.onnx_data"):  # the exporter's float weights, now packed
-            stale.unlink()
         ctx.details.update({"int4_matmuls": packed, "int4_from": "the torch stage's codes (not refitted)",
                             "block_size": transform["group_size"], "symmetric": transform["symmetric"]})
         return exported

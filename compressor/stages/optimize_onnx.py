@@ -44,17 +44,28 @@ class OptimizeOnnx(Stage):
         from onnxruntime.transformers.optimizer import optimize_model
 
         family = config.model_type
+        hf_config = json.loads((artifact.folder / "config.json").read_text())
         if family == "auto":
-            hf_type = json.loads((artifact.folder / "config.json").read_text()).get("model_type", "")
+            hf_type = hf_config.get("model_type", "")
             family = FUSION_FAMILY.get(hf_type, "none")
             if family == "none":
                 log.info("no fusion family for model_type %r; applying ONNX Runtime graph passes only", hf_type)
-        optimized = optimize_model(str(artifact.path), model_type="bert" if family == "none" else family,
-                                   opt_level=config.level, only_onnxruntime=family == "none", use_gpu=False)
+        source, prefused = _prefuse_dynamo_graph(artifact, ctx) if family != "none" else (artifact.path, {})
+        # Given, not detected: the optimizer reads head counts from reshape constants, which transformers 5
+        # writes as -1, and then fuses nothing.
+        heads = hf_config.get("num_attention_heads") or hf_config.get("n_head") or 0
+        hidden = hf_config.get("hidden_size") or hf_config.get("n_embd") or 0
+        optimized = optimize_model(str(source), model_type="bert" if family == "none" else family,
+                                   num_heads=heads, hidden_size=hidden, opt_level=config.level,
+                                   only_onnxruntime=family == "none", use_gpu=False)
         out = OnnxModel(ctx.workdir / "model.onnx", artifact.task, with_past=artifact.with_past)
         optimized.save_model_to_file(str(out.path), use_external_data_format=artifact.needs_external_data())
         copy_tokenizer_files(artifact.folder, ctx.workdir)
         fused = {k: v for k, v in (optimized.get_fused_operator_statistics() or {}).items() if v}
+        for name, count in prefused.items():
+            fused[name] = max(fused.get(name, 0), count)
+        if source != artifact.path:
+            source.unlink()
         diff = max_abs_difference(artifact, out, ctx)
         ctx.details.update({"fusion_family": family, "level": config.level, "fused_operators": fused,
                             "max_abs_diff": diff, "atol": config.atol})
@@ -62,3 +73,31 @@ class OptimizeOnnx(Stage):
             raise StageFailed(f"optimize_onnx: outputs changed by {diff:.3g} (atol {config.atol:g}); "
                               "try a lower level or model_type: none")
         return out
+
+
+# onnxscript's names for its fusions -> the operator each one writes, as ORT's optimizer reports them.
+ONNXSCRIPT_FUSIONS = {"attention": "Attention", "skip_layer_normalization": "SkipLayerNormalization",
+                      "bias_gelu": "BiasGelu", "gelu": "Gelu", "rms_normalization": "SimplifiedLayerNormalization",
+                      "skip_rms_normalization": "SkipSimplifiedLayerNormalization", "gqa": "GroupQueryAttention",
+                      "rotary_embedding": "RotaryEmbedding"}
+
+
+def _prefuse_dynamo_graph(artifact: OnnxModel, ctx: StageContext):
+    """A graph from the dynamo exporter: fuse with onnxscript's ONNX Runtime rules first, because ORT's own
+    optimizer matches only the TorchScript exporter's attention subgraphs. Returns (graph to optimize, counts)."""
+    import onnx
+
+    from .onnx_exporter import exporter_of
+
+    if exporter_of(onnx.load(str(artifact.path), load_external_data=False)) != "dynamo":
+        return artifact.path, {}
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(artifact.path))
+    result = optimize_for_ort(model)
+    counts = result[1] if isinstance(result, tuple) else {}
+    fused = {ONNXSCRIPT_FUSIONS[name]: n for name, n in counts.items() if n and name in ONNXSCRIPT_FUSIONS}
+    path = ctx.workdir / "prefused.onnx"
+    ir.save(model, str(path))
+    return path, fused

@@ -49,8 +49,8 @@ class PruneConfig(StageConfigBase):
         "unstructured", description="2:4 / 4:8: in every group of 4 (8) consecutive input weights of a row, "
                                     "keep 2 (4): the layout sparse tensor cores accelerate")
     scope: Literal["per-layer", "global"] = Field(
-        "per-layer", description="one threshold per layer, or one ranking across all layers: for unstructured "
-                                 "magnitude, and for structured heads of BERT-family models")
+        "per-layer", description="one threshold per layer, or one ranking across all layers (global: "
+                                 "unstructured magnitude only)")
     targets: list[str] = Field(default_factory=lambda: ["*"],
                                description="nn.Linear module names to prune; shell-style patterns")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head", "*embed*", "classifier", "score", "*pooler*"],
@@ -106,6 +106,9 @@ class Prune(Stage):
 
     def check(self, config: PruneConfig, input_kind, task):
         if config.kind == "structured":
+            if config.scope == "global":
+                return ("scope: global would give layers different FFN widths or head counts, which a model's "
+                        "config cannot describe (from_pretrained could not reload it); use scope per-layer")
             if config.calibration is None and (config.importance == "activations" or config.recover):
                 return "importance: activations and recover need `calibration:` data"
             return None

@@ -3,19 +3,19 @@ physically shrink, and update the config so that `from_pretrained` rebuilds the 
 
 Three block layouts are understood, found by module names rather than by class:
 - BERT family (`attention.self.{query,key,value}`, `attention.output.dense`, `intermediate.dense`,
-  `output.dense`): heads go through transformers' own `prune_heads`, which records them in
-  `config.pruned_heads` (re-applied on load), so every layer may keep a different number of heads;
-- GPT-2 family (`attn.c_attn` holding query, key and value, `attn.c_proj`, `mlp.c_fc`,
-  `mlp.c_proj`, all transformers Conv1D layers, weights inputs x outputs): heads through
-  `prune_heads` as for BERT; FFN channels by cutting `c_fc`'s outputs and `c_proj`'s inputs, the
-  config's `n_inner` set to the new width;
-- Llama family (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`): with grouped-query
-  attention a key/value head and the query heads that read it are removed together, so every
-  remaining query head still has its KV head; the config's head counts change and `head_dim` is
-  written explicitly, because it no longer equals hidden_size / num_attention_heads.
+  `output.dense`): FFN channels;
+- GPT-2 family (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`, all transformers Conv1D
+  layers, weights inputs x outputs): FFN channels, by cutting `c_fc`'s outputs and `c_proj`'s
+  inputs, the config's `n_inner` set to the new width;
+- Llama family (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`): heads and FFN channels. With
+  grouped-query attention a key/value head and the query heads that read it are removed together,
+  so every remaining query head still has its KV head; the config's head counts change and
+  `head_dim` is written explicitly, because it no longer equals hidden_size / num_attention_heads.
 
-A config holds one FFN width (and for Llama one head count) for all layers, so those are pruned
-by the same amount in every layer; only BERT heads can take a global ranking.
+Heads of BERT and GPT-2 models are refused: transformers 5 dropped `config.pruned_heads` and derives
+their head size from hidden_size / num_attention_heads, so a model with fewer heads cannot be
+reloaded. A config holds one FFN width (and for Llama one head count) for all layers, so those are
+pruned by the same amount in every layer.
 
 Importance of a unit (a head, a KV group or an FFN channel) is measured at the projection that
 reads it back into the residual stream (`attention.output.dense` / `o_proj`, `output.dense` /
@@ -176,30 +176,13 @@ def kept_count(count: int, ratio: float, multiple: int, kind: str) -> int:
     return keep
 
 
-def choose(units: list[Units], heads: Optional[float], channels: Optional[float], multiple: int,
-           scope: str) -> None:
+def choose(units: list[Units], heads: Optional[float], channels: Optional[float], multiple: int) -> None:
     """Fill each unit's `keep` with the indices of its highest-scoring units, in order."""
     import torch
 
     for kind, ratio in (("heads", heads), ("channels", channels)):
         group = [u for u in units if u.kind == kind]
         if not group:
-            continue
-        if scope == "global" and kind == "heads":
-            # scores are normalised per layer (by their mean) so layers of different scale compare
-            pooled = [(float(s) / float(u.scores.mean()), b, i) for b, u in enumerate(group)
-                      for i, s in enumerate(u.scores)]
-            total = sum(u.count for u in group)
-            removed, dropped = round(total * ratio), set()
-            left = {b: u.count for b, u in enumerate(group)}
-            for _, b, i in sorted(pooled):
-                if len(dropped) == removed:
-                    break
-                if left[b] > 1:  # every layer keeps at least one head
-                    dropped.add((b, i))
-                    left[b] -= 1
-            for b, unit in enumerate(group):
-                unit.keep = [i for i in range(unit.count) if (b, i) not in dropped]
             continue
         for unit in group:
             keep = kept_count(unit.count, ratio, multiple, kind)
@@ -241,22 +224,7 @@ def _replace(module, path: str, index, dim: int) -> None:
 
 def apply(module, units: list[Units], kind: str) -> None:
     config = module.config
-    if kind in ("bert", "gpt2"):
-        heads_to_prune = {}
-        for unit in units:
-            if unit.kind != "heads":
-                continue
-            # prune_heads takes the original head numbers; map from the current (maybe already pruned) ones
-            pruned_before = set(config.pruned_heads.get(unit.block, []))
-            original = [h for h in range(config.num_attention_heads) if h not in pruned_before]
-            drop = [original[i] for i in range(unit.count) if i not in unit.keep]
-            if drop:
-                heads_to_prune[unit.block] = drop
-        if heads_to_prune:
-            module.prune_heads(heads_to_prune)
     for unit in units:
-        if kind in ("bert", "gpt2") and unit.kind == "heads":
-            continue
         index = _rows(unit.count, unit.width, unit.keep)
         _replace(module, unit.output, index, dim=1)
         for path in unit.inputs:
@@ -285,17 +253,18 @@ def prune_structured(module, config, task: str, feeds: Optional[list[dict]]) -> 
     import torch
 
     kind = family(find_blocks(module)[1][0])
-    if config.scope == "global" and (config.channels or kind == "llama"):
-        raise UserError("prune structured: scope global gives layers different FFN widths (or Llama layers "
-                        "different head counts), which the model's config cannot describe, so from_pretrained "
-                        "could not reload it; use scope per-layer (global applies to BERT-family heads)")
+    if config.heads and kind in ("bert", "gpt2"):
+        raise UserError(f"prune structured: heads of {kind.upper()}-family models cannot be removed: transformers 5 "
+                        "dropped config.pruned_heads and derives their head size from hidden_size / "
+                        "num_attention_heads, so the smaller model could not be reloaded; remove FFN channels "
+                        "(channels:), or heads of a model with its own head_dim (Llama, Qwen2, Mistral)")
     units = plan_units(module, config.heads, config.channels)
     if config.importance == "activations":
         activation_scores(module, units, feeds, task)
     else:
         for unit in units:
             unit.scores = magnitude_scores(module, unit)
-    choose(units, config.heads, config.channels, config.round_to, config.scope)
+    choose(units, config.heads, config.channels, config.round_to)
     with torch.no_grad():
         apply(module, units, kind)
     summary = {"family": kind, "importance": config.importance}
