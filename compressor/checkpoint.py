@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .artifacts import TorchModel
 from .errors import BackendMissing, UserError
+from .shards import INDEX_FILE, ShardedCheckpoint
 from .torch_transforms import CAST, apply_torch_transform, load_weight_only_torch
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ def inspect_checkpoint(path: str | Path, allow_pickle: bool = False) -> Path:
     except json.JSONDecodeError as exc:
         raise UserError(f"{config}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     weights = sorted(folder.glob("*.safetensors"))
+    if (folder / INDEX_FILE).is_file():
+        ShardedCheckpoint(folder)  # every shard the index names is there, whole, and holds its tensors
     if weights:
         for weight in weights:
             _check_safetensors(weight)

@@ -1,8 +1,11 @@
 """N:M and per-row sparsity masks: which weights a pruning score sends to zero.
 
-A leaf: magnitude pruning, Wanda and SparseGPT all build on it, and it imports nothing of the pipeline."""
+A leaf: magnitude pruning, Wanda and SparseGPT all build on it, and it imports nothing of the pipeline.
+It also picks the layers a prune stage targets, and prunes them by magnitude."""
 
 from __future__ import annotations
+
+import fnmatch
 
 from .errors import UserError
 
@@ -31,3 +34,42 @@ def row_mask(scores, sparsity: float):
     count = int(scores.shape[1] * sparsity)
     lowest = torch.topk(scores, count, dim=1, largest=False).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
+
+
+def select_linears(module, targets: list[str], ignore: list[str]) -> dict:
+    """name -> nn.Linear for the layers `targets` names and `ignore` does not (shell patterns, matched against
+    the full name or its last part)."""
+    import torch
+
+    def matches(name, patterns):
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p)
+                   for p in patterns)
+
+    layers = {name: child for name, child in module.named_modules()
+              if isinstance(child, torch.nn.Linear) and matches(name, targets) and not matches(name, ignore)}
+    if not layers:
+        raise UserError(f"prune: no nn.Linear matches targets {targets} outside ignore {ignore}")
+    return layers
+
+
+def prune_magnitude(layers: dict, config) -> None:
+    """Zero the smallest |w| of each layer (or across all of them, scope global), or by an N:M pattern."""
+    import torch
+
+    group = PATTERNS[config.pattern]
+    if config.scope == "global":
+        magnitudes = torch.cat([layer.weight.abs().flatten() for layer in layers.values()])
+        count = int(magnitudes.numel() * config.target_sparsity)
+        threshold = torch.kthvalue(magnitudes, count).values if count else -1.0
+        for layer in layers.values():
+            layer.weight[layer.weight.abs() <= threshold] = 0
+        return
+    for layer in layers.values():
+        scores = layer.weight.abs()
+        if group:
+            mask = nm_mask(scores, *group)
+        else:
+            count = int(scores.numel() * config.target_sparsity)
+            threshold = torch.kthvalue(scores.flatten(), count).values if count else -1.0
+            mask = scores <= threshold
+        layer.weight[mask] = 0

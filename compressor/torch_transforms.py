@@ -16,6 +16,7 @@ import numpy as np
 from .artifacts import TorchModel
 from .errors import UserError
 from .linear_layers import conv1d_names, conv1d_to_linear
+from .shards import read_state
 
 INT8_DYNAMIC = "int8-dynamic"
 INT8_WEIGHT_ONLY = "int8-weight-only"
@@ -162,7 +163,6 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
     the float model is never materialised, so loading peaks near the quantized size, not fp32's."""
     import torch
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(artifact.path, trust_remote_code=trust_remote_code)
@@ -178,13 +178,14 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
             linear = int8_linear_class()
             swap_modules(module, transform["layers"],
                          lambda old: linear(old.in_features, old.out_features, old.bias is not None))
-    weights = artifact.path / "model.safetensors"
-    missing, unexpected = module.load_state_dict(load_file(str(weights)), strict=False, assign=True)
+    # One file or shards (a layer-by-layer result keeps float tensors in the checkpoint's dtype)
+    state = {name: t.float() if t.is_floating_point() else t for name, t in read_state(artifact.path).items()}
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     _share_tied_embeddings(module)
     still_empty = [name for name, tensor in list(module.named_parameters()) + list(module.named_buffers())
                    if tensor.is_meta]
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if still_empty or unexpected:
-        raise UserError(f"{weights}: does not match its {transform['name']} layout (missing "
+        raise UserError(f"{artifact.path}: its weights do not match the {transform['name']} layout (missing "
                         f"{(still_empty or missing)[:3]}, unexpected {unexpected[:3]})")
     return module.eval()

@@ -123,6 +123,6 @@ def test_a_stored_file_missing_a_quantized_tensor_is_refused_and_asymmetric_is_n
     tensors = load_file(str(weights))
     del tensors["model.layers.0.mlp.up_proj.weight_scale"]
     save_file(tensors, str(weights))
-    with pytest.raises(UserError, match=r"does not match its int4-weight-only layout \(missing "
+    with pytest.raises(UserError, match=r"weights do not match the int4-weight-only layout \(missing "
                                         r"\['model.layers.0.mlp.up_proj.weight_scale'\]"):
         load_torch_model(TorchModel(quantized.path, TASK))

@@ -11,7 +11,6 @@ before and after, and the saved folder is reloaded with from_pretrained as a che
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 from typing import Literal, Optional
 
@@ -22,15 +21,17 @@ from ..checkpoint import copy_checkpoint_files, load_tokenizer, load_torch_model
 from ..data import CalibrationConfig, calibration_batches
 from ..errors import StageFailed, UserError
 from ..linear_layers import conv1d_to_linear, linear_to_conv1d
-from ..sparsity import PATTERNS, nm_mask
+from ..sparsity import PATTERNS, prune_magnitude, select_linears
 from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
+from .layerwise import choose_execution
 from .prune_calibrated import prune_with_calibration
+from .prune_layerwise import prune_layerwise
 from .prune_recover import RecoverConfig, distill
 from .prune_structured import check_reload, prune_structured, size_and_macs
 
 log = logging.getLogger(__name__)
 
-UNSTRUCTURED_ONLY = ("method", "sparsity", "pattern", "targets", "ignore", "block_size", "dampening")
+UNSTRUCTURED_ONLY = ("method", "sparsity", "pattern", "targets", "ignore", "block_size", "dampening", "execution")
 STRUCTURED_ONLY = ("heads", "channels", "importance", "round_to", "recover")
 
 
@@ -73,6 +74,10 @@ class PruneConfig(StageConfigBase):
     recover: Optional[RecoverConfig] = Field(
         None, description="structured: distil the pruned model towards the original on the calibration data "
                           "({steps, lr, temperature, weight_decay})")
+    execution: Literal["auto", "whole", "layerwise"] = Field(
+        "auto", description="unstructured, causal LMs: layerwise reads, prunes and writes one transformer block "
+                            "at a time (models larger than memory); auto chooses it when the float32 model "
+                            "would not fit; whole loads the model")
 
     @model_validator(mode="after")
     def _fields_match_kind(self) -> "PruneConfig":
@@ -134,6 +139,11 @@ class Prune(Stage):
         if config.kind == "structured":  # the unpruned model stays loaded: it teaches the recovery
             original = load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code)
             return self._run_structured(config, artifact, original, copy.deepcopy(original), ctx)
+        execution, why = choose_execution(artifact.path, artifact.task, config.execution, "prune")
+        ctx.details.update({"execution": execution, "execution_reason": why})
+        if execution == "layerwise":
+            out, names = prune_layerwise(config, artifact, ctx)
+            return self._finish(config, TorchModel(out, artifact.task), names, ctx)
         module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
         conv1d = conv1d_to_linear(module)  # GPT-2's Conv1D layers pruned as the nn.Linear they equal
         layers = select_linears(module, config.targets, config.ignore)
@@ -146,10 +156,11 @@ class Prune(Stage):
         out = ctx.workdir / "model"
         module.save_pretrained(out, safe_serialization=True)
         copy_checkpoint_files(artifact.path, out)  # tokenizer and the like; save_pretrained wrote config
-        result = TorchModel(out, artifact.task, module=module)
+        return self._finish(config, TorchModel(out, artifact.task, module=module), list(layers), ctx)
+
+    def _finish(self, config: PruneConfig, result: TorchModel, names: list[str], ctx: StageContext) -> TorchModel:
         ctx.details.update({"method": config.method, "pattern": config.pattern,
-                            "target_sparsity": round(config.target_sparsity, 4),
-                            **measured_sparsity(result, list(layers))})
+                            "target_sparsity": round(config.target_sparsity, 4), **measured_sparsity(result, names)})
         return result
 
 
@@ -176,42 +187,6 @@ class Prune(Stage):
         if config.calibration is not None:
             ctx.details["calibration_samples"] = config.calibration.samples
         return TorchModel(out, artifact.task, module=module)
-
-
-def select_linears(module, targets: list[str], ignore: list[str]) -> dict:
-    import torch
-
-    def matches(name, patterns):
-        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p)
-                   for p in patterns)
-
-    layers = {name: child for name, child in module.named_modules()
-              if isinstance(child, torch.nn.Linear) and matches(name, targets) and not matches(name, ignore)}
-    if not layers:
-        raise UserError(f"prune: no nn.Linear matches targets {targets} outside ignore {ignore}")
-    return layers
-
-
-def prune_magnitude(layers: dict, config: PruneConfig) -> None:
-    import torch
-
-    group = PATTERNS[config.pattern]
-    if config.scope == "global":
-        magnitudes = torch.cat([layer.weight.abs().flatten() for layer in layers.values()])
-        count = int(magnitudes.numel() * config.target_sparsity)
-        threshold = torch.kthvalue(magnitudes, count).values if count else -1.0
-        for layer in layers.values():
-            layer.weight[layer.weight.abs() <= threshold] = 0
-        return
-    for layer in layers.values():
-        scores = layer.weight.abs()
-        if group:
-            mask = nm_mask(scores, *group)
-        else:
-            count = int(scores.numel() * config.target_sparsity)
-            threshold = torch.kthvalue(scores.flatten(), count).values if count else -1.0
-            mask = scores <= threshold
-        layer.weight[mask] = 0
 
 
 def measured_sparsity(artifact: TorchModel, names: list[str]) -> dict:

@@ -19,9 +19,8 @@ from .sequential import LayerInputs, compress_sequentially
 log = logging.getLogger(__name__)
 
 
-def prune_with_calibration(module, layers: dict, config, artifact, ctx) -> None:
-    tokenizer = load_tokenizer(artifact.path)
-    feeds = calibration_batches(config.calibration, tokenizer)
+def calibrated_layer_pruner(config):
+    """(statistic the method needs, function pruning one layer from it) for Wanda or SparseGPT."""
     group = PATTERNS[config.pattern]
 
     def prune_layer(_name, layer, stats: LayerInputs) -> None:
@@ -30,7 +29,12 @@ def prune_with_calibration(module, layers: dict, config, artifact, ctx) -> None:
         else:
             _sparsegpt(layer, stats, config.target_sparsity, group, config.block_size, config.dampening)
 
-    kind = "norms" if config.method == "wanda" else "hessian"
+    return ("norms" if config.method == "wanda" else "hessian"), prune_layer
+
+
+def prune_with_calibration(module, layers: dict, config, artifact, ctx) -> None:
+    feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
+    kind, prune_layer = calibrated_layer_pruner(config)
     compress_sequentially(module, layers, feeds, artifact.task, kind, "prune", prune_layer)
     ctx.details["calibration_samples"] = config.calibration.samples
 

@@ -6,7 +6,7 @@ what it will see at inference. Memory stays near one block's activations per bat
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from ..data import torch_inputs
 from ..errors import UserError
@@ -96,9 +96,13 @@ class LayerInputs:
 
 
 def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, kind: str, stage: str,
-                          compress_layer: Callable[[str, object, LayerInputs], None], progress=None) -> int:
+                          compress_layer: Callable[[str, object, LayerInputs], None], progress=None,
+                          block_loaded: Optional[Callable[[int, object], None]] = None,
+                          block_done: Optional[Callable[[int, object], None]] = None) -> int:
     """Walk the blocks in order; `compress_layer(name, layer, inputs)` changes each targeted layer's
-    weight in place. Returns the number of blocks."""
+    weight in place. Returns the number of blocks. Layer by layer (layerwise.py), the blocks are empty
+    until `block_loaded(index, block)` reads their weights, and `block_done(index, block)` writes and
+    drops them once the next block's inputs are computed."""
     import torch
 
     prefix, blocks = find_blocks(module, layers, stage)
@@ -107,6 +111,8 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
         indices = range(len(blocks))
         for index in (progress.track(indices, len(blocks), f"{stage}: block by block") if progress else indices):
             block = blocks[index]
+            if block_loaded:
+                block_loaded(index, block)
             in_block = {name: layer for name, layer in layers.items() if name.startswith(f"{prefix}.{index}.")}
             stats = {name: LayerInputs(layer.in_features, kind) for name, layer in in_block.items()}
             added: dict[int, tuple] = {}  # id(input) -> (input, its statistics), within one call of the block
@@ -133,4 +139,6 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
                 compress_layer(name, layer, stats[name])
             # the next block sees this block's outputs with its weights compressed
             recorded = [with_hidden(args, kwargs, hidden_of(block(*args, **kwargs))) for args, kwargs in recorded]
+            if block_done:
+                block_done(index, block)
     return len(blocks)

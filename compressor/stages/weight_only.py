@@ -21,6 +21,7 @@ from ..onnx_graph import match_nodes
 from ..torch_transforms import INT8_WEIGHT_ONLY, int8_linear_class, per_channel_int8, swap_modules
 from .base import StageContext
 from .export_onnx import copy_tokenizer_files
+from .layerwise import LayerwiseModel, choose_execution, new_writer
 from .quantize_base import QuantizeConfigBase
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,16 @@ class Int8WeightOnlyConfig(QuantizeConfigBase):
     op_types: Optional[list[str]] = Field(
         None, description="ONNX only: operator types to quantize; MatMul is the only one this scheme rewrites, "
                           "so a list without it quantizes nothing; default: [MatMul]")
+    execution: Literal["auto", "whole", "layerwise"] = Field(
+        "auto", description="torch causal LMs: layerwise reads, quantizes and writes one transformer block at a "
+                            "time (models larger than memory); auto chooses it when the float32 model would not "
+                            "fit; whole loads the model")
 
     def problem(self, input_kind: ArtifactKind) -> Optional[str]:
         if input_kind == "torch" and self.op_types:
             return "op_types applies to ONNX models; for torch models int8-weight-only quantizes nn.Linear"
+        if input_kind == "onnx" and self.execution != "auto":
+            return "execution applies to torch models"
         return None
 
     def backends(self, input_kind: ArtifactKind) -> list[str]:
@@ -109,6 +116,10 @@ def weight_only_torch(config: Int8WeightOnlyConfig, artifact: TorchModel, ctx: S
     if artifact.transforms:
         raise UserError("quantize int8-weight-only: the model is already quantized "
                         f"({artifact.transforms[-1]['name']}); quantize once")
+    execution, why = choose_execution(artifact.path, artifact.task, config.execution, "quantize int8-weight-only")
+    ctx.details.update({"execution": execution, "execution_reason": why})
+    if execution == "layerwise":
+        return weight_only_layerwise(config, artifact, ctx)
     module = load_torch_model(artifact, allow_pickle=ctx.allow_pickle, trust_remote_code=ctx.trust_remote_code)
     module = copy.deepcopy(module)  # the baseline may share the loaded module; it keeps its float weights
     conv1d_to_linear(module)  # GPT-2's Conv1D layers are quantized as the nn.Linear they equal
@@ -129,3 +140,40 @@ def weight_only_torch(config: Int8WeightOnlyConfig, artifact: TorchModel, ctx: S
     ctx.details.update({"backend": "torch", "quantized_linear_layers": len(names),
                         "size_mb_before": round(artifact.size_mb(), 3), "size_mb_after": round(result.size_mb(), 3)})
     return result
+
+
+def weight_only_layerwise(config: Int8WeightOnlyConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
+    """The same int8 layers, one transformer block at a time (layerwise.py): read, quantize, write, drop."""
+    import torch
+
+    model = LayerwiseModel(artifact.path, artifact.task, ctx.trust_remote_code)
+    names = [name for name, child in model.module.named_modules() if isinstance(child, torch.nn.Linear)
+             and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)]
+    if not names:
+        raise UserError("quantize int8-weight-only: no nn.Linear left to quantize after `exclude`")
+    linear = int8_linear_class()
+    out = ctx.workdir / "model"
+    # int8 codes in place of 2- or 4-byte floats, plus a float32 scale per output channel
+    writer = new_writer(out, model.checkpoint.nbytes() // model.storage_dtype.itemsize, "quantize int8-weight-only")
+    with torch.no_grad():
+        _quantize_blocks(model, names, linear, writer, ctx)
+    writer.finish()
+    copy_checkpoint_files(artifact.path, out)
+    transform = {"name": INT8_WEIGHT_ONLY, "layers": names, "stored": True}
+    (out / TRANSFORMS_FILE).write_text(json.dumps({"transforms": [transform]}, indent=2))
+    result = TorchModel(out, artifact.task, transforms=[transform])
+    ctx.details.update({"backend": "torch", "quantized_linear_layers": len(names),
+                        "size_mb_before": round(artifact.size_mb(), 3), "size_mb_after": round(result.size_mb(), 3)})
+    return result
+
+
+def _quantize_blocks(model: LayerwiseModel, names: list[str], linear, writer, ctx: StageContext) -> None:
+    for index in ctx.progress.track(range(len(model.blocks)), len(model.blocks), "int8 weight-only: block by block"):
+        prefix = model.block_prefix(index)
+        model.load_block(index)
+        swap_modules(model.module, [n for n in names if n.startswith(prefix)], linear.from_linear)
+        model.write(prefix, writer)
+        model.drop(model.blocks[index])
+    model.load_outside()
+    swap_modules(model.module, [n for n in names if not n.startswith(model.prefix + ".")], linear.from_linear)
+    model.write("", writer, outside=True)
