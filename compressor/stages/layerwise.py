@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 # The whole-model path holds the float32 model, a copy of it for the baseline, and activations.
 WHOLE_MODEL_FACTOR = 3.0
 SHARD_BYTES = 512 * 1024 ** 2  # small shards: the writer holds one shard in memory before saving it
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -70,20 +69,20 @@ def _numel(shape) -> int:
 
 
 def return_freed_memory() -> None:
-    """Have glibc give every allocation of 128 kB or more its own mapping, returned to the system when freed.
-    By default glibc raises that threshold after the first large free (up to 32 MB), so the block-sized
-    tensors read, converted and written here come from the heap and fragment it: peak memory then grew
-    with depth (3.0 GB against 2.4 GB for int8 of a 32-block, 2048-wide model; docs/BENCHMARKS.md)."""
+    """Hand the heap's free pages back to the system (glibc's malloc_trim) after each block. Block-sized
+    tensors read, converted and written here otherwise fragment the heap, and peak memory grew with depth
+    (3.0 GB against 2.4 GB for int8 of a 32-block, 2048-wide model; docs/BENCHMARKS.md). Trimming changes
+    no allocator setting, so what runs after the stage in the same process is unaffected."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except OSError:  # not glibc: nothing to tune
-        pass
+    except OSError:
+        return
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
 
 
 class LayerwiseModel:
@@ -94,7 +93,6 @@ class LayerwiseModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig
 
-        return_freed_memory()
         self.folder = Path(folder)
         self.checkpoint = ShardedCheckpoint(self.folder)
         self.storage_dtype = getattr(torch, TORCH_DTYPES.get(self.checkpoint.float_dtype(), "float32"))
@@ -163,6 +161,7 @@ class LayerwiseModel:
     def drop(self, module) -> None:
         """Release a part's tensors (back to the meta device)."""
         module.to("meta")
+        return_freed_memory()
 
 
 def _decoder_blocks(module):
