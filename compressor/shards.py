@@ -11,7 +11,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from .errors import UserError
 
@@ -166,8 +166,3 @@ def read_state(folder: Path) -> dict:
     """Every tensor of a folder's safetensors (one file or shards) as one state dict."""
     checkpoint = ShardedCheckpoint(folder)
     return {name: checkpoint.tensor(name) for name in checkpoint.names()}
-
-
-def iter_tensors(checkpoint: ShardedCheckpoint, names: list[str]) -> Iterator[tuple[str, object]]:
-    for name in names:
-        yield name, checkpoint.tensor(name)

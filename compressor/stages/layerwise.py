@@ -13,6 +13,7 @@ the memory available (`choose_execution`)."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from ..checkpoint import model_class
@@ -53,19 +54,12 @@ def choose_execution(folder: Path, task: str, requested: str, stage: str) -> tup
     if not any(Path(folder).glob("*.safetensors")):
         return "whole", "layer by layer reads safetensors shards; this checkpoint has none"
     checkpoint = ShardedCheckpoint(folder)
-    params = sum(_numel(checkpoint.info(name)["shape"]) for name in checkpoint.names())
+    params = sum(math.prod(checkpoint.info(name)["shape"]) for name in checkpoint.names())
     need, available = params * 4 * WHOLE_MODEL_FACTOR, memory_available()
     if available and need > available:
         return "layerwise", (f"float32 weights x {WHOLE_MODEL_FACTOR:g} = {need / 1e9:.1f} GB, more than the "
                              f"{available / 1e9:.1f} GB available")
     return "whole", f"float32 weights x {WHOLE_MODEL_FACTOR:g} = {need / 1e9:.1f} GB fit in memory"
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def return_freed_memory() -> None:

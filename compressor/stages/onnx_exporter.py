@@ -27,7 +27,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..checkpoint import cache_keyword, inspect_checkpoint, model_class, returned_cache
+from ..checkpoint import cache_keyword, copy_checkpoint_files, inspect_checkpoint, model_class, returned_cache
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ MAIN_OUTPUT = {"text-classification": "logits", "feature-extraction": "last_hidd
 EXTERNAL_DATA_BYTES = 1_800_000_000
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes opset 18 or later whatever is asked
 SAMPLE_BATCH, SAMPLE_LENGTH, SAMPLE_PAST = 2, 8, 5
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
 
 
 def export_checkpoint(checkpoint: Path, task: str, out_dir: Path, *, exporter: str, opset: int, with_past: bool,
@@ -81,9 +80,7 @@ def export_checkpoint(checkpoint: Path, task: str, out_dir: Path, *, exporter: s
                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     _finish(traced, out_dir / "model.onnx", exporter, big, {name: _output_axes(task, name) for name in output_names})
     shutil.rmtree(scratch)
-    for item in checkpoint.iterdir():  # config, tokenizer, generation config: not the weights
-        if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and not item.name.endswith(".index.json"):
-            shutil.copy2(item, out_dir / item.name)
+    copy_checkpoint_files(checkpoint, out_dir)  # config, tokenizer, generation config: not the weights
     return {"exporter": exporter, "opset": opset_used, "inputs": input_names, "outputs": output_names}
 
 
