@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .artifacts import TorchModel
 from .errors import BackendMissing, UserError
+from .fit import evaluation_dtype
 from .shards import INDEX_FILE, ShardedCheckpoint
 from .torch_transforms import CAST, apply_torch_transform, load_weight_only_torch
 
@@ -140,7 +141,10 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
     use_safetensors = any(artifact.path.glob("*.safetensors"))
     # A cast model loads in its own dtype: upcasting to float32 first would cost the memory it saves.
     cast = [t for t in transforms if t.get("name") == CAST]
-    dtype = getattr(torch, cast[-1]["dtype"]) if cast and len(cast) == len(transforms) else torch.float32
+    if cast and len(cast) == len(transforms):
+        dtype = getattr(torch, cast[-1]["dtype"])
+    else:  # float32, unless a half-precision checkpoint would not fit in memory so (fit.py)
+        dtype = getattr(torch, evaluation_dtype(artifact.path)[0] or "float32")
     try:
         module = model_class(artifact.task).from_pretrained(
             artifact.path, dtype=dtype, use_safetensors=use_safetensors,

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from . import distributed
 from . import fixtures as fx
 from .cache import cache_root, clear, entries, stale_temporaries
 from .compare import compare as run_compare
@@ -27,7 +28,7 @@ from .data import card_names, load_card
 from .doctor import checks
 from .errors import BackendMissing, CompressError, UserError
 from .fixtures import NAMES as FIXTURE_NAMES
-from .pipeline import RunOptions
+from .pipeline import RunOptions, calibrate_as_worker, prepare
 from .pipeline import run as run_pipeline
 from .planning import plan
 from .recipe import load_recipe
@@ -208,10 +209,13 @@ def device_options(device: str, torch_dtype: str | None, ort_provider: str) -> d
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the stage cache.")
 @click.option("--no-memory", is_flag=True, help="Skip measuring each side's peak memory (a child process each).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes that split the calibration batches of wanda, sparsegpt and gptq stages "
+                   "(torch.distributed, gloo); process 0 evaluates and writes the run folder.")
 @handle_errors
 def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: str | None, ort_provider: str,
         allow_pickle: bool, trust_remote_code: bool, keep_intermediate: bool, against: Path | None, resume: bool,
-        no_cache: bool, no_memory: bool, as_json: bool) -> None:
+        no_cache: bool, no_memory: bool, as_json: bool, nproc: int) -> None:
     """Run RECIPE on a checkpoint; exit 0 if the gate passes, 1 if it fails."""
     devices = device_options(device, torch_dtype, ort_provider)
     parsed = load_recipe(recipe)
@@ -220,7 +224,30 @@ def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: st
     options = RunOptions(out=out or Path("runs") / parsed.name, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate, against=against,
                          cache=not no_cache, resume=resume, measure_memory=False if no_memory else None, **devices)
-    result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))
+    launched = distributed.requested_size() > 1  # by torchrun, or by process 0 below
+    if launched and nproc > 1 and nproc != distributed.requested_size():
+        raise click.UsageError(f"--nproc {nproc} differs from the {distributed.requested_size()} processes "
+                               "the environment (WORLD_SIZE) describes; give one of them")
+    if launched and distributed.requested_rank() > 0:
+        distributed.start()
+        calibrate_as_worker(parsed, model, options)
+        distributed.stop()
+        sys.exit(EXIT_PASS)
+    workers = None
+    if nproc > 1 and not launched:
+        os.environ["WORLD_SIZE"] = str(nproc)
+        prepare([parsed], model, options)  # the recipe's and checkpoint's errors, before any process starts
+        workers = distributed.Workers(nproc, _worker_failed)
+        workers.start()
+    succeeded = False
+    try:
+        distributed.start()
+        result = run_pipeline(parsed, model, options, RichProgress(enabled=not as_json))
+        succeeded = True
+    finally:
+        if workers is not None:
+            workers.finish(succeeded)
+        distributed.stop()
     if as_json:
         click.echo(json.dumps(result.json, indent=2))
     else:
@@ -231,6 +258,15 @@ def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: st
         verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
         stdout.print(f"verdict: {verdict}   run folder: {result.out}")
     sys.exit(EXIT_PASS if result.passed else EXIT_FAIL)
+
+
+def _worker_failed(worker: int, code: int, log_tail: str) -> None:
+    """A calibration process failed: show why and end the run (process 0 cannot go on without it)."""
+    how = f"was killed by signal {-code}" if code < 0 else f"stopped with exit code {code}"
+    console.print(f"[bold red]error:[/] calibration process {worker} of `--nproc` {how}; its last output:",
+                  highlight=False, soft_wrap=True)
+    console.print(log_tail, highlight=False, markup=False, soft_wrap=True)
+    os._exit(code if code in (2, 3) else EXIT_INTERNAL)
 
 
 def compare_table(summary: dict) -> Table:

@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from . import cache, memory
+from . import cache, distributed, memory
 from . import report as reporting
-from .artifacts import Artifact, TorchModel, artifact_spec
+from .artifacts import Artifact, OnnxModel, TorchModel, artifact_spec
 from .bench import OtherLoad, benchmark_feed, measure
 from .checkpoint import class_names, inspect_checkpoint, load_tokenizer
 from .data import load_samples
 from .errors import UserError
 from .evaluate import PER_CLASS_METRIC, Evaluation, evaluate, first_batch
+from .fit import evaluation_dtype
 from .generation import prompt_ids, time_generation
 from .gate import (check_evaluation, check_goals, check_regression, load_previous, machine_differences,
                    machine_facts_known, speedup_thresholds)
 from .machine import has_int8_dot_product
+from .onnx_graph import tidy_external_data
 from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
 from .progress import Progress, Silent
 from .recipe import Recipe
@@ -104,10 +107,14 @@ def run_stages(recipe: Recipe, steps: list[PlannedStage], source: TorchModel, wo
             progress.phase(f"{recipe.name}: stage {step.index + 1}/{len(steps)}: {step.config.type}")
             started = time.perf_counter()
             artifact = step.stage.run(step.config, artifact, ctx)
+            if isinstance(artifact, OnnxModel):
+                ctx.notes += tidy_external_data(artifact.path)
             seconds = time.perf_counter() - started
             log.info("stage %s done in %.1fs", step.config.type, seconds)
             record = {"type": step.config.type, "seconds": round(seconds, 3), "cached": False,
                       "output": artifact.kind, **ctx.details, **({"notes": ctx.notes} if ctx.notes else {})}
+            if distributed.active() and step.stage.splits_calibration(step.config, step.input_kind):
+                record["calibration_processes"] = distributed.size()
             if options.cache:
                 stored = cache.store(key, artifact, ctx.workdir, record,
                                      {"recipe": recipe.name, "stage_index": step.index, "stage": step.config.type,
@@ -158,6 +165,8 @@ class Prepared:
 
 def prepare(recipes: list[Recipe], model: str | Path, options: RunOptions) -> Prepared:
     plans = [plan(recipe) for recipe in recipes]
+    if distributed.requested_size() > 1:
+        _check_split_calibration(recipes, plans, options)
     for steps in plans:
         check_device(options.device, options.ort_provider, steps)
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
@@ -177,6 +186,36 @@ def prepare(recipes: list[Recipe], model: str | Path, options: RunOptions) -> Pr
                             "and/or max_accuracy_drop) to say what counts as a regression")
         previous = load_previous(options.against, recipes[0].task)
     return Prepared(recipes, plans, checkpoint, previous, options)
+
+
+def last_splitting_stage(steps: list[PlannedStage]) -> Optional[int]:
+    """The index of the last stage whose calibration is split across processes, or None."""
+    found = [step.index for step in steps if step.stage.splits_calibration(step.config, step.input_kind)]
+    return found[-1] if found else None
+
+
+def _check_split_calibration(recipes: list[Recipe], plans: list[list[PlannedStage]], options: RunOptions) -> None:
+    processes = distributed.requested_size()
+    if len(recipes) != 1:
+        raise UserError(f"{processes} processes split one recipe's calibration; run the recipes one at a time")
+    if last_splitting_stage(plans[0]) is None:
+        raise UserError(f"{recipes[0].where('stages')}: {processes} processes were asked for, but no stage of this "
+                        "recipe splits its calibration across processes (prune wanda / sparsegpt and quantize "
+                        "int4-weight-only gptq on a torch model do)")
+    if options.resume:
+        raise UserError("--resume restores stages in one process while the others would calibrate; run the "
+                        "processes without --resume")
+
+
+def calibrate_as_worker(recipe: Recipe, model: str | Path, options: RunOptions) -> None:
+    """A process other than 0 (distributed.py): run the stages up to the last one that splits calibration,
+    taking this process's share of every such stage's batches, in a scratch folder; nothing is kept."""
+    prepared = prepare([recipe], model, replace(options, cache=False, resume=False, against=None))
+    steps = prepared.plans[0]
+    last = last_splitting_stage(steps)
+    source = TorchModel(prepared.checkpoint, recipe.task)
+    with tempfile.TemporaryDirectory(prefix="compress-worker-") as scratch:
+        run_stages(recipe, steps[:last + 1], source, Path(scratch), replace(options, cache=False, resume=False))
 
 
 @dataclass
@@ -299,6 +338,7 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                              size_mb=round(baseline.size_mb, 3), backend=baseline.runner.backend,
                              memory=peaks.get(BASELINE_SIDE), generation=generation.get(baseline.runner.name))
     outcomes, checkpoint_digest = [], None
+    held_in = evaluation_dtype(prepared.checkpoint)[1]  # why the sides ran in half precision, if they did
     for recipe, runner, final, evaluation, stage_records, folder in zip(recipes, runners, finals, evaluations,
                                                                          records, folders):
         final_folder = out / recipe.name if nested else out
@@ -317,7 +357,7 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                                         [StageRecord(**r) for r in stage_records], evaluated=base_eval.samples,
                                         data_source=samples.source, env=env, other_cpu_share=load.share,
                                         remeasured_seconds=remeasured, benchmark=bench)
-        report.notes += _machine_notes(recipe, runner, env)
+        report.notes += _machine_notes(recipe, runner, env) + ([held_in] if held_in else [])
         regression = recipe.goals.regression
         if prepared.previous is not None:
             known = machine_facts_known(prepared.previous.environment)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from compressor import fit
 from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_torch_model
 from compressor.errors import UserError
@@ -15,6 +16,7 @@ from compressor.stages import layerwise
 from compressor.stages.prune import PruneConfig
 from compressor.stages.weight_only import Int8WeightOnlyConfig
 
+from .conftest import TINY_EVALUATION, write_recipe
 from .test_stages import run_stage
 
 TASK = "text-generation"
@@ -92,7 +94,7 @@ def test_layerwise_int8_weight_only_equals_the_whole_model(sharded_llama, tmp_pa
 def test_auto_streams_only_when_the_model_would_not_fit(sharded_llama, monkeypatch):
     mode, why = layerwise.choose_execution(sharded_llama, TASK, "auto", "prune")
     assert mode == "whole" and "fit in memory" in why
-    monkeypatch.setattr(layerwise, "memory_available", lambda: 1000)
+    monkeypatch.setattr(fit, "memory_available", lambda: 1000)
     mode, why = layerwise.choose_execution(sharded_llama, TASK, "auto", "prune")
     assert mode == "layerwise" and "more than the 0.0 GB available" in why
     assert layerwise.choose_execution(sharded_llama, "text-classification", "auto", "prune")[0] == "whole"
@@ -156,3 +158,37 @@ def test_a_result_the_disk_cannot_hold_is_refused_before_any_work(sharded_llama,
     with pytest.raises(UserError, match=r"the result needs about 0.0 GB and .* has 0.0 GB free"):
         prune(sharded_llama, tmp_path / "full", method="magnitude", execution="layerwise")
     assert not list((tmp_path / "full").rglob("*.safetensors"))
+
+
+HALF_RECIPE = """
+name: half-{name}
+task: text-generation
+stages:
+  - type: prune
+    method: magnitude
+    sparsity: 0.3
+""" + TINY_EVALUATION + """
+goals:
+  accuracy:
+    - {{metric: perplexity, max_drop_pct: 50}}
+    - {{metric: top1_agreement, min: 0.1}}
+"""
+
+
+def test_evaluation_keeps_bfloat16_when_float32_would_not_fit(sharded_llama, text_file, tmp_path, monkeypatch):
+    from compressor.fit import evaluation_dtype
+    from compressor.pipeline import RunOptions, run
+    from compressor.recipe import load_recipe
+
+    half = sharded_copy(sharded_llama, tmp_path / "half", dtype=torch.bfloat16)
+    assert evaluation_dtype(half) == (None, "")  # fits as float32 on any machine
+    monkeypatch.setattr(fit, "memory_available", lambda: 100_000)  # as if the tiny model were 7B on 24 GB
+    assert evaluation_dtype(half)[0] == "bfloat16"
+    assert evaluation_dtype(sharded_llama) == (None, "")  # stored float32: nothing to keep
+    recipe = load_recipe(write_recipe(tmp_path, HALF_RECIPE.format(name="bf16", data=text_file)))
+    result = run(recipe, half, RunOptions(out=tmp_path / "out", cache=False))
+    report = result.report
+    assert report.baseline.backend == report.result.backend == "torch-cpu-bfloat16"
+    assert any("evaluated in bfloat16, as stored" in note for note in report.notes)
+    assert report.stages[0].details()["execution"] == "layerwise"
+    assert load_torch_model(TorchModel(tmp_path / "out" / "model", TASK)).dtype == torch.bfloat16

@@ -10,6 +10,7 @@ import pytest
 
 from compressor.artifacts import TorchModel
 from compressor.generation import OrtGenerator, TorchGenerator
+from compressor.onnx_graph import tidy_external_data
 from compressor.runners import OrtRunner, make_runner
 from compressor.stages.export_onnx import ExportOnnxConfig
 from compressor.stages.onnx_exporter import exporter_of
@@ -98,3 +99,12 @@ def test_weights_above_the_limit_go_to_an_external_file(tiny_classifier, tmp_pat
     data = model.folder / "model.onnx.data"
     assert data.is_file() and data.stat().st_size > model.path.stat().st_size
     assert data in model.files() and details["max_abs_diff"] <= 1e-4
+    assert data.stat().st_mode & 0o777 == model.path.stat().st_mode & 0o777  # not onnx's owner-only 0600
+    # bytes nothing references (ONNX Runtime's quantizer leaves them: onnx_graph.tidy_external_data) are cut
+    size = data.stat().st_size
+    with open(data, "ab") as handle:
+        handle.write(b"\0" * 4096)
+    assert tidy_external_data(model.path) and data.stat().st_size == size
+    assert tidy_external_data(model.path) == []
+    import onnxruntime as ort
+    ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])  # still whole after the cut

@@ -91,6 +91,11 @@ class Stage:
         engine is built for); part of its stage-cache key."""
         return {}
 
+    def splits_calibration(self, config: Any, input_kind: ArtifactKind) -> bool:
+        """Whether this config's calibration walks the blocks with sequential.compress_sequentially, whose
+        batches can be split across processes (`compress run --nproc N`, distributed.py)."""
+        return False
+
     def backends(self, config: Any, input_kind: ArtifactKind) -> list[str]:
         """Python modules this stage imports when it runs, checked by plan() before heavy work."""
         return []

@@ -19,6 +19,7 @@ import fnmatch
 import json
 import logging
 
+from .. import distributed
 from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer, module_to_change
 from ..data import calibration_batches
@@ -79,6 +80,10 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
             feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
             compress_sequentially(module, layers, feeds, artifact.task, "hessian", "quantize int4 gptq",
                                   quantize_layer, ctx.progress)
+            if not distributed.leads():
+                # Only process 0 quantizes (it holds the codes); the others stop here (pipeline.py): no stage
+                # after quantize splits calibration, so nothing reads this process's result.
+                return artifact
             ctx.details["calibration_samples"] = config.calibration.samples
         elif config.algorithm == "awq":
             feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))

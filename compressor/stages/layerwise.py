@@ -13,9 +13,9 @@ the memory available (`choose_execution`)."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
+from .. import fit
 from ..checkpoint import model_class
 from ..errors import UserError
 from ..linear_layers import is_conv1d
@@ -27,17 +27,6 @@ log = logging.getLogger(__name__)
 WHOLE_MODEL_FACTOR = 3.0
 SHARD_BYTES = 512 * 1024 ** 2  # small shards: the writer holds one shard in memory before saving it
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def memory_available() -> int:
-    """Bytes the kernel reports available (MemAvailable), or 0 where /proc/meminfo is missing."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def choose_execution(folder: Path, task: str, requested: str, stage: str) -> tuple[str, str]:
@@ -54,8 +43,7 @@ def choose_execution(folder: Path, task: str, requested: str, stage: str) -> tup
     if not any(Path(folder).glob("*.safetensors")):
         return "whole", "layer by layer reads safetensors shards; this checkpoint has none"
     checkpoint = ShardedCheckpoint(folder)
-    params = sum(math.prod(checkpoint.info(name)["shape"]) for name in checkpoint.names())
-    need, available = params * 4 * WHOLE_MODEL_FACTOR, memory_available()
+    need, available = fit.parameter_count(checkpoint) * 4 * WHOLE_MODEL_FACTOR, fit.memory_available()
     if available and need > available:
         return "layerwise", (f"float32 weights x {WHOLE_MODEL_FACTOR:g} = {need / 1e9:.1f} GB, more than the "
                              f"{available / 1e9:.1f} GB available")

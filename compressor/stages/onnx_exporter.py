@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..checkpoint import cache_keyword, copy_checkpoint_files, inspect_checkpoint, model_class, returned_cache
 from ..errors import UserError
+from ..onnx_graph import tidy_external_data
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ def _finish(traced: Path, path: Path, exporter: str, big: bool, output_axes: dic
     entry = model.metadata_props.add()
     entry.key, entry.value = EXPORTER_KEY, exporter
     onnx.save_model(model, str(path), save_as_external_data=big, location=path.name + ".data")
+    if big:
+        tidy_external_data(path)
 
 
 def _share_tied_output_head(model) -> None:

@@ -16,6 +16,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
+from .. import distributed
 from ..artifacts import TorchModel
 from ..checkpoint import copy_checkpoint_files, load_tokenizer, load_torch_model, module_to_change
 from ..data import CalibrationConfig, calibration_batches
@@ -126,6 +127,9 @@ class Prune(Stage):
     def check_order(self, config, earlier):
         return refuse_after_quantize(earlier, "prune scores and zeroes")
 
+    def splits_calibration(self, config: PruneConfig, input_kind):
+        return config.kind == "unstructured" and config.method in ("wanda", "sparsegpt")
+
     def backends(self, config, input_kind):
         return ["torch"]
 
@@ -153,6 +157,10 @@ class Prune(Stage):
             else:
                 prune_with_calibration(module, layers, config, artifact, ctx)
         linear_to_conv1d(module, conv1d)  # saved in the layout the model's class loads
+        if not distributed.leads():
+            # A process helping process 0 calibrate (distributed.py) keeps the pruned module for a later
+            # splitting stage; its files would be discarded (and transformers writes on process 0 only).
+            return TorchModel(artifact.path, artifact.task, module=module)
         out = ctx.workdir / "model"
         module.save_pretrained(out, safe_serialization=True)
         copy_checkpoint_files(artifact.path, out)  # tokenizer and the like; save_pretrained wrote config

@@ -86,6 +86,9 @@ class Quantize(Stage):
     def unavailable(self, config: QuantizeConfigBase, input_kind):
         return config.unavailable()
 
+    def splits_calibration(self, config: QuantizeConfigBase, input_kind):
+        return input_kind == "torch" and config.scheme == "int4-weight-only" and config.algorithm == "gptq"
+
     def run(self, config: QuantizeConfigBase, artifact, ctx: StageContext):
         return RUNS[type(config)](config, artifact, ctx)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from .. import distributed
 from ..data import torch_inputs
 from ..errors import UserError
 
@@ -102,12 +103,15 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
     """Walk the blocks in order; `compress_layer(name, layer, inputs)` changes each targeted layer's
     weight in place. Returns the number of blocks. Layer by layer (layerwise.py), the blocks are empty
     until `block_loaded(index, block)` reads their weights, and `block_done(index, block)` writes and
-    drops them once the next block's inputs are computed."""
+    drops them once the next block's inputs are computed.
+
+    Across processes (distributed.py), each records its share of the batches, the statistics are
+    summed over all, and `compress_layer` runs on process 0 alone, which sends the weights to the others."""
     import torch
 
     prefix, blocks = find_blocks(module, layers, stage)
     with torch.no_grad():
-        recorded = block_inputs(module, blocks, feeds, task)
+        recorded = block_inputs(module, blocks, distributed.share(feeds), task)
         indices = range(len(blocks))
         for index in (progress.track(indices, len(blocks), f"{stage}: block by block") if progress else indices):
             block = blocks[index]
@@ -135,8 +139,11 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
             finally:
                 for handle in handles:
                     handle.remove()
+            distributed.sum_statistics(stats.values())
             for name, layer in in_block.items():
-                compress_layer(name, layer, stats[name])
+                if distributed.leads():
+                    compress_layer(name, layer, stats[name])
+                distributed.broadcast_weights(layer)
             # the next block sees this block's outputs with its weights compressed
             recorded = [with_hidden(args, kwargs, hidden_of(block(*args, **kwargs))) for args, kwargs in recorded]
             if block_done:
