@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-recipes setup fixtures peer-llm peer-optimum clean
+.PHONY: demo test test-fast test-recipes setup fixtures peer-llm peer-optimum gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,12 @@ $(PEER_OPTIMUM)/.installed:
 	touch $@
 
 peer-optimum: $(PEER_OPTIMUM)/.installed
+
+# The wheels the lent GPU machine lacks (it has no network), for benchmarks/gpu_check.sh: compress's pins but
+# torch, for CPython 3.12, into gpu-wheels/ (ignored; carried along with the tree, 64 MiB together).
+# docs/SERVING.md gives the device call.
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_wheels.py --out gpu-wheels
 
 clean:
 	rm -rf $(VENV) $(PEER_LLM) $(PEER_OPTIMUM) runs .pytest_cache

@@ -1,4 +1,5 @@
-"""The typed things that flow between stages: a torch (Hugging Face) model or an ONNX model."""
+"""The typed things that flow between stages: a torch (Hugging Face) model, an ONNX model, a TensorRT engine
+or an AOTInductor package."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
-ArtifactKind = Literal["torch", "onnx", "engine"]
+ArtifactKind = Literal["torch", "onnx", "engine", "aoti"]
 
 
 def sha256_file(path: Path) -> str:
@@ -105,11 +106,10 @@ class OnnxModel:
 
 
 @dataclass
-class EngineModel:
-    """A serialized TensorRT engine (`model.engine`), the metadata it was built with
-    (`model.engine.json`) and the tokenizer and config files beside them."""
+class _CompiledModel:
+    """A single compiled file with a `<name>.json` of what it was built with beside it, and the tokenizer
+    and config files in the same folder."""
 
-    kind: ClassVar[ArtifactKind] = "engine"
     path: Path
     task: str
 
@@ -131,7 +131,23 @@ class EngineModel:
         return files_size_mb([self.path])
 
 
-Artifact = TorchModel | OnnxModel | EngineModel
+@dataclass
+class EngineModel(_CompiledModel):
+    """A serialized TensorRT engine (`model.engine`) and the metadata it was built with (`model.engine.json`)."""
+
+    kind: ClassVar[ArtifactKind] = "engine"
+
+
+@dataclass
+class AotiModel(_CompiledModel):
+    """An AOTInductor package (`model.pt2`: compiled kernels and weights, loaded by torch without the
+    model's Python code) and the metadata it was compiled with (`model.pt2.json`: device, dtype, inputs,
+    torch version)."""
+
+    kind: ClassVar[ArtifactKind] = "aoti"
+
+
+Artifact = TorchModel | OnnxModel | EngineModel | AotiModel
 
 
 def artifact_spec(artifact: Artifact) -> dict:
@@ -151,4 +167,6 @@ def artifact_from_spec(spec: dict) -> Artifact:
         return OnnxModel(path, spec["task"], with_past=spec.get("with_past", False))
     if spec["kind"] == "engine":
         return EngineModel(path, spec["task"])
+    if spec["kind"] == "aoti":
+        return AotiModel(path, spec["task"])
     return TorchModel(path, spec["task"], transforms=spec.get("transforms", []))

@@ -1,6 +1,6 @@
 """`compress doctor`: what this machine can run (torch CUDA, ONNX Runtime providers, TensorRT,
-bitsandbytes, the GPU), with the reason for every missing piece. The same checks stop `--device cuda`
-runs and GPU stages with exit 3 before any heavy work."""
+bitsandbytes, AOTInductor, 2:4 sparse kernels, the GPU), with the reason for every missing piece. The same
+checks stop `--device cuda` runs and GPU stages with exit 3 before any heavy work."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from importlib import metadata
 from typing import Optional
 
 from . import engine
+from .aoti import aoti_problem, cxx_compiler
+from .cuda import cuda_problem
+from .sparse_kernels import sparse_kernels_problem
 from .stages.bnb_4bit import bnb_unavailable
 
 
@@ -25,20 +28,6 @@ def _version(package: str) -> Optional[str]:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def cuda_problem() -> Optional[str]:
-    """Why torch cannot use a CUDA GPU here, or None."""
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if torch.version.cuda is None:
-        return (f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch on a machine with an "
-                "NVIDIA GPU")
-    if not torch.cuda.is_available():
-        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: no NVIDIA driver or device"
-    return None
 
 
 def ort_provider_problem(provider: str) -> Optional[str]:
@@ -107,5 +96,27 @@ def _bitsandbytes() -> Check:
     return Check("bitsandbytes", problem is None, f"{version}, {backend} backend", problem or "")
 
 
+def _aoti() -> list[Check]:
+    """AOTInductor packages (export_aoti) for each device."""
+    found = []
+    for device in ("cpu", "cuda"):
+        problem, triton = aoti_problem(device), _version("triton")
+        detail = f"C++ compiler {cxx_compiler() or 'none'}"
+        if device == "cuda" and triton:
+            detail += f", triton {triton}"
+        found.append(Check(f"AOTInductor {device}", problem is None, detail, problem or ""))
+    return found
+
+
+def _sparse_kernels() -> Check:
+    problem = sparse_kernels_problem()
+    if problem:
+        return Check("2:4 sparse kernels", False, "none", problem)
+    import torch
+
+    cusparselt = "cuSPARSELt and CUTLASS" if torch.backends.cusparselt.is_available() else "CUTLASS"
+    return Check("2:4 sparse kernels", True, f"{cusparselt}; float16 / bfloat16")
+
+
 def checks() -> list[Check]:
-    return [_gpu(), _torch(), *_onnxruntime(), _tensorrt(), _bitsandbytes()]
+    return [_gpu(), _torch(), *_onnxruntime(), _tensorrt(), _bitsandbytes(), *_aoti(), _sparse_kernels()]

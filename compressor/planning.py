@@ -87,9 +87,10 @@ def _check_generation(recipe: Recipe, planned: list[PlannedStage]) -> None:
         return
     final = planned[-1].output_kind
     exports = [step for step in planned if step.config.type == "export_onnx"]
-    if final == "engine":
+    if final in ("engine", "aoti"):
+        built = "a TensorRT engine" if final == "engine" else "an AOTInductor package (logits without a KV cache)"
         raise UserError(f"{recipe.where('benchmark', 'generate')}: benchmark.generate times torch and ONNX Runtime "
-                        "models; this recipe builds a TensorRT engine")
+                        f"models; this recipe builds {built}")
     if final == "onnx" and exports and not exports[-1].config.with_past:
         step = exports[-1]
         raise UserError(f"{recipe.where('stages', step.index)}: stages[{step.index}] (export_onnx): benchmark.generate "
@@ -111,6 +112,7 @@ def check_device(device: str, ort_provider: str, steps: list[PlannedStage]) -> N
     """Stop with exit 3 before any stage runs when --device cuda cannot be honoured here, and with exit
     2 when the result is an engine that would have to run on the CPU."""
     final = steps[-1].output_kind if steps else "torch"
+    _check_result_device(device, steps)
     if device != "cuda":
         if final == "engine":
             raise UserError("the recipe builds a TensorRT engine, which runs on a GPU only; run with --device cuda")
@@ -122,6 +124,19 @@ def check_device(device: str, ort_provider: str, steps: list[PlannedStage]) -> N
         problem = ort_provider_problem(ort_provider)
         if problem:
             raise BackendMissing(f"--device cuda: {problem}")
+
+
+def _check_result_device(device: str, steps: list[PlannedStage]) -> None:
+    """A result that runs on one device only must be timed on the device the baseline runs on: an
+    AOTInductor package on the one it was compiled for, 2:4 sparse kernels on CUDA."""
+    for step in steps:
+        config = getattr(step, "config", None)
+        kind = getattr(config, "type", None)
+        wanted = {"export_aoti": getattr(config, "device", None), "sparsify": "cuda"}.get(kind)
+        if wanted and wanted != device:
+            raise UserError(f"stages[{step.index}] ({kind}) makes a result that runs on {wanted}, but "
+                            f"the run is on {device} (baseline and result are timed on one device); run with "
+                            f"--device {wanted}")
 
 
 def check_calibration_sources(recipe: Recipe) -> None:

@@ -15,11 +15,13 @@ from .stages import REGISTRY
 from .stages.build_engine import BuildEngineConfig
 from .stages.cast import CastConfig
 from .stages.compressed_tensors import ExportCompressedTensorsConfig
+from .stages.export_aoti import ExportAotiConfig
 from .stages.export_onnx import ExportOnnxConfig
 from .stages.merge_lora import MergeLoraConfig
 from .stages.optimize_onnx import OptimizeOnnxConfig
 from .stages.prune import PruneConfig
 from .stages.quantize import QuantizeConfig
+from .stages.sparsify import SparsifyConfig
 
 Task = Literal["text-classification", "feature-extraction", "text-generation"]
 
@@ -28,7 +30,7 @@ Task = Literal["text-classification", "feature-extraction", "text-generation"]
 # `scheme`, so a quantize stage's errors carry two tags.
 StageConfig = Annotated[
     Union[MergeLoraConfig, ExportOnnxConfig, OptimizeOnnxConfig, PruneConfig, QuantizeConfig,
-          CastConfig, ExportCompressedTensorsConfig, BuildEngineConfig],
+          CastConfig, ExportCompressedTensorsConfig, BuildEngineConfig, SparsifyConfig, ExportAotiConfig],
     Field(discriminator="type"),
 ]
 

@@ -9,7 +9,7 @@ from typing import Optional
 from xml.etree import ElementTree as ET
 
 from . import machine
-from .artifacts import Artifact, EngineModel, OnnxModel, sha256_file
+from .artifacts import AotiModel, Artifact, EngineModel, OnnxModel, sha256_file
 from .machine import package_versions
 from .report_schema import (BaselineSide, BenchmarkInfo, Classes, Environment, EvaluationInfo, GateRow, Report,
                             ResultSide, StageRecord)
@@ -57,7 +57,7 @@ def build_report(recipe, checkpoint: Path, baseline: BaselineSide, result: Resul
 
 
 def build_manifest(recipe, checkpoint: Path, artifact: Artifact, folder: Path, checkpoint_digest: str) -> dict:
-    files = artifact.files() if isinstance(artifact, (OnnxModel, EngineModel)) else sorted(
+    files = artifact.files() if isinstance(artifact, (OnnxModel, EngineModel, AotiModel)) else sorted(
         p for p in artifact.path.rglob("*") if p.is_file())
     return {
         "recipe": recipe.model_dump(mode="json"),

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel
+from .artifacts import AotiModel, Artifact, EngineModel, OnnxModel, TorchModel
 from .errors import UserError
 
 MANIFEST = "manifest.json"
@@ -129,12 +129,13 @@ class RunFolder:
 
 
 def place(artifact: Artifact, folder: Path) -> Artifact:
-    """Move the final artifact into a run folder: model.onnx (with config and tokenizer) or model/."""
-    if isinstance(artifact, (OnnxModel, EngineModel)):
+    """Move the final artifact into a run folder: model.onnx, model.engine or model.pt2 (with config and
+    tokenizer), or model/."""
+    if isinstance(artifact, (OnnxModel, EngineModel, AotiModel)):
         for item in artifact.folder.iterdir():
             shutil.move(str(item), folder / item.name)
-        if isinstance(artifact, EngineModel):
-            return EngineModel(folder / artifact.path.name, artifact.task)
+        if isinstance(artifact, (EngineModel, AotiModel)):
+            return type(artifact)(folder / artifact.path.name, artifact.task)
         return OnnxModel(folder / artifact.path.name, artifact.task, with_past=artifact.with_past)
     target = folder / "model"
     if artifact.path.is_relative_to(folder):  # a stage's output inside this run: move, don't copy

@@ -1,5 +1,5 @@
-"""One Runner interface (numpy in, numpy out) over torch, ONNX Runtime and TensorRT engines; evaluation
-and benchmark use it."""
+"""One Runner interface (numpy in, numpy out) over torch, ONNX Runtime, TensorRT engines and AOTInductor
+packages; evaluation and benchmark use it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .artifacts import Artifact, EngineModel, OnnxModel, TorchModel
+from . import aoti, sparse_kernels
+from .artifacts import AotiModel, Artifact, EngineModel, OnnxModel, TorchModel
 from .checkpoint import load_torch_model
 from .engine import check_compatible, gpu_identity, read_metadata, tensorrt_version
 from .errors import BackendMissing, StageFailed, UserError
@@ -167,11 +168,74 @@ class TrtRunner(Runner):
         return result.numpy()
 
 
+class AotiRunner(Runner):
+    """An AOTInductor package, loaded by torch alone (no transformers, no model code), on the device it was
+    compiled for: the feed completed to the inputs it was exported with, the main output copied back."""
+
+    def __init__(self, package: AotiModel, name: str = "aoti", threads: Optional[int] = None):
+        metadata = aoti.read_metadata(package)
+        aoti.check_loadable(metadata, package.path)
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch, self.device = torch, metadata["device"]
+        self.name, self.task = name, package.task
+        self.backend = f"aoti-{self.device}-{metadata['dtype']}"
+        self.inputs = list(metadata["inputs"])
+        static = metadata.get("static_axes") or {}
+        self.fixed_shape = (static.get("batch_size"), static.get("sequence_length"))
+        self.limit = metadata.get("max_sequence_length") or float("inf")
+        try:
+            self.model = torch._inductor.aoti_load_package(str(package.path))
+        except Exception as exc:  # torch raises RuntimeError with the loader's message for a broken file
+            raise UserError(f"{package.path}: torch could not load the package: {exc}") from None
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        inputs = complete_feed([SimpleNamespace(name=n) for n in self.inputs], feed)
+        batch, length = inputs["input_ids"].shape
+        fixed_batch, fixed_length = self.fixed_shape
+        # A compiled package does not check shapes: a wrong one reads out of bounds and aborts the process.
+        if (fixed_length and length != fixed_length) or (fixed_batch and batch > fixed_batch) or length > self.limit:
+            raise UserError(f"{self.name}: the package was compiled for [batch, sequence] {list(self.fixed_shape)} "
+                            f"(None: dynamic, sequence up to {self.limit}) and was fed [{batch}, {length}]")
+        if fixed_batch and batch < fixed_batch:  # rows are independent: fill with copies of the last, drop after
+            inputs = {n: np.concatenate([v, np.repeat(v[-1:], fixed_batch - batch, axis=0)]) for n, v in inputs.items()}
+        tensors = [torch.from_numpy(inputs[n]).to(self.device) for n in self.inputs]
+        with torch.inference_mode():
+            output = self.model(*tensors)
+        if isinstance(output, (list, tuple)):  # some torch releases return the outputs as a list
+            output = output[0]
+        return output[:batch].float().cpu().numpy()  # .cpu() waits for the GPU
+
+
+def _with_sparse_kernels(runner: TorchRunner, record: dict, folder: Path) -> TorchRunner:
+    """Swap the layers the sparsify stage chose for 2:4 semi-structured kernels, once the module is on the
+    GPU in its dtype (a semi-structured tensor can be neither moved nor cast)."""
+    problem = sparse_kernels.sparse_kernels_problem()
+    if problem:
+        raise BackendMissing(f"{folder}: {problem}")
+    dtype = str(next(runner.module.parameters()).dtype).removeprefix("torch.")
+    if dtype not in sparse_kernels.DTYPES:
+        raise UserError(f"{folder}: 2:4 sparse kernels take float16 or bfloat16 weights, not {dtype}; leave "
+                        "--torch-dtype out (the model runs in the dtype the sparsify stage chose)")
+    # The module may be shared with an earlier runner of the same artifact, already swapped.
+    kernel = getattr(runner.module, "_sparse_kernel", None)
+    if kernel is None:
+        kernel = sparse_kernels.to_semi_structured_(runner.module, record["layers"], record.get("backend", "auto"))
+        runner.module._sparse_kernel = kernel
+    runner.backend = f"torch-cuda-{dtype}-2:4-{kernel.removeprefix('SparseSemiStructuredTensor').lower()}"
+    return runner
+
+
 def make_runner(artifact: Artifact, name: str, threads: Optional[int] = None, allow_pickle: bool = False,
                 trust_remote_code: bool = False, device: str = "cpu", torch_dtype: Optional[str] = None,
                 ort_provider: str = "cuda") -> Runner:
-    """The runner for an artifact on `device`: torch (torch_dtype on CUDA), ONNX Runtime (CPU, or the
-    CUDA / TensorRT execution provider), or a TensorRT engine (CUDA only)."""
+    """The runner for an artifact on `device`: torch (torch_dtype on CUDA; 2:4 sparse kernels where the
+    sparsify stage recorded them), ONNX Runtime (CPU, or the CUDA / TensorRT execution provider), a TensorRT
+    engine (CUDA only), or an AOTInductor package (on the device it was compiled for; planning checks that
+    it is the run's)."""
     if isinstance(artifact, EngineModel):
         if device != "cuda":
             raise UserError(f"{artifact.path}: a TensorRT engine runs on a GPU only; run with --device cuda")
@@ -179,7 +243,14 @@ def make_runner(artifact: Artifact, name: str, threads: Optional[int] = None, al
     if isinstance(artifact, OnnxModel):
         providers = CUDA_PROVIDERS[ort_provider] if device == "cuda" else ("CPUExecutionProvider",)
         return OrtRunner(artifact.path, artifact.task, name=name, threads=threads, providers=providers)
+    if isinstance(artifact, AotiModel):
+        return AotiRunner(artifact, name=name, threads=threads)
     if isinstance(artifact, TorchModel):
+        record = sparse_kernels.read_record(artifact.path)
+        if record and device != "cuda":  # before loading: the dense fallback on a CPU is not what was asked
+            raise UserError(f"{artifact.path}: its layers run on 2:4 sparse kernels, which need a GPU; run with "
+                            "--device cuda")
         module = load_torch_model(artifact, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        return TorchRunner(module, artifact.task, name=name, threads=threads, device=device, dtype=torch_dtype)
+        runner = TorchRunner(module, artifact.task, name=name, threads=threads, device=device, dtype=torch_dtype)
+        return _with_sparse_kernels(runner, record, artifact.path) if record else runner
     raise TypeError(f"no runner for {type(artifact).__name__}")

@@ -246,7 +246,8 @@ def test_doctor_lists_every_component_with_a_reason_for_what_is_missing():
     assert outcome.exit_code == 0, outcome.output
     rows = {row["component"]: row for row in json.loads(outcome.output)}
     assert set(rows) == {"GPU", "torch CUDA", "ONNX Runtime", "ONNX Runtime cuda provider",
-                         "ONNX Runtime tensorrt provider", "TensorRT", "bitsandbytes"}
+                         "ONNX Runtime tensorrt provider", "TensorRT", "bitsandbytes", "AOTInductor cpu",
+                         "AOTInductor cuda", "2:4 sparse kernels"}
     for row in rows.values():
         assert row["usable"] or row["reason"], row  # nothing missing without a why
     assert rows["ONNX Runtime"]["usable"] and "CPUExecutionProvider" in rows["ONNX Runtime"]["detail"]

@@ -2,6 +2,7 @@
 and TensorRT engines built, stamped, reloaded and run through `compress run --device cuda`. Each test
 skips, saying why, where its backend is absent."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -57,6 +58,7 @@ goals:
 
 
 @needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_nf4_on_cuda_end_to_end(tiny_llama, text_file, tmp_path):
     recipe = write_recipe(tmp_path, f"""
         name: gpu-nf4

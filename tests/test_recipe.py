@@ -96,9 +96,13 @@ def test_union_and_registry_agree():
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("recipes/*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
+    from compressor.errors import BackendMissing
     from compressor.planning import plan
 
-    assert plan(load_recipe(path))
+    try:
+        assert plan(load_recipe(path))
+    except BackendMissing:  # a GPU recipe on a machine without the GPU or TensorRT: backends are checked last,
+        pass  # after every check of the recipe itself passed, so it is valid (tests/test_gpu_recipes.py)
 
 
 def test_every_option_is_documented():
