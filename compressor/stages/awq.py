@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .int4_gptq import dequantize, rtn_quantize
-from .sequential import block_inputs, find_blocks, hidden_of, with_hidden
+from .activations import BlockInputs, block_inputs_store
+from .sequential import block_inputs, find_blocks, hidden_of
 
 log = logging.getLogger(__name__)
 
@@ -144,43 +145,64 @@ def _apply(block, mapping: Mapping, scales) -> None:
 
 
 def awq_smooth(module, layers: dict, feeds: list[dict], task: str, group_size: int, grid: str,
-               quantize_block, progress=None) -> dict:
+               quantize_block, progress=None, block_loaded=None, block_done=None, spill_dir=None,
+               details=None) -> dict:
     """Balance every block's groups in place, then call `quantize_block(name_prefix)` to round that
     block's layers before the next block is calibrated on its outputs. Returns, per compared module,
-    the output error with the chosen scales as a share of plain round-to-nearest's."""
+    the output error with the chosen scales as a share of plain round-to-nearest's. Layer by layer,
+    `block_loaded` / `block_done` read and write each block as in sequential.compress_sequentially;
+    the blocks' inputs may go to `spill_dir` (activations.py), while the inputs of the module a group
+    is compared at stay in memory for the scale search."""
     import torch
 
     prefix, blocks = find_blocks(module, layers, "quantize int4 awq")
+    hidden_size = getattr(getattr(module, "config", None), "hidden_size", None)
+    recorded = block_inputs_store(feeds, hidden_size, spill_dir, "quantize int4 awq", details)
     reductions = {}
-    with torch.no_grad():
-        recorded = block_inputs(module, blocks, feeds, task)
-        indices = range(len(blocks))
-        for index in (progress.track(indices, len(blocks), "quantize int4 awq: block by block") if progress
-                      else indices):
-            block = blocks[index]
-            for mapping in block_mappings(block):
-                first = block.get_submodule(mapping.balance[0])
-                sums = torch.zeros(first.in_features, dtype=torch.float64)
-                count = [0]
-
-                def record(_m, args, _sums=sums, _count=count):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                    _sums += x.abs().sum(0)
-                    _count[0] += x.shape[0]
-                handle = first.register_forward_pre_hook(record)
-
-                def runs():
-                    for args, kwargs in recorded:
-                        block(*args, **kwargs)
-                try:
-                    calls = _calls(block, mapping.parent, runs)
-                finally:
-                    handle.remove()
-                x_mean = (sums / max(count[0], 1)).float()
-                scales, best, plain = _search_scales(block, mapping, calls, x_mean, group_size, grid)
-                if scales is not None:
-                    _apply(block, mapping, scales)
-                reductions[f"{prefix}.{index}.{mapping.parent}"] = round(best / plain, 4) if plain else 1.0
-            quantize_block(f"{prefix}.{index}.")
-            recorded = [with_hidden(args, kwargs, hidden_of(block(*args, **kwargs))) for args, kwargs in recorded]
+    try:
+        with torch.no_grad():
+            block_inputs(module, blocks, feeds, task, recorded)
+            indices = range(len(blocks))
+            for index in (progress.track(indices, len(blocks), "quantize int4 awq: block by block") if progress
+                          else indices):
+                block = blocks[index]
+                if block_loaded:
+                    block_loaded(index, block)
+                for mapping in block_mappings(block):
+                    key = f"{prefix}.{index}.{mapping.parent}"
+                    reductions[key] = _balance(block, mapping, recorded, group_size, grid)
+                quantize_block(f"{prefix}.{index}.")
+                recorded.advance(block)
+                if block_done:
+                    block_done(index, block)
+    finally:
+        recorded.close()
     return reductions
+
+
+def _balance(block, mapping: Mapping, recorded: BlockInputs, group_size: int, grid: str) -> float:
+    """Search and apply one group's scales; returns the output error with them over plain rounding's."""
+    import torch
+
+    first = block.get_submodule(mapping.balance[0])
+    sums = torch.zeros(first.in_features, dtype=torch.float64)
+    count = [0]
+
+    def record(_m, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        sums.add_(x.abs().sum(0))
+        count[0] += x.shape[0]
+    handle = first.register_forward_pre_hook(record)
+
+    def runs():
+        for args, kwargs in recorded.calls():
+            block(*args, **kwargs)
+    try:
+        calls = _calls(block, mapping.parent, runs)
+    finally:
+        handle.remove()
+    x_mean = (sums / max(count[0], 1)).float()
+    scales, best, plain = _search_scales(block, mapping, calls, x_mean, group_size, grid)
+    if scales is not None:
+        _apply(block, mapping, scales)
+    return round(best / plain, 4) if plain else 1.0

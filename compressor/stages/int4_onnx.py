@@ -58,6 +58,10 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
     calibration: Optional[CalibrationConfig] = Field(
         None, description="algorithms gptq and awq only, and required there: the samples whose layer inputs guide "
                           "rounding (see Calibration data)")
+    execution: Literal["auto", "whole", "layerwise"] = Field(
+        "auto", description="torch causal LMs: layerwise reads, quantizes and writes one transformer block at a "
+                            "time (models larger than memory); auto chooses it when the float32 model would not "
+                            "fit; whole loads the model")
 
     def grid(self) -> str:
         """The int4 grid of int4_gptq.fit_grid: asymmetric, absmax or signed-max."""
@@ -75,6 +79,8 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
         if input_kind == "onnx" and self.algorithm in ("gptq", "awq"):
             return f"algorithm {self.algorithm} quantizes the torch model block by block; put this stage before " \
                    "export_onnx, which writes its codes into MatMulNBits"
+        if input_kind == "onnx" and self.execution != "auto":
+            return "execution applies to torch models"
         if input_kind == "torch" and "accuracy_level" in self.model_fields_set:
             return "accuracy_level applies to ONNX models (MatMulNBits' compute type)"
         if self.algorithm in ("gptq", "awq") and self.calibration is None:

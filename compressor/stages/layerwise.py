@@ -87,7 +87,7 @@ class LayerwiseModel:
         self.float_names = set(self.module.state_dict())
         self.stored = set(self.checkpoint.names())
         missing = sorted(n for n in self.float_names - self.stored
-                         if not self._tied(n) and not n.endswith("rotary_emb.inv_freq"))
+                         if not self.tied(n) and not n.endswith("rotary_emb.inv_freq"))
         if missing:
             raise UserError(f"{self.folder}: the checkpoint lacks {missing[:3]} (and {max(len(missing) - 3, 0)} "
                             "more) that its config's model has")
@@ -96,7 +96,8 @@ class LayerwiseModel:
             raise UserError(f"{self.folder}: layer by layer handles nn.Linear models; this one stores its layers as "
                             "GPT-2's Conv1D (use execution: whole)")
 
-    def _tied(self, name: str) -> bool:
+    def tied(self, name: str) -> bool:
+        """Whether the tensor `name` is a tied copy of the input embeddings (the checkpoint stores it once)."""
         tied = getattr(self.module, "_tied_weights_keys", None) or {}
         return getattr(self.module.config, "tie_word_embeddings", False) and name in tied
 

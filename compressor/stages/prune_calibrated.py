@@ -35,7 +35,8 @@ def calibrated_layer_pruner(config):
 def prune_with_calibration(module, layers: dict, config, artifact, ctx) -> None:
     feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
     kind, prune_layer = calibrated_layer_pruner(config)
-    compress_sequentially(module, layers, feeds, artifact.task, kind, "prune", prune_layer)
+    compress_sequentially(module, layers, feeds, artifact.task, kind, "prune", prune_layer,
+                          spill_dir=ctx.workdir / "activations", details=ctx.details)
     ctx.details["calibration_samples"] = config.calibration.samples
 
 

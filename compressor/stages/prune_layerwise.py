@@ -43,7 +43,8 @@ def prune_layerwise(config, artifact, ctx) -> tuple:
         kind, prune_layer = calibrated_layer_pruner(config)
         model.load_embeddings()
         compress_sequentially(model.module, layers, feeds, artifact.task, kind, "prune", prune_layer,
-                              progress=ctx.progress, block_loaded=model.load_block, block_done=done)
+                              progress=ctx.progress, block_loaded=model.load_block, block_done=done,
+                              spill_dir=ctx.workdir / "activations", details=ctx.details)
         ctx.details["calibration_samples"] = config.calibration.samples
     model.load_outside()
     if outside:  # magnitude only (checked above): an output head the recipe chose to prune

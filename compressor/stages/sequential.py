@@ -6,11 +6,13 @@ what it will see at inference. Memory stays near one block's activations per bat
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 from .. import distributed
 from ..data import torch_inputs
 from ..errors import UserError
+from .activations import BlockInputs, block_inputs_store
 
 
 class _Captured(Exception):
@@ -34,12 +36,13 @@ def find_blocks(module, layers: dict, stage: str):
     return name, blocks
 
 
-def block_inputs(module, blocks, feeds: list[dict], task: str) -> list[tuple[tuple, dict]]:
-    """Run the model up to the first block and keep, per batch, what that block was called with."""
-    recorded = []
+def block_inputs(module, blocks, feeds: list[dict], task: str, store: Optional[BlockInputs] = None) -> BlockInputs:
+    """Run the model up to the first block and keep, per batch, what that block was called with (in
+    `store`: memory unless it says where to spill)."""
+    recorded = store if store is not None else BlockInputs()
 
     def hook(_module, args, kwargs):
-        recorded.append((args, kwargs))
+        recorded.add(args, kwargs)
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -61,13 +64,6 @@ def block_inputs(module, blocks, feeds: list[dict], task: str) -> list[tuple[tup
 def hidden_of(output):
     """A block's or module's hidden states, whether it returns them alone or first in a tuple."""
     return output[0] if isinstance(output, tuple) else output
-
-
-def with_hidden(args: tuple, kwargs: dict, hidden) -> tuple[tuple, dict]:
-    """The same call with new hidden states, whether they were passed by position or by name."""
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 class LayerInputs:
@@ -99,53 +95,67 @@ class LayerInputs:
 def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, kind: str, stage: str,
                           compress_layer: Callable[[str, object, LayerInputs], None], progress=None,
                           block_loaded: Optional[Callable[[int, object], None]] = None,
-                          block_done: Optional[Callable[[int, object], None]] = None) -> int:
+                          block_done: Optional[Callable[[int, object], None]] = None,
+                          spill_dir: Optional[Path] = None, details: Optional[dict] = None) -> int:
     """Walk the blocks in order; `compress_layer(name, layer, inputs)` changes each targeted layer's
     weight in place. Returns the number of blocks. Layer by layer (layerwise.py), the blocks are empty
     until `block_loaded(index, block)` reads their weights, and `block_done(index, block)` writes and
-    drops them once the next block's inputs are computed.
+    drops them once the next block's inputs are computed. The blocks' inputs stay in memory, or go to
+    `spill_dir` when they are too large for it (activations.py); `details` records which.
 
     Across processes (distributed.py), each records its share of the batches, the statistics are
     summed over all, and `compress_layer` runs on process 0 alone, which sends the weights to the others."""
     import torch
 
     prefix, blocks = find_blocks(module, layers, stage)
-    with torch.no_grad():
-        recorded = block_inputs(module, blocks, distributed.share(feeds), task)
-        indices = range(len(blocks))
-        for index in (progress.track(indices, len(blocks), f"{stage}: block by block") if progress else indices):
-            block = blocks[index]
-            if block_loaded:
-                block_loaded(index, block)
-            in_block = {name: layer for name, layer in layers.items() if name.startswith(f"{prefix}.{index}.")}
-            stats = {name: LayerInputs(layer.in_features, kind) for name, layer in in_block.items()}
-            added: dict[int, tuple] = {}  # id(input) -> (input, its statistics), within one call of the block
-
-            def record(name, x):
-                # Layers reading the very same tensor (q, k and v; gate and up) share one statistic:
-                # the product is computed once per input, not once per layer.
-                seen = added.get(id(x))
-                if seen is not None and seen[0] is x:
-                    stats[name] = seen[1]
-                else:
-                    stats[name].add(x)
-                    added[id(x)] = (x, stats[name])
-            handles = [layer.register_forward_hook(lambda _m, args, _o, n=name: record(n, args[0]))
-                       for name, layer in in_block.items()]
-            try:
-                for args, kwargs in recorded:
-                    block(*args, **kwargs)
-                    added.clear()
-            finally:
-                for handle in handles:
-                    handle.remove()
-            distributed.sum_statistics(stats.values())
-            for name, layer in in_block.items():
-                if distributed.leads():
-                    compress_layer(name, layer, stats[name])
-                distributed.broadcast_weights(layer)
-            # the next block sees this block's outputs with its weights compressed
-            recorded = [with_hidden(args, kwargs, hidden_of(block(*args, **kwargs))) for args, kwargs in recorded]
-            if block_done:
-                block_done(index, block)
+    feeds = distributed.share(feeds)
+    hidden_size = getattr(getattr(module, "config", None), "hidden_size", None)
+    recorded = block_inputs_store(feeds, hidden_size, spill_dir, stage, details)
+    try:
+        with torch.no_grad():
+            block_inputs(module, blocks, feeds, task, recorded)
+            indices = range(len(blocks))
+            for index in (progress.track(indices, len(blocks), f"{stage}: block by block") if progress else indices):
+                block = blocks[index]
+                if block_loaded:
+                    block_loaded(index, block)
+                in_block = {name: layer for name, layer in layers.items() if name.startswith(f"{prefix}.{index}.")}
+                stats = _block_statistics(block, in_block, recorded, kind)
+                distributed.sum_statistics(stats.values())
+                for name, layer in in_block.items():
+                    if distributed.leads():
+                        compress_layer(name, layer, stats[name])
+                    distributed.broadcast_weights(layer)
+                # the next block sees this block's outputs with its weights compressed
+                recorded.advance(block)
+                if block_done:
+                    block_done(index, block)
+    finally:
+        recorded.close()
     return len(blocks)
+
+
+def _block_statistics(block, in_block: dict, recorded: BlockInputs, kind: str) -> dict[str, LayerInputs]:
+    """Run every batch through the block and gather each targeted layer's input statistics."""
+    stats = {name: LayerInputs(layer.in_features, kind) for name, layer in in_block.items()}
+    added: dict[int, tuple] = {}  # id(input) -> (input, its statistics), within one call of the block
+
+    def record(name, x):
+        # Layers reading the very same tensor (q, k and v; gate and up) share one statistic:
+        # the product is computed once per input, not once per layer.
+        seen = added.get(id(x))
+        if seen is not None and seen[0] is x:
+            stats[name] = seen[1]
+        else:
+            stats[name].add(x)
+            added[id(x)] = (x, stats[name])
+    handles = [layer.register_forward_hook(lambda _m, args, _o, n=name: record(n, args[0]))
+               for name, layer in in_block.items()]
+    try:
+        for args, kwargs in recorded.calls():
+            block(*args, **kwargs)
+            added.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
