@@ -9,7 +9,10 @@
   unsafe in float16 plus those in `keep_float32`.
 
 Afterwards both forms are compared with the model they came from on a couple of sentences: the
-largest output difference, relative to the largest output magnitude, must stay within `rtol`."""
+largest output difference, relative to the largest output magnitude, must stay within `rtol`.
+
+A torch causal LM larger than memory is cast layer by layer (`execution`, cast_layerwise.py): tensors
+streamed from its shards, and the comparison run with one transformer block in memory at a time."""
 
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, module_to_chang
 from ..errors import StageFailed, UserError
 from ..torch_transforms import CAST
 from .base import Stage, StageConfigBase, StageContext, refuse_quantized_checkpoint
+from .cast_layerwise import cast_layerwise
 from .export_onnx import copy_tokenizer_files, output_difference
+from .layerwise import choose_execution
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,11 @@ class CastConfig(StageConfigBase):
     rtol: Optional[float] = Field(None, gt=0, description="largest output difference from the float32 model, as a "
                                                           "share of its largest output magnitude; default 0.01 for "
                                                           "float16, 0.05 for bfloat16")
+    execution: Literal["auto", "whole", "layerwise"] = Field(
+        "auto", description="torch causal LMs: layerwise streams the weights from the safetensors shards, casts "
+                            "and writes them one transformer block at a time (models larger than memory) and "
+                            "checks outputs one block at a time; auto chooses it when the float32 model would not "
+                            "fit; whole loads the model")
 
 
 class Cast(Stage):
@@ -58,6 +68,8 @@ class Cast(Stage):
         if input_kind == "torch" and ("keep_float32" in config.model_fields_set
                                       or "keep_io_types" in config.model_fields_set):
             return "keep_io_types and keep_float32 apply to ONNX models"
+        if input_kind == "onnx" and "execution" in config.model_fields_set:
+            return "execution applies to torch models"
         return None
 
     def check_order(self, config, earlier):
@@ -71,9 +83,11 @@ class Cast(Stage):
         return ["onnx", "onnxruntime.transformers.float16"] if input_kind == "onnx" else ["torch"]
 
     def run(self, config: CastConfig, artifact, ctx: StageContext):
-        cast = _cast_onnx if isinstance(artifact, OnnxModel) else _cast_torch
-        out = cast(config, artifact, ctx)
-        difference, peak = output_difference(artifact, out, ctx)
+        if isinstance(artifact, OnnxModel):
+            out = _cast_onnx(config, artifact, ctx)
+            difference, peak = output_difference(artifact, out, ctx)
+        else:
+            out, difference, peak = _cast_torch(config, artifact, ctx)
         rtol = config.rtol or DEFAULT_RTOL[config.dtype]
         relative = difference / max(peak, 1e-12)
         ctx.details.update({"dtype": config.dtype, "max_abs_diff": difference, "max_abs_reference": peak,
@@ -87,13 +101,23 @@ class Cast(Stage):
         return out
 
 
-def _cast_torch(config: CastConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
-    import torch
-
+def _cast_torch(config: CastConfig, artifact: TorchModel, ctx: StageContext) -> tuple[TorchModel, float, float]:
+    """(the cast model, largest output difference from the float32 model, largest output)."""
     if artifact.transforms:
         raise UserError(f"cast: the model is already transformed ({artifact.transforms[-1]['name']}); cast the float "
                         "model")
     refuse_quantized_checkpoint(artifact, "cast converts")
+    execution, why = choose_execution(artifact.path, artifact.task, config.execution, "cast")
+    ctx.details.update({"execution": execution, "execution_reason": why})
+    if execution == "layerwise":
+        return cast_layerwise(config.dtype, artifact, ctx)
+    out = _cast_whole(config, artifact, ctx)
+    return (out, *output_difference(artifact, out, ctx))
+
+
+def _cast_whole(config: CastConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
+    import torch
+
     module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code).to(getattr(torch, config.dtype))
     out = ctx.workdir / "model"
     module.save_pretrained(out, safe_serialization=True)

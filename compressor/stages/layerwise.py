@@ -147,6 +147,24 @@ class LayerwiseModel:
         return_freed_memory()
 
 
+def tensor_groups(model: LayerwiseModel) -> list[list[str]]:
+    """The checkpoint's tensor names block by block, then those outside the blocks, for stages that stream
+    every tensor through (cast, merge_lora). Only names the model's class holds: the whole-model path saves
+    the loaded model's state, which leaves out tensors the class does not know."""
+    groups = [model.checkpoint.names(model.block_prefix(index)) for index in range(len(model.blocks))]
+    groups.append(model.outside_names())
+    return [[name for name in names if name in model.float_names] for names in groups]
+
+
+def stream_tensors(model: LayerwiseModel, writer: ShardWriter, convert, progress, description: str) -> None:
+    """Read every tensor, write `convert(name, tensor)`, one block at a time (cast, merge_lora)."""
+    for names in progress.track(tensor_groups(model), len(model.blocks) + 1, description):
+        for name in names:
+            writer.add(name, convert(name, model.checkpoint.tensor(name)))
+        model.checkpoint.close()  # unmap what was read: the resident set stays near one block
+        return_freed_memory()
+
+
 def _decoder_blocks(module):
     import torch
 

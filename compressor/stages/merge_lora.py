@@ -4,6 +4,9 @@ Before merging, each adapter is checked against the checkpoint without loading t
 base model (when its recorded base is a local folder), target modules and every tensor shape.
 After merging, the merged model's outputs are compared with the unmerged model's (adapters on)
 on seeded inputs, and the stage fails above `atol`, so a merge is never taken on trust.
+
+A causal LM larger than memory merges layer by layer (`execution`, merge_lora_layerwise.py): the base
+weights streamed from its shards, and the same check run with one transformer block in memory at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from ..errors import StageFailed, UserError
 from ..linear_layers import is_linear_like, shape_of
 from ..runners import TorchRunner
 from .base import Stage, StageConfigBase, StageContext
+from .layerwise import LayerwiseModel, choose_execution
+from .merge_lora_layerwise import merge_layerwise, refuse_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,11 @@ class MergeLoraConfig(StageConfigBase):
     check_samples: int = Field(8, gt=0, le=256, description="seeded random token sequences the merged and "
                                                             "unmerged models are compared on")
     check_length: int = Field(64, gt=0, le=4096, description="tokens per check sequence")
+    execution: Literal["auto", "whole", "layerwise"] = Field(
+        "auto", description="causal LMs: layerwise streams the base weights from the safetensors shards, merges "
+                            "and writes them one transformer block at a time (models larger than memory) and "
+                            "checks outputs one block at a time; auto chooses it when the float32 model would not "
+                            "fit; whole loads the model with PEFT")
 
 
 class MergeLora(Stage):
@@ -103,33 +113,59 @@ class MergeLora(Stage):
         return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
     def run(self, config: MergeLoraConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
-        import torch
-
         adapters = read_adapters(config, artifact)
-        wrapped = load_unmerged(config, artifact, ctx.trust_remote_code, adapters)
-        inputs = check_inputs(wrapped.get_base_model().config, config.check_samples, config.check_length)
-        with torch.inference_mode():
-            with wrapped.disable_adapter():
-                plain = main_output(wrapped.get_base_model(), inputs)
-            unmerged = main_output(wrapped.get_base_model(), inputs)
-            merged_module = wrapped.merge_and_unload(safe_merge=True, adapter_names=[a.name for a in adapters])
-            merged = main_output(merged_module, inputs)
-        difference = float((merged - unmerged).abs().max())
-        effect = float((unmerged - plain).abs().max())
-        ctx.details.update({
-            "adapters": [a.describe() for a in adapters], "max_abs_diff": difference, "atol": config.atol,
-            "adapter_effect_max_abs": effect,
-            "check_inputs": f"{config.check_samples} seeded random sequences of {config.check_length} tokens"})
-        if not difference <= config.atol:  # also catches NaN
-            raise StageFailed(f"merge_lora: the merged model's outputs differ from the unmerged model's with "
-                              f"adapters on by {difference:.3g} (max abs), above atol {config.atol:g}")
-        if effect == 0.0:
-            ctx.notes.append("merge_lora: the adapters do not change the model's outputs on the check inputs "
-                             "(an untrained adapter has lora_B = 0)")
+        execution, why = choose_execution(artifact.path, artifact.task, config.execution, "merge_lora")
+        ctx.details.update({"execution": execution, "execution_reason": why})
+        if execution == "layerwise":
+            out, difference, effect = _merge_layerwise(config, artifact, adapters, ctx)
+            _judge(config, adapters, difference, effect, ctx)
+            return TorchModel(out, artifact.task)
+        merged_module, difference, effect = _merge_whole(config, artifact, adapters, ctx)
+        _judge(config, adapters, difference, effect, ctx)
         out = ctx.workdir / "model"
         merged_module.save_pretrained(out, safe_serialization=True)
         copy_checkpoint_files(artifact.path, out)
         return TorchModel(out, artifact.task, module=merged_module.eval())
+
+
+def _merge_whole(config: MergeLoraConfig, artifact: TorchModel, adapters: list, ctx: StageContext) -> tuple:
+    """(the merged module, largest difference from the unmerged model's outputs, the adapters' effect)."""
+    import torch
+
+    wrapped = load_unmerged(config, artifact, ctx.trust_remote_code, adapters)
+    inputs = check_inputs(wrapped.get_base_model().config, config.check_samples, config.check_length)
+    with torch.inference_mode():
+        with wrapped.disable_adapter():
+            plain = main_output(wrapped.get_base_model(), inputs)
+        unmerged = main_output(wrapped.get_base_model(), inputs)
+        merged_module = wrapped.merge_and_unload(safe_merge=True, adapter_names=[a.name for a in adapters])
+        merged = main_output(merged_module, inputs)
+    return merged_module, float((merged - unmerged).abs().max()), float((unmerged - plain).abs().max())
+
+
+def _merge_layerwise(config: MergeLoraConfig, artifact: TorchModel, adapters: list, ctx: StageContext) -> tuple:
+    """The same merge and check, one transformer block in memory at a time (merge_lora_layerwise.py)."""
+    refuse_unsupported(adapters)
+    model = LayerwiseModel(artifact.path, artifact.task, ctx.trust_remote_code)
+    for adapter in adapters:
+        _check_shapes(adapter, model.module)  # the skeleton has every layer's shape, on the meta device
+    inputs = check_inputs(model.module.config, config.check_samples, config.check_length)
+    out = ctx.workdir / "model"
+    return (out, *merge_layerwise(model, artifact.task, adapters, inputs, out, ctx))
+
+
+def _judge(config: MergeLoraConfig, adapters: list, difference: float, effect: float, ctx: StageContext) -> None:
+    """Record the check and fail the stage when the merged model strays from the unmerged one."""
+    ctx.details.update({
+        "adapters": [a.describe() for a in adapters], "max_abs_diff": difference, "atol": config.atol,
+        "adapter_effect_max_abs": effect,
+        "check_inputs": f"{config.check_samples} seeded random sequences of {config.check_length} tokens"})
+    if not difference <= config.atol:  # also catches NaN
+        raise StageFailed(f"merge_lora: the merged model's outputs differ from the unmerged model's with "
+                          f"adapters on by {difference:.3g} (max abs), above atol {config.atol:g}")
+    if effect == 0.0:
+        ctx.notes.append("merge_lora: the adapters do not change the model's outputs on the check inputs "
+                         "(an untrained adapter has lora_B = 0)")
 
 
 @dataclass
@@ -144,8 +180,11 @@ class Adapter:
                 "lora_alpha": self.config.get("lora_alpha"), "target_modules": self.config.get("target_modules"),
                 "base_model": self.config.get("base_model_name_or_path")}
 
+    def weights_file(self) -> Path:
+        return self.folder / ADAPTER_WEIGHTS
+
     def size_mb(self) -> float:
-        return files_size_mb([self.folder / ADAPTER_WEIGHTS])
+        return files_size_mb([self.weights_file()])
 
 
 def read_adapters(config: MergeLoraConfig, artifact: TorchModel) -> list[Adapter]:
