@@ -1,6 +1,6 @@
 """`make gpu-wheels`: the wheels benchmarks/gpu_check.sh installs offline on the lent GPU machine, which has no
-network. Its image holds CPython 3.12 with PyTorch (a CUDA build), Triton, ONNX Runtime (CPU build) and an
-older transformers; what compress pins beyond that comes along as wheels, in a folder that travels with the
+network. Its image holds CPython (3.12 expected; the version is not known here, so the compiled wheels come
+for 3.11 and 3.13 too) with PyTorch (a CUDA build), Triton, ONNX Runtime (CPU build) and an older transformers; what compress pins beyond that comes along as wheels, in a folder that travels with the
 source tree (64 MiB together).
 
 Taken from pyproject.toml: every pinned dependency except torch (the image's CUDA build is the point),
@@ -9,7 +9,7 @@ matplotlib (Parquet sources and compare's plot; the image has pyarrow and matplo
 use neither), plus the test extra's pytest. Then what those need that the image lacks (EXTRA below).
 bitsandbytes comes too only if it fits what is left of the budget.
 
-Usage: python benchmarks/gpu_wheels.py [--out gpu-wheels] [--python 3.12]
+Usage: python benchmarks/gpu_wheels.py [--out gpu-wheels] [--python 3.12,3.11,3.13]
 """
 
 from __future__ import annotations
@@ -67,13 +67,17 @@ def folder_bytes(folder: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "gpu-wheels")
-    parser.add_argument("--python", default="3.12", help="the GPU image's CPython version")
+    parser.add_argument("--python", default="3.12,3.11,3.13",
+                        help="the CPython versions the GPU image may have, most likely first (comma-separated): "
+                             "pure-Python wheels come once, compiled ones per version")
     arguments = parser.parse_args()
     out = arguments.out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     pins, pytest = pinned()
-    download(pins + [pytest] + EXTRA, out, arguments.python)
+    versions = [v.strip() for v in arguments.python.split(",") if v.strip()]
+    for python in versions:  # pip skips the wheels already there: only compiled ones are added per version
+        download(pins + [pytest] + EXTRA, out, python)
     # What gpu_check.sh installs with pip's resolver (pytest only where the image has none: its plugins
     # are built against the image's own).
     (out / "requirements.txt").write_text("\n".join(pins + EXTRA) + "\n")
@@ -83,7 +87,7 @@ def main() -> int:
            if d.startswith("bitsandbytes")]
     trial = out / ".bitsandbytes"
     try:
-        download(bnb, trial, arguments.python)
+        download(bnb, trial, versions[0])
         size = folder_bytes(trial)
         if size <= left:
             for wheel in trial.iterdir():
@@ -93,7 +97,7 @@ def main() -> int:
         else:
             print(f"{bnb[0]}: {size / 2**20:.1f} MiB, left out ({max(left, 0) / 2**20:.1f} MiB left in the budget)")
     except subprocess.CalledProcessError:
-        print(f"{bnb[0]}: no wheel for CPython {arguments.python}; left out")
+        print(f"{bnb[0]}: no wheel for CPython {versions[0]}; left out")
     finally:
         shutil.rmtree(trial, ignore_errors=True)
     wheels, tree = folder_bytes(out), tree_bytes()
