@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .artifacts import TorchModel
 from .errors import BackendMissing, UserError
-from .fit import evaluation_dtype
+from .fit import evaluation_holding
 from .shards import INDEX_FILE, ShardedCheckpoint
 from .torch_transforms import CAST, apply_torch_transform, load_weight_only_torch
 
@@ -144,7 +144,7 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
     if cast and len(cast) == len(transforms):
         dtype = getattr(torch, cast[-1]["dtype"])
     else:  # float32, unless a half-precision checkpoint would not fit in memory so (fit.py)
-        dtype = getattr(torch, evaluation_dtype(artifact.path)[0] or "float32")
+        dtype = getattr(torch, evaluation_holding(artifact.path, artifact.task).dtype or "float32")
     try:
         module = model_class(artifact.task).from_pretrained(
             artifact.path, dtype=dtype, use_safetensors=use_safetensors,

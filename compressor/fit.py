@@ -3,6 +3,7 @@ model is held (float32 or the checkpoint's own half-precision dtype; whole or bl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,23 +33,46 @@ def parameter_count(checkpoint: ShardedCheckpoint) -> int:
     return sum(math.prod(checkpoint.info(name)["shape"]) for name in checkpoint.names())
 
 
-def evaluation_dtype(folder: Path) -> tuple[Optional[str], str]:
-    """(dtype, why) when a half-precision checkpoint must run in its own dtype because float32 copies of the
-    baseline and the result would not fit in memory; (None, "") when float32 fits or the checkpoint is not
-    a single-dtype bfloat16/float16 safetensors checkpoint."""
+@dataclass(frozen=True)
+class Holding:
+    """How a float checkpoint is held to be evaluated: in `dtype` (None: float32), whole or `streamed` one
+    block at a time (streamed.py), and why, when that is not float32 in memory."""
+
+    dtype: Optional[str] = None
+    streamed: bool = False
+    why: str = ""
+
+
+def evaluation_holding(folder: Path, task: str = "text-generation") -> Holding:
+    """float32 when float32 copies of the baseline and the result fit (weights x EVALUATION_FACTOR); else a
+    bfloat16/float16 checkpoint in its own dtype when that fits; else, for a causal LM, streamed block by
+    block in the stored dtype. Checkpoints that are not single-dtype safetensors, or that hold quantized
+    layers (compress_transforms.json), are loaded as before."""
     folder = Path(folder)
-    if not any(folder.glob("*.safetensors")):
-        return None, ""
+    if not any(folder.glob("*.safetensors")) or (folder / "compress_transforms.json").exists():
+        return Holding()
     try:
         checkpoint = ShardedCheckpoint(folder)
-        stored = HALF_DTYPES.get(checkpoint.float_dtype())
+        stored_code = checkpoint.float_dtype()
     except UserError:  # mixed dtypes or no weights file: float32 as before; inspect_checkpoint names the problem
-        return None, ""
-    if stored is None:
-        return None, ""
-    need, available = parameter_count(checkpoint) * 4 * EVALUATION_FACTOR, memory_available()
-    if not available or need <= available:
-        return None, ""
-    return stored, (f"{folder.name} is stored in {stored}; as float32 the baseline and the result would need "
-                    f"about {need / 1e9:.1f} GB (weights x {EVALUATION_FACTOR:g}), more than the "
-                    f"{available / 1e9:.1f} GB available, so both were loaded and evaluated in {stored}, as stored")
+        return Holding()
+    params, available = parameter_count(checkpoint), memory_available()
+    as_float32 = params * 4 * EVALUATION_FACTOR
+    if not available or as_float32 <= available:
+        return Holding()
+    stored = HALF_DTYPES.get(stored_code)
+    as_stored = params * (2 if stored else 4) * EVALUATION_FACTOR
+    if stored and as_stored <= available:
+        return Holding(stored, False, (
+            f"{folder.name} is stored in {stored}; as float32 the baseline and the result would need about "
+            f"{as_float32 / 1e9:.1f} GB (weights x {EVALUATION_FACTOR:g}), more than the {available / 1e9:.1f} GB "
+            f"available, so both were loaded and evaluated in {stored}, as stored"))
+    if task != "text-generation":
+        return Holding(stored)
+    held = stored or "float32"
+    return Holding(stored, True, (
+        f"{folder.name} does not fit in memory even as stored ({held}: about {as_stored / 1e9:.1f} GB for the "
+        f"baseline and the result, {available / 1e9:.1f} GB available), so both were evaluated block by block: "
+        "each forward pass reads every transformer block from disk, runs it and drops it (the latency figures "
+        "are those of that streaming, not of the model in memory)"))
+

@@ -20,7 +20,7 @@ from .checkpoint import class_names, inspect_checkpoint, load_tokenizer
 from .data import load_samples
 from .errors import UserError
 from .evaluate import PER_CLASS_METRIC, Evaluation, evaluate, first_batch
-from .fit import evaluation_dtype
+from .fit import evaluation_holding
 from .generation import prompt_ids, time_generation
 from .gate import (check_evaluation, check_goals, check_regression, load_previous, machine_differences,
                    machine_facts_known, speedup_thresholds)
@@ -248,12 +248,16 @@ def _classes(evaluation: Evaluation) -> Optional[Classes]:
 
 
 def _check_generation_length(recipe: Recipe, checkpoint: Path) -> None:
-    """benchmark.generate's prompt and new tokens must fit the model's positions."""
+    """benchmark.generate needs the model in memory, and its prompt and new tokens must fit its positions."""
     import json
 
     wanted = recipe.benchmark.generate
     if wanted is None:
         return
+    if evaluation_holding(checkpoint, recipe.task).streamed:
+        raise UserError(f"{recipe.where('benchmark', 'generate')}: benchmark.generate times decoding with a key/value "
+                        f"cache, but {checkpoint.name} does not fit in memory and is evaluated block by block, "
+                        "reading every block from disk for each token; remove benchmark.generate")
     try:
         config = json.loads((checkpoint / "config.json").read_text())
     except (OSError, ValueError):
@@ -338,7 +342,7 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                              size_mb=round(baseline.size_mb, 3), backend=baseline.runner.backend,
                              memory=peaks.get(BASELINE_SIDE), generation=generation.get(baseline.runner.name))
     outcomes, checkpoint_digest = [], None
-    held_in = evaluation_dtype(prepared.checkpoint)[1]  # why the sides ran in half precision, if they did
+    held_in = evaluation_holding(prepared.checkpoint, task).why  # why not float32 in memory, if not
     for recipe, runner, final, evaluation, stage_records, folder in zip(recipes, runners, finals, evaluations,
                                                                          records, folders):
         final_folder = out / recipe.name if nested else out

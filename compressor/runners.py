@@ -16,7 +16,9 @@ from .artifacts import AotiModel, Artifact, EngineModel, OnnxModel, TorchModel
 from .checkpoint import load_torch_model
 from .engine import check_compatible, gpu_identity, read_metadata, tensorrt_version
 from .errors import BackendMissing, StageFailed, UserError
+from .fit import evaluation_holding
 from .onnx_graph import complete_feed
+from .streamed import LayerwiseModel, streamed_logits
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,32 @@ class TorchRunner(Runner):
         with torch.inference_mode():
             output = self.module(**inputs)
         return output[MAIN_OUTPUT[self.task]].float().cpu().numpy()  # .cpu() waits for the GPU
+
+
+class StreamedRunner(Runner):
+    """A causal LM too large for memory even in its stored dtype (fit.evaluation_holding): each call runs
+    the model's forward on its meta-device skeleton, reading every transformer block from the shards just
+    before it runs and dropping it after (streamed.py). Slow, disk-bound, but memory stays near one block."""
+
+    def __init__(self, artifact: TorchModel, name: str, threads: Optional[int] = None, dtype: Optional[str] = None,
+                 trust_remote_code: bool = False):
+        import inspect
+
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = LayerwiseModel(artifact.path, artifact.task, trust_remote_code)
+        self.dtype = getattr(torch, dtype or "float32")
+        self.name, self.task = name, artifact.task
+        self.backend = f"torch-cpu-streamed-{dtype or 'float32'}"
+        self._accepted = set(inspect.signature(self.model.module.forward).parameters)
+        self._torch = torch
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        inputs = {k: torch.from_numpy(v) for k, v in feed.items() if k in self._accepted}
+        return streamed_logits(self.model, inputs, self.dtype, buffers_in_dtype=False).numpy()
 
 
 PROVIDER_LABEL = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
@@ -250,6 +278,10 @@ def make_runner(artifact: Artifact, name: str, threads: Optional[int] = None, al
         if record and device != "cuda":  # before loading: the dense fallback on a CPU is not what was asked
             raise UserError(f"{artifact.path}: its layers run on 2:4 sparse kernels, which need a GPU; run with "
                             "--device cuda")
+        holding = evaluation_holding(artifact.path, artifact.task)
+        if artifact.module is None and holding.streamed and device == "cpu" and not record:
+            return StreamedRunner(artifact, name=name, threads=threads, dtype=holding.dtype,
+                                  trust_remote_code=trust_remote_code)
         module = load_torch_model(artifact, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         runner = TorchRunner(module, artifact.task, name=name, threads=threads, device=device, dtype=torch_dtype)
         return _with_sparse_kernels(runner, record, artifact.path) if record else runner

@@ -175,20 +175,37 @@ goals:
 """
 
 
-def test_evaluation_keeps_bfloat16_when_float32_would_not_fit(sharded_llama, text_file, tmp_path, monkeypatch):
-    from compressor.fit import evaluation_dtype
+def _run_half(source, text_file, folder):
     from compressor.pipeline import RunOptions, run
     from compressor.recipe import load_recipe
 
+    folder.mkdir()
+    recipe = load_recipe(write_recipe(folder, HALF_RECIPE.format(name="bf16", data=text_file)))
+    return run(recipe, source, RunOptions(out=folder / "out", cache=False)).report
+
+
+def test_evaluation_keeps_bfloat16_or_streams_when_float32_would_not_fit(sharded_llama, text_file, tmp_path,
+                                                                           monkeypatch):
+    from compressor.fit import Holding, evaluation_holding
+
     half = sharded_copy(sharded_llama, tmp_path / "half", dtype=torch.bfloat16)
-    assert evaluation_dtype(half) == (None, "")  # fits as float32 on any machine
-    monkeypatch.setattr(fit, "memory_available", lambda: 100_000)  # as if the tiny model were 7B on 24 GB
-    assert evaluation_dtype(half)[0] == "bfloat16"
-    assert evaluation_dtype(sharded_llama) == (None, "")  # stored float32: nothing to keep
-    recipe = load_recipe(write_recipe(tmp_path, HALF_RECIPE.format(name="bf16", data=text_file)))
-    result = run(recipe, half, RunOptions(out=tmp_path / "out", cache=False))
-    report = result.report
-    assert report.baseline.backend == report.result.backend == "torch-cpu-bfloat16"
-    assert any("evaluated in bfloat16, as stored" in note for note in report.notes)
-    assert report.stages[0].details()["execution"] == "layerwise"
-    assert load_torch_model(TorchModel(tmp_path / "out" / "model", TASK)).dtype == torch.bfloat16
+    assert evaluation_holding(half) == Holding()  # fits as float32 on any machine
+    params = fit.parameter_count(ShardedCheckpoint(half))
+    # as if the tiny model were a 3B model on 24 GB: bf16 copies fit, float32 ones do not
+    monkeypatch.setattr(fit, "memory_available", lambda: int(params * 7.5))
+    assert evaluation_holding(half) == Holding("bfloat16", False, evaluation_holding(half).why)
+    assert evaluation_holding(sharded_llama).streamed  # stored float32: nothing smaller to fall back to
+    in_memory = _run_half(half, text_file, tmp_path / "bf16")
+    assert in_memory.baseline.backend == in_memory.result.backend == "torch-cpu-bfloat16"
+    assert any("evaluated in bfloat16, as stored" in note for note in in_memory.notes)
+    assert in_memory.stages[0].details()["execution"] == "layerwise"
+    assert load_torch_model(TorchModel(tmp_path / "bf16" / "out" / "model", TASK)).dtype == torch.bfloat16
+
+    # as if it were a 7B model on 24 GB: not even two bf16 copies fit, both sides run block by block
+    monkeypatch.setattr(fit, "memory_available", lambda: int(params * 3))
+    streamed = _run_half(half, text_file, tmp_path / "streamed")
+    assert streamed.baseline.backend == streamed.result.backend == "torch-cpu-streamed-bfloat16"
+    assert any("evaluated block by block" in note for note in streamed.notes)
+    for metric in ("perplexity", "top1_agreement"):  # the same arithmetic, one block at a time
+        assert streamed.baseline.metrics[metric] == pytest.approx(in_memory.baseline.metrics[metric], rel=1e-5)
+        assert streamed.result.metrics[metric] == pytest.approx(in_memory.result.metrics[metric], rel=1e-5)

@@ -1,7 +1,7 @@
 """cast layer by layer (layerwise.py): every tensor is streamed from the checkpoint's shards, floating ones
 are converted to float16 / bfloat16 and written to new shards, so a model larger than memory never is
 whole in it. The float32 model and the cast result are then compared on the whole path's sentences, each
-run with one block in memory at a time (layerwise_forward.py)."""
+run with one block in memory at a time (streamed.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from ..data import encode
 from ..torch_transforms import CAST
 from .base import StageContext
 from .export_onnx import VALIDATION_TEXTS
-from .layerwise import LayerwiseModel, new_writer, stream_tensors
-from .layerwise_forward import largest_difference, streamed_logits
+from ..streamed import LayerwiseModel, largest_difference, streamed_logits
+from .layerwise import new_writer, stream_tensors
 
 
 def cast_layerwise(dtype_name: str, artifact: TorchModel, ctx: StageContext) -> tuple[TorchModel, float, float]:

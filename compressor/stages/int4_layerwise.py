@@ -16,7 +16,8 @@ from ..errors import UserError
 from .awq import awq_smooth
 from .base import StageContext
 from .int4_layers import int4_transform, layer_quantizer, quantized_targets, record_awq, record_int4, swap_to_int4
-from .layerwise import LayerwiseModel, new_writer
+from ..streamed import LayerwiseModel
+from .layerwise import new_writer
 from .sequential import compress_sequentially
 
 STAGE = "quantize int4-weight-only"

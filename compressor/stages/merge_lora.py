@@ -26,7 +26,8 @@ from ..errors import StageFailed, UserError
 from ..linear_layers import is_linear_like, shape_of
 from ..runners import TorchRunner
 from .base import Stage, StageConfigBase, StageContext
-from .layerwise import LayerwiseModel, choose_execution
+from ..streamed import LayerwiseModel
+from .layerwise import choose_execution
 from .merge_lora_layerwise import merge_layerwise, refuse_unsupported
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 checkpoint is streamed from its shards one block at a time; each targeted weight gets
 `weight * scaling * B @ A` added in float32 and is written back in the checkpoint's dtype. The merged
 model is then checked against the unmerged one (the update added to each targeted layer's output, as
-PEFT runs it) with one block in memory at a time (layerwise_forward.py)."""
+PEFT runs it) with one block in memory at a time (streamed.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Optional
 from ..checkpoint import copy_checkpoint_files
 from ..errors import StageFailed, UserError
 from .base import StageContext
-from .layerwise import LayerwiseModel, new_writer, stream_tensors
-from .layerwise_forward import largest_difference, streamed_logits
+from ..streamed import LayerwiseModel, largest_difference, streamed_logits
+from .layerwise import new_writer, stream_tensors
 
 # LoRA settings whose merge is more than `scaling * B @ A` added to a linear layer's weight. The whole path
 # leaves them to PEFT; here they are refused by name. fan_in_fan_out needs nothing: it applies to GPT-2's

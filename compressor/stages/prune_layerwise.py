@@ -8,7 +8,8 @@ from ..checkpoint import copy_checkpoint_files, load_tokenizer
 from ..data import calibration_batches
 from ..errors import UserError
 from ..sparsity import prune_magnitude, select_linears
-from .layerwise import LayerwiseModel, new_writer
+from ..streamed import LayerwiseModel
+from .layerwise import new_writer
 from .prune_calibrated import calibrated_layer_pruner
 from .sequential import compress_sequentially
 

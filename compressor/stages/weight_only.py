@@ -21,7 +21,8 @@ from ..onnx_graph import match_nodes
 from ..torch_transforms import INT8_WEIGHT_ONLY, int8_linear_class, per_channel_int8, swap_modules
 from .base import StageContext
 from .export_onnx import copy_tokenizer_files
-from .layerwise import LayerwiseModel, choose_execution, new_writer
+from ..streamed import LayerwiseModel
+from .layerwise import choose_execution, new_writer
 from .quantize_base import QuantizeConfigBase
 
 log = logging.getLogger(__name__)

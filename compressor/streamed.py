@@ -1,0 +1,172 @@
+"""A causal LM held on the meta device, its tensors read from the safetensors shards when needed: the
+skeleton the layer-by-layer stages (stages/layerwise.py) compress one block at a time, and a forward
+pass that reads each block just before it runs and drops it after, for models whose weights do not fit
+in memory (the layer-by-layer stages' output checks, and evaluation of such models, runners.py). Peak
+memory is one block, the tensors outside the blocks and activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import model_class
+from .errors import UserError
+from .linear_layers import is_conv1d
+from .shards import ShardedCheckpoint, ShardWriter
+
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim) after each block. Block-sized
+    tensors read, converted and written here otherwise fragment the heap, and peak memory grew with depth
+    (3.0 GB against 2.4 GB for int8 of a 32-block, 2048-wide model; docs/BENCHMARKS.md). Trimming changes
+    no allocator setting, so what runs after the stage in the same process is unaffected."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
+
+
+class LayerwiseModel:
+    """A model skeleton on the meta device whose parts are read from the checkpoint when needed."""
+
+    def __init__(self, folder: Path, task: str, trust_remote_code: bool = False):
+        import torch
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        self.folder = Path(folder)
+        self.checkpoint = ShardedCheckpoint(self.folder)
+        self.storage_dtype = getattr(torch, TORCH_DTYPES.get(self.checkpoint.float_dtype(), "float32"))
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        # Buffers (rotary frequencies) are computed, not stored: they are built for real, parameters empty.
+        with init_empty_weights(include_buffers=False):
+            self.module = model_class(task).from_config(config, dtype=torch.float32,
+                                                        trust_remote_code=trust_remote_code)
+        self.module.eval()
+        self.float_names = set(self.module.state_dict())
+        self.stored = set(self.checkpoint.names())
+        missing = sorted(n for n in self.float_names - self.stored
+                         if not self.tied(n) and not n.endswith("rotary_emb.inv_freq"))
+        if missing:
+            raise UserError(f"{self.folder}: the checkpoint lacks {missing[:3]} (and {max(len(missing) - 3, 0)} "
+                            "more) that its config's model has")
+        self.prefix, self.blocks = _decoder_blocks(self.module)
+        if any(is_conv1d(child) for child in self.module.modules()):
+            raise UserError(f"{self.folder}: layer by layer handles nn.Linear models; this one stores its layers as "
+                            "GPT-2's Conv1D (use execution: whole)")
+
+    def tied(self, name: str) -> bool:
+        """Whether the tensor `name` is a tied copy of the input embeddings (the checkpoint stores it once)."""
+        tied = getattr(self.module, "_tied_weights_keys", None) or {}
+        return getattr(self.module.config, "tie_word_embeddings", False) and name in tied
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.prefix}.{index}."
+
+    def load(self, names: list[str]) -> None:
+        """Read these tensors from the checkpoint into the skeleton, as float32."""
+        state = {name: self.checkpoint.tensor(name).float() for name in names}
+        self.module.load_state_dict(state, strict=False, assign=True)
+        self.checkpoint.close()  # unmap the shards: pages read stay out of the resident set
+
+    def load_block(self, index: int, _block=None) -> None:
+        self.load(self.checkpoint.names(self.block_prefix(index)))
+
+    def load_embeddings(self) -> None:
+        """The input embeddings alone: all the calibration forward needs before the first block."""
+        table = self.module.get_input_embeddings()
+        name = next(n for n, child in self.module.named_modules() if child is table)
+        self.load([f"{name}.weight"])
+
+    def outside_names(self) -> list[str]:
+        return [n for n in self.checkpoint.names() if not n.startswith(self.prefix + ".")]
+
+    def load_outside(self) -> None:
+        """Embeddings, final norm and output head: what lies before the first block and after the last."""
+        self.load(self.outside_names())
+        if getattr(self.module.config, "tie_word_embeddings", False):
+            self.module.tie_weights()
+
+    def write(self, prefix: str, writer: ShardWriter, outside: bool = False) -> None:
+        """Write the tensors under `prefix` (or all outside the blocks): float tensors the checkpoint held
+        go back in its dtype; new tensors (int8 codes and their scales) as they are."""
+        for name, tensor in self.module.state_dict().items():
+            inside = name.startswith(self.prefix + ".")
+            if (outside and inside) or (not outside and not name.startswith(prefix)) or tensor.is_meta:
+                continue
+            if name in self.float_names and name not in self.stored:
+                continue  # a tied copy (lm_head of a model with tied embeddings): transformers ties it on load
+            if name in self.stored and tensor.is_floating_point():
+                tensor = tensor.to(self.storage_dtype)
+            writer.add(name, tensor)
+
+    def drop(self, module) -> None:
+        """Release a part's weights (back to the meta device): parameters and stored buffers (int8 and int4
+        codes). Buffers computed when the model was built (rotary frequencies) stay, so the skeleton can
+        run forward again."""
+        import torch
+
+        for part in module.modules():
+            for name, param in list(part._parameters.items()):
+                if param is not None and not param.is_meta:
+                    part._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+            for name, buffer in list(part._buffers.items()):
+                if buffer is not None and name not in part._non_persistent_buffers_set:
+                    part._buffers[name] = buffer.to("meta")
+        return_freed_memory()
+
+
+def _decoder_blocks(module):
+    import torch
+
+    lists = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.ModuleList)]
+    if not lists:
+        raise UserError("layer by layer: the model has no repeated blocks (an nn.ModuleList)")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def load_as(model: LayerwiseModel, names: list[str], dtype) -> None:
+    """Read these tensors into the skeleton in `dtype` (LayerwiseModel.load always upcasts to float32)."""
+    state = {name: model.checkpoint.tensor(name).to(dtype) for name in names}
+    model.module.load_state_dict(state, strict=False, assign=True)
+    model.checkpoint.close()
+
+
+def streamed_logits(model: LayerwiseModel, inputs: dict, dtype, buffers_in_dtype: bool = True):
+    """The logits for `inputs` (as float32), the model held in `dtype`, blocks read in turn and dropped.
+    `buffers_in_dtype`: computed buffers (rotary frequencies) in `dtype` too, as a whole model's .to(dtype)
+    does (a cast); False keeps them as from_pretrained builds them (float32), for evaluating a checkpoint."""
+    import torch
+
+    module = model.module.to(dtype) if buffers_in_dtype else model.module
+    load_as(model, model.outside_names(), dtype)
+    if getattr(module.config, "tie_word_embeddings", False):
+        module.tie_weights()
+    handles = []
+    for index, block in enumerate(model.blocks):
+        prefix = model.block_prefix(index)
+        handles.append(block.register_forward_pre_hook(
+            lambda _block, _args, prefix=prefix: load_as(model, model.checkpoint.names(prefix), dtype)))
+        handles.append(block.register_forward_hook(lambda block, _args, _output: model.drop(block)))
+    try:
+        with torch.no_grad():
+            return module(**inputs, use_cache=False).logits.float()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.drop(module)
+
+
+def largest_difference(reference, candidate, mask=None) -> tuple[float, float]:
+    """(largest |reference - candidate|, largest |reference|), over the real tokens where a mask is given:
+    padding positions' outputs are undefined."""
+    if mask is not None:
+        reference, candidate = reference[mask.bool()], candidate[mask.bool()]
+    return float((reference - candidate).abs().max()), float(reference.abs().max())
