@@ -9,6 +9,7 @@ Random weights: time and memory only; the logits mean nothing (their equality wi
 is tested on a small model in tests/test_layerwise.py).
 
 Usage: python benchmarks/streamed_eval.py [--hidden 4096 --layers 32] [--batch 4 --tokens 256] [--passes 2]
+       [--in-memory] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -33,13 +34,20 @@ def _memory_scaling():
     return module
 
 
-def child(folder: Path, batch: int, tokens: int, passes: int) -> None:
+def child(folder: Path, batch: int, tokens: int, passes: int, in_memory: bool) -> None:
     import numpy as np
+    import torch
 
     from compressor.artifacts import TorchModel
-    from compressor.runners import StreamedRunner
+    from compressor.runners import StreamedRunner, TorchRunner
 
-    runner = StreamedRunner(TorchModel(folder, "text-generation"), "streamed", threads=2, dtype="bfloat16")
+    if in_memory:  # the same model loaded whole in bf16, as from_pretrained loads it (one copy fits here)
+        from transformers import AutoModelForCausalLM
+
+        module = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+        runner = TorchRunner(module, "text-generation", name="in-memory", threads=2)
+    else:
+        runner = StreamedRunner(TorchModel(folder, "text-generation"), "streamed", threads=2, dtype="bfloat16")
     ids = np.random.default_rng(0).integers(3, 32000, size=(batch, tokens)).astype(np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     seconds = []
@@ -47,7 +55,9 @@ def child(folder: Path, batch: int, tokens: int, passes: int) -> None:
         started = time.perf_counter()
         logits = runner(feed)
         seconds.append(round(time.perf_counter() - started, 1))
-    print(json.dumps({"pass_seconds": seconds, "peak_mb": round(_memory_scaling().peak_resident_mb()),
+    np.save(folder.parent / f"logits-{'memory' if in_memory else 'streamed'}.npy", logits[:, -1])
+    print(json.dumps({"runner": runner.backend, "pass_seconds": seconds,
+                      "peak_mb": round(_memory_scaling().peak_resident_mb()),
                       "logits_shape": list(logits.shape), "finite": bool(np.isfinite(logits).all())}))
 
 
@@ -58,11 +68,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--in-memory", action="store_true",
+                        help="also time the model loaded whole in bf16 (needs one bf16 copy of memory)")
     parser.add_argument("--keep", help="work in this folder and keep the checkpoint (reused when present)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(Path(args.child), args.batch, args.tokens, args.passes)
+        child(Path(args.child), args.batch, args.tokens, args.passes, args.in_memory)
         return
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="streamed-eval-"))
     folder = root / f"llama-h{args.hidden}-l{args.layers}"
@@ -72,14 +84,20 @@ def main() -> None:
             size = _memory_scaling().make_checkpoint(folder, args.hidden, args.layers)
             print(json.dumps({"checkpoint_gb_bf16": round(size, 2), "write_s": round(time.perf_counter() - started)}),
                   flush=True)
-        done = subprocess.run([sys.executable, __file__, "--child", str(folder), "--batch", str(args.batch),
-                               "--tokens", str(args.tokens), "--passes", str(args.passes)],
-                              capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit("the streamed forward failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        print(json.dumps({"hidden": args.hidden, "layers": args.layers, "batch": args.batch, "tokens": args.tokens,
-                          **result}), flush=True)
+        for in_memory in ([False, True] if args.in_memory else [False]):
+            done = subprocess.run([sys.executable, __file__, "--child", str(folder), "--batch", str(args.batch),
+                                   "--tokens", str(args.tokens), "--passes", str(args.passes)]
+                                  + (["--in-memory"] if in_memory else []), capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit("the forward failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            print(json.dumps({"hidden": args.hidden, "layers": args.layers, "batch": args.batch,
+                              "tokens": args.tokens, **result}), flush=True)
+        if args.in_memory:
+            import numpy as np
+
+            streamed, whole = (np.load(root / f"logits-{kind}.npy") for kind in ("streamed", "memory"))
+            print(json.dumps({"last_token_logits_max_abs_difference": float(np.abs(streamed - whole).max())}))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

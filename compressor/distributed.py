@@ -9,8 +9,9 @@ compresses the layers from them and broadcasts the new weights, and every proces
 batches through the compressed block to feed the next one. Process 0 alone then evaluates,
 benchmarks and writes the run folder; the others stop after the last splitting stage.
 
-The backend is gloo (CPU) unless the processes were started with NCCL by the caller. Summing in a
-different order is the only difference from one process: float64 statistics agree to ~1e-15."""
+The backend is gloo (CPU). Each process computes with cores / N threads, and the result equals, bit for
+bit, one process's with that many threads (docs/BENCHMARKS.md); a different thread count changes float32
+rounding, which SparseGPT's greedy column order amplifies."""
 
 from __future__ import annotations
 

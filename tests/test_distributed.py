@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,24 +36,43 @@ def _config(kind: str, text_file, **extra):
     return PruneConfig(type="prune", method=kind, sparsity=0.5, calibration=_calibration(text_file), **extra)
 
 
-def _one_rank(rank: int, size: int, port: int, kind: str, checkpoint, text_file, workdir, extra: dict) -> None:
+def _one_rank(rank: int, size: int, port: int, cases: dict, text_file, workdir) -> None:
+    """Every case in turn, in one process group (one spawn for all: starting processes costs more than
+    calibrating tiny models)."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
     distributed.start()
     try:
         assert distributed.size() == size and distributed.rank() == rank
-        result, details = run_stage(_config(kind, text_file, **extra), TorchModel(checkpoint, TASK),
-                                    workdir / f"rank{rank}", TASK)
+        written = {}
+        for case, (kind, checkpoint, extra) in cases.items():
+            result, _details = run_stage(_config(kind, text_file, **extra), TorchModel(checkpoint, TASK),
+                                         workdir / case / f"rank{rank}", TASK)
+            written[case] = str(result.path)
         if rank == 0:
-            (workdir / "result.json").write_text(json.dumps({"path": str(result.path)}))
+            (workdir / "results.json").write_text(json.dumps(written))
     finally:
         distributed.stop()
 
 
-def _split_run(kind, checkpoint, text_file, workdir, extra=None):
-    port = distributed._free_port()
-    mp.spawn(_one_rank, args=(2, port, kind, checkpoint, text_file, workdir, extra or {}), nprocs=2)
-    return json.loads((workdir / "result.json").read_text())["path"]
+@pytest.fixture(scope="module")
+def split_runs(tiny_llama, text_file, tmp_path_factory):
+    """case -> (its single-process result, its two-process result) folders."""
+    from .test_layerwise import sharded_copy
+
+    root = tmp_path_factory.mktemp("split")
+    sharded = sharded_copy(tiny_llama, root / "sharded")
+    cases = {kind: (kind, tiny_llama, {}) for kind in ("wanda", "sparsegpt", "gptq")}
+    cases["wanda-layerwise"] = ("wanda", sharded, {"execution": "layerwise"})
+    mp.spawn(_one_rank, args=(2, distributed._free_port(), cases, text_file, root / "two"), nprocs=2)
+    split = json.loads((root / "two" / "results.json").read_text())
+    single = {}
+    for case, (kind, checkpoint, extra) in cases.items():
+        result, details = run_stage(_config(kind, text_file, **extra), TorchModel(checkpoint, TASK),
+                                    root / "one" / case, TASK)
+        assert details["execution"] == extra.get("execution", "whole")
+        single[case] = result.path
+    return {case: (single[case], Path(split[case])) for case in cases}
 
 
 def _weights(path) -> dict:
@@ -62,10 +82,9 @@ def _weights(path) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["wanda", "sparsegpt", "gptq"])
-def test_two_processes_calibrate_like_one(kind, tiny_llama, text_file, tmp_path):
-    single, details = run_stage(_config(kind, text_file), TorchModel(tiny_llama, TASK), tmp_path / "one", TASK)
-    split = _split_run(kind, tiny_llama, text_file, tmp_path / "two")
-    expected, written = _weights(single.path), _weights(type(single.path)(split))
+def test_two_processes_calibrate_like_one(kind, split_runs, tiny_llama):
+    single, split = split_runs[kind]
+    expected, written = _weights(single), _weights(split)
     assert set(written) == set(expected)
     compared = 0
     for name, tensor in expected.items():
@@ -84,15 +103,9 @@ def test_two_processes_calibrate_like_one(kind, tiny_llama, text_file, tmp_path)
     assert kind == "gptq" or compared > 0
 
 
-def test_two_processes_calibrate_layer_by_layer(tiny_llama, text_file, tmp_path):
-    from .test_layerwise import sharded_copy
-
-    sharded = sharded_copy(tiny_llama, tmp_path / "sharded")
-    single, details = run_stage(_config("wanda", text_file, execution="layerwise"), TorchModel(sharded, TASK),
-                                tmp_path / "one", TASK)
-    assert details["execution"] == "layerwise"
-    split = _split_run("wanda", sharded, text_file, tmp_path / "two", {"execution": "layerwise"})
-    expected, written = read_state(single.path), read_state(type(single.path)(split))
+def test_two_processes_calibrate_layer_by_layer(split_runs):
+    single, split = split_runs["wanda-layerwise"]
+    expected, written = read_state(single), read_state(split)
     assert set(written) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(written[name] == 0, tensor == 0), name

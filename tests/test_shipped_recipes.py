@@ -153,7 +153,7 @@ def test_torch_int8_recipe_is_meant_to_fail(smollm2):
     assert cand["perplexity"] > 2 * base["perplexity"]
 
 
-@shipped("smollm2-int8-weight-only.yaml")
+@shipped("smollm2-int8-weight-only.yaml", every=True)
 def test_smollm2_weight_only_passes_and_really_shrinks(smollm2):
     report = smollm2.report("smollm2-int8-weight-only")
     assert report["verdict"] == "pass", report["gate"]
