@@ -15,8 +15,6 @@ import argparse
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,11 +57,7 @@ def child(stage: str, source: Path, workdir: Path) -> None:
 
 
 def run_child(stage: str, source: Path, workdir: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", stage, str(source), str(workdir)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{stage} failed:\n" + "\n".join(done.stderr.splitlines()[-25:]))
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _memory_scaling().json_child(__file__, ["--child", stage, str(source), str(workdir)], stage)
 
 
 def reload_check(path: Path) -> dict:

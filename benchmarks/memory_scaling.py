@@ -94,12 +94,17 @@ def peak_resident_mb() -> float:
     raise SystemExit("no VmHWM in /proc/self/status: this benchmark needs Linux")
 
 
-def run_child(stage: str, source: Path, workdir: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", stage, str(source), str(workdir)],
-                          capture_output=True, text=True)
+def json_child(script: str, arguments: list[str], what: str) -> dict:
+    """Run `script` with `arguments` in a child process of its own (its peak memory alone) and return the
+    JSON object its last line prints; stop with its error output if it fails."""
+    done = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"{stage} on {source} failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
+        raise SystemExit(f"{what} failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_child(stage: str, source: Path, workdir: Path) -> dict:
+    return json_child(__file__, ["--child", stage, str(source), str(workdir)], f"{stage} on {source}")
 
 
 def measure(hidden: int, layers: int, root: Path, keep: bool) -> dict:

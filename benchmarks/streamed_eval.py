@@ -18,8 +18,6 @@ import argparse
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,12 +83,9 @@ def main() -> None:
             print(json.dumps({"checkpoint_gb_bf16": round(size, 2), "write_s": round(time.perf_counter() - started)}),
                   flush=True)
         for in_memory in ([False, True] if args.in_memory else [False]):
-            done = subprocess.run([sys.executable, __file__, "--child", str(folder), "--batch", str(args.batch),
-                                   "--tokens", str(args.tokens), "--passes", str(args.passes)]
-                                  + (["--in-memory"] if in_memory else []), capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit("the forward failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = _memory_scaling().json_child(
+                __file__, ["--child", str(folder), "--batch", str(args.batch), "--tokens", str(args.tokens),
+                           "--passes", str(args.passes)] + (["--in-memory"] if in_memory else []), "the forward")
             print(json.dumps({"hidden": args.hidden, "layers": args.layers, "batch": args.batch,
                               "tokens": args.tokens, **result}), flush=True)
         if args.in_memory:

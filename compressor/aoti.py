@@ -18,6 +18,7 @@ from typing import Optional
 
 from .artifacts import AotiModel
 from .cuda import cuda_problem
+from .engine import gpu_identity
 from .errors import BackendMissing, UserError
 
 METADATA_FORMAT = 1
@@ -48,9 +49,7 @@ def aoti_problem(device: str) -> Optional[str]:
 
 
 def gpu_name() -> Optional[str]:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return (gpu_identity() or {}).get("name")
 
 
 def write_metadata(package: AotiModel, metadata: dict) -> None:

@@ -3,6 +3,7 @@ model is held (float32 or the checkpoint's own half-precision dtype; whole or bl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,8 +17,12 @@ EVALUATION_FACTOR = 2.5
 HALF_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
 
 
+@functools.cache
 def memory_available() -> int:
-    """Bytes the kernel reports available (MemAvailable), or 0 where /proc/meminfo is missing."""
+    """Bytes the kernel reports available (MemAvailable), or 0 where /proc/meminfo is missing: read once per
+    process, so that every choice of a run is made against the same figure. A reading taken after the
+    baseline is loaded would be lower by its size and could hold the result differently from the baseline
+    (the factors above already count both sides)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

@@ -278,10 +278,11 @@ def make_runner(artifact: Artifact, name: str, threads: Optional[int] = None, al
         if record and device != "cuda":  # before loading: the dense fallback on a CPU is not what was asked
             raise UserError(f"{artifact.path}: its layers run on 2:4 sparse kernels, which need a GPU; run with "
                             "--device cuda")
-        holding = evaluation_holding(artifact.path, artifact.task)
-        if artifact.module is None and holding.streamed and device == "cpu" and not record:
-            return StreamedRunner(artifact, name=name, threads=threads, dtype=holding.dtype,
-                                  trust_remote_code=trust_remote_code)
+        if artifact.module is None and device == "cpu" and not record:  # not loaded yet: is it loadable at all?
+            holding = evaluation_holding(artifact.path, artifact.task)
+            if holding.streamed:
+                return StreamedRunner(artifact, name=name, threads=threads, dtype=holding.dtype,
+                                      trust_remote_code=trust_remote_code)
         module = load_torch_model(artifact, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         runner = TorchRunner(module, artifact.task, name=name, threads=threads, device=device, dtype=torch_dtype)
         return _with_sparse_kernels(runner, record, artifact.path) if record else runner

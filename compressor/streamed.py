@@ -70,9 +70,12 @@ class LayerwiseModel:
     def block_prefix(self, index: int) -> str:
         return f"{self.prefix}.{index}."
 
-    def load(self, names: list[str]) -> None:
-        """Read these tensors from the checkpoint into the skeleton, as float32."""
-        state = {name: self.checkpoint.tensor(name).float() for name in names}
+    def load(self, names: list[str], dtype=None) -> None:
+        """Read these tensors from the checkpoint into the skeleton, as float32 or in `dtype`."""
+        import torch
+
+        dtype = dtype or torch.float32
+        state = {name: self.checkpoint.tensor(name).to(dtype) for name in names}
         self.module.load_state_dict(state, strict=False, assign=True)
         self.checkpoint.close()  # unmap the shards: pages read stay out of the resident set
 
@@ -132,13 +135,6 @@ def _decoder_blocks(module):
     return max(lists, key=lambda item: len(item[1]))
 
 
-def load_as(model: LayerwiseModel, names: list[str], dtype) -> None:
-    """Read these tensors into the skeleton in `dtype` (LayerwiseModel.load always upcasts to float32)."""
-    state = {name: model.checkpoint.tensor(name).to(dtype) for name in names}
-    model.module.load_state_dict(state, strict=False, assign=True)
-    model.checkpoint.close()
-
-
 def streamed_logits(model: LayerwiseModel, inputs: dict, dtype, buffers_in_dtype: bool = True):
     """The logits for `inputs` (as float32), the model held in `dtype`, blocks read in turn and dropped.
     `buffers_in_dtype`: computed buffers (rotary frequencies) in `dtype` too, as a whole model's .to(dtype)
@@ -146,14 +142,14 @@ def streamed_logits(model: LayerwiseModel, inputs: dict, dtype, buffers_in_dtype
     import torch
 
     module = model.module.to(dtype) if buffers_in_dtype else model.module
-    load_as(model, model.outside_names(), dtype)
+    model.load(model.outside_names(), dtype)
     if getattr(module.config, "tie_word_embeddings", False):
         module.tie_weights()
     handles = []
     for index, block in enumerate(model.blocks):
         prefix = model.block_prefix(index)
         handles.append(block.register_forward_pre_hook(
-            lambda _block, _args, prefix=prefix: load_as(model, model.checkpoint.names(prefix), dtype)))
+            lambda _block, _args, prefix=prefix: model.load(model.checkpoint.names(prefix), dtype)))
         handles.append(block.register_forward_hook(lambda block, _args, _output: model.drop(block)))
     try:
         with torch.no_grad():

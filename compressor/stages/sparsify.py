@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field
 
-from .. import sparse_kernels
+from .. import aoti, sparse_kernels
 from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer, load_torch_model, module_to_change
 from ..data import encode
@@ -83,9 +83,7 @@ class Sparsify(Stage):
         return problem
 
     def cache_salt(self, config) -> dict:
-        import torch
-
-        return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+        return {"gpu": aoti.gpu_name()}
 
     def run(self, config: SparsifyConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
         import torch
