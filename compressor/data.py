@@ -67,6 +67,11 @@ class CalibrationConfig(BaseModel):
                                "max_length (equal shapes, needed by entropy / percentile); bucket: sort by "
                                "length first so batches hold similar lengths")
     batch_size: int = Field(1, gt=0, description="samples per calibration batch")
+    all_experts: bool = Field(
+        True, description="mixture-of-experts models: send every calibration token through every expert while "
+                          "statistics are recorded (each block's output still follows the router), so that no "
+                          "expert is calibrated on a handful of tokens; the record gives the tokens the router "
+                          "chose per expert")
 
 
 @dataclass

@@ -98,6 +98,26 @@ def check_evaluation(task: str, baseline: BaselineSide, result: ResultSide) -> l
     return [row]
 
 
+def check_coverage(stage_records: list[dict], min_coverage: float) -> list[GateRow]:
+    """A row per weight-changing stage: of the transformer blocks' linear weights its config targets, the share
+    it changed (anatomy.coverage). A stage that changed less than `min_coverage` of them fails the run: a
+    skipped layer type (experts, say) must not read as a pass."""
+    rows = []
+    for index, record in enumerate(stage_records):
+        if "block_weights_changed_share" not in record:
+            continue
+        targeted = 1.0 - record.get("block_weights_excluded_share", 0.0)
+        if targeted <= 0:
+            continue
+        share = record["block_weights_changed_share"] / targeted
+        row = _at_least(f"coverage.stages[{index}].{record['type']}", round(share, 4), min_coverage)
+        if not row.passed:
+            row.note = (f"stages[{index}] ({record['type']}) changed {share:.0%} of the block weights it targets; "
+                        "see its record and notes")
+        rows.append(row)
+    return rows
+
+
 def _with_interval(verdict: GateRow, estimate: Optional[Speedup], to_measured) -> GateRow:
     """Attach the speed-up's confidence interval, mapped into the goal's units, and whether the
     threshold still lies inside it (a marginal verdict)."""

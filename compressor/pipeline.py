@@ -14,6 +14,7 @@ from typing import Optional
 
 from . import cache, distributed, memory
 from . import report as reporting
+from .anatomy import MIN_COVERAGE
 from .artifacts import Artifact, OnnxModel, TorchModel, artifact_spec
 from .bench import OtherLoad, benchmark_feed, measure
 from .checkpoint import class_names, inspect_checkpoint, load_tokenizer
@@ -22,8 +23,8 @@ from .errors import UserError
 from .evaluate import PER_CLASS_METRIC, Evaluation, evaluate, first_batch
 from .fit import evaluation_holding
 from .generation import prompt_ids, time_generation
-from .gate import (check_evaluation, check_goals, check_regression, load_previous, machine_differences,
-                   machine_facts_known, speedup_thresholds)
+from .gate import (check_coverage, check_evaluation, check_goals, check_regression, load_previous,
+                   machine_differences, machine_facts_known, speedup_thresholds)
 from .machine import has_int8_dot_product
 from .onnx_graph import tidy_external_data
 from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
@@ -352,8 +353,8 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                                  speedup=Speedup(**speedups[runner.name].as_dict()),
                                  size_mb=round(final.size_mb(), 3), backend=runner.backend,
                                  artifact=str(final_folder / final.path.relative_to(folder)))
-        gate = check_evaluation(task, base_side, result_side) + check_goals(recipe.goals, base_side,
-                                                                            result_side)
+        gate = (check_evaluation(task, base_side, result_side) + check_goals(recipe.goals, base_side, result_side)
+                + check_coverage(stage_records, MIN_COVERAGE))
         if prepared.previous is not None:
             gate += check_regression(recipe.goals.regression, task, prepared.previous, base_side, result_side,
                                      differences)

@@ -5,8 +5,6 @@ It also picks the layers a prune stage targets, and prunes them by magnitude."""
 
 from __future__ import annotations
 
-import fnmatch
-
 from .errors import UserError
 
 # pattern -> (n kept, m per group), None for unstructured
@@ -37,19 +35,11 @@ def row_mask(scores, sparsity: float):
 
 
 def select_linears(module, targets: list[str], ignore: list[str]) -> dict:
-    """name -> nn.Linear for the layers `targets` names and `ignore` does not (shell patterns, matched against
-    the full name or its last part)."""
-    import torch
+    """name -> linear layer for the layers `targets` names and `ignore` does not (shell patterns, matched
+    against the full name or its last part), experts included and routers never (anatomy.py)."""
+    from .anatomy import describe
 
-    def matches(name, patterns):
-        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p)
-                   for p in patterns)
-
-    layers = {name: child for name, child in module.named_modules()
-              if isinstance(child, torch.nn.Linear) and matches(name, targets) and not matches(name, ignore)}
-    if not layers:
-        raise UserError(f"prune: no nn.Linear matches targets {targets} outside ignore {ignore}")
-    return layers
+    return describe(module).select(targets, ignore, "prune", head=True)
 
 
 def prune_magnitude(layers: dict, config) -> None:

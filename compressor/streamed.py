@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .anatomy import is_fused_experts
 from .checkpoint import model_class
 from .errors import UserError
 from .linear_layers import is_conv1d
@@ -50,6 +51,10 @@ class LayerwiseModel:
             self.module = model_class(task).from_config(config, dtype=torch.float32,
                                                         trust_remote_code=trust_remote_code)
         self.module.eval()
+        fused = next((name for name, child in self.module.named_modules() if is_fused_experts(child)), None)
+        if fused is not None:
+            raise UserError(f"{self.folder}: layer by layer does not handle mixture-of-experts models yet ({fused} "
+                            "holds fused experts, which the checkpoint stores one by one); use execution: whole")
         self.float_names = set(self.module.state_dict())
         self.stored = set(self.checkpoint.names())
         missing = sorted(n for n in self.float_names - self.stored

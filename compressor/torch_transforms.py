@@ -13,9 +13,10 @@ import fnmatch
 
 import numpy as np
 
+from .anatomy import is_fused_experts, open_for_compression
 from .artifacts import TorchModel
 from .errors import UserError
-from .linear_layers import conv1d_names, conv1d_to_linear
+from .linear_layers import conv1d_names
 from .shards import read_state
 
 INT8_DYNAMIC = "int8-dynamic"
@@ -39,11 +40,12 @@ def torch_dynamic_int8(module, transform: dict):
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
     qconfig = per_channel_dynamic_qconfig if transform["per_channel"] else default_dynamic_qconfig
-    copied = bool(conv1d_names(module))
-    if copied:  # torch.ao quantizes nn.Linear: GPT-2's Conv1D layers become the Linear they equal,
-        module = copy.deepcopy(module)  # in a copy (the caller's module may be a run's baseline)
-        conv1d_to_linear(module)
+    copied = bool(conv1d_names(module)) or any(is_fused_experts(child) for child in module.modules())
+    if copied:  # torch.ao quantizes nn.Linear: GPT-2's Conv1D layers become the Linear they equal and fused
+        module = copy.deepcopy(module)  # experts one Linear each, in a copy (the caller's may be a baseline)
+    parts = open_for_compression(module)
     names = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)
+             and name in parts.linears and not parts.is_router(name)
              and not any(fnmatch.fnmatchcase(name, p) for p in transform["exclude"])]
     quantized = quantize_dynamic(module, {name: qconfig for name in names}, dtype=torch.qint8, inplace=copied)
     return quantized, len(names)
@@ -168,7 +170,7 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
     config = AutoConfig.from_pretrained(artifact.path, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         module = model_cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    conv1d_to_linear(module)  # the quantize stage swapped GPT-2's Conv1D layers for nn.Linear before saving
+    open_for_compression(module)  # the quantize stage saved GPT-2's Conv1D layers as nn.Linear, experts one by one
     with torch.device("meta"):  # the quantized layers' tensors too: a tensor missing from the file stays empty
         if transform["name"] == INT4_WEIGHT_ONLY:
             linear4 = int4_linear_class()

@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
+from ..anatomy import architecture_of
 from ..artifacts import ArtifactKind, TorchModel
 from ..checkpoint import copy_checkpoint_files, empty_model, model_class, quantization_of
 from ..errors import BackendMissing, UserError
@@ -100,11 +101,17 @@ def quantize_bnb_4bit(config: Bnb4bitConfig, artifact: TorchModel, ctx: StageCon
     if quantized:
         raise UserError(f"quantize {config.scheme}: the model is already quantized ({quantized}); "
                         "start from the float checkpoint")
+    # Names to skip come from the float model's structure, which a meta-device instance gives for free.
+    skeleton = empty_model(artifact.path, artifact.task, ctx.trust_remote_code)
+    fused = next((name for name, parameter in skeleton.named_parameters() if parameter.ndim >= 3), None)
+    if fused is not None:
+        raise UserError(f"quantize {config.scheme}: bitsandbytes quantizes nn.Linear layers, and this "
+                        f"{architecture_of(skeleton)} model keeps its experts fused ({fused}), so they would stay "
+                        "float; use int4-weight-only (rtn or gptq), which quantizes every expert")
     problem = bnb_unavailable()
     if problem:
         raise BackendMissing(problem)
-    # Names to skip come from the float model's structure, which a meta-device instance gives for free.
-    skip = skipped_modules(empty_model(artifact.path, artifact.task, ctx.trust_remote_code), config.exclude)
+    skip = skipped_modules(skeleton, config.exclude)
     settings = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=config.scheme, bnb_4bit_use_double_quant=config.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype), llm_int8_skip_modules=skip)

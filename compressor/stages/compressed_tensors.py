@@ -27,6 +27,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import Field
 
+from ..anatomy import architecture_of, checkpoint_name, is_fused_experts, overrides_linear_forward
 from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, load_torch_model, quantization_method
 from ..errors import StageFailed, UserError
@@ -89,28 +90,28 @@ class ExportCompressedTensors(Stage):
         if transform is not None and transform["name"] == INT4_WEIGHT_ONLY and not transform["symmetric"]:
             raise UserError("export_compressed_tensors: asymmetric int4 has no loader here (transformers 4.57 with "
                             "compressed-tensors 0.19 cannot read its zero points); quantize with symmetric: true")
-        if transform is not None and conv1d_names(empty_model(artifact.path, artifact.task, ctx.trust_remote_code)):
-            raise UserError("export_compressed_tensors: quantized GPT-2-style Conv1D models are not written in "
-                            "compressed-tensors yet (its groups target Linear layers); write the float model, or "
-                            "keep compress's own int4 / int8 result")
+        if transform is not None:
+            _refuse_unloadable(empty_model(artifact.path, artifact.task, ctx.trust_remote_code), transform["layers"])
+        architecture = architecture_of(module)
         tensors, quantized = {}, set()
         with torch.no_grad():
             for name, layer in module.named_modules():
                 kind = type(layer).__name__
+                stored = checkpoint_name(architecture, name)  # experts under their checkpoints' names
                 if kind == "Int4WeightOnlyLinear":
-                    tensors.update(_int4_tensors(name, layer, transform["symmetric"]))
+                    tensors.update(_int4_tensors(stored, layer, transform["symmetric"]))
                 elif kind == "Int8WeightOnlyLinear":
-                    tensors.update(_int8_tensors(name, layer))
+                    tensors.update(_int8_tensors(stored, layer))
                 else:
                     continue
                 quantized.add(name)
                 if layer.bias is not None:
-                    tensors[f"{name}.bias"] = layer.bias.detach().contiguous()
+                    tensors[f"{stored}.bias"] = layer.bias.detach().contiguous()
             state = module.state_dict()
             for key, value in state.items():
-                owner = key.rpartition(".")[0]
+                owner, _, leaf = key.rpartition(".")
                 if owner not in quantized and not key.endswith("rotary_emb.inv_freq"):
-                    tensors[key] = value.detach().contiguous()
+                    tensors[f"{checkpoint_name(architecture, owner)}.{leaf}"] = value.detach().contiguous()
         linears = [name for name, layer in module.named_modules() if is_linear_like(layer) or name in quantized]
         ignore = [name for name in linears if name not in quantized]
         sparsity = _sparsity(module, ignore) if transform is None else {}
@@ -142,6 +143,22 @@ class ExportCompressedTensors(Stage):
             raise StageFailed(f"export_compressed_tensors: transformers reloads the folder with logits {diff:.3g} away "
                               f"from the model it was written from (atol {config.atol:g})")
         return result
+
+
+def _refuse_unloadable(skeleton, quantized: list[str]) -> None:
+    """Layers compressed-tensors' loaders cannot run once quantized, named before anything is written."""
+    if conv1d_names(skeleton):
+        raise UserError("export_compressed_tensors: quantized GPT-2-style Conv1D models are not written in "
+                        "compressed-tensors yet (its groups target Linear layers, and GPT-2's weights are stored "
+                        "transposed); write the float model, or keep compress's own int4 / int8 result")
+    modules = dict(skeleton.named_modules())
+    custom = sorted({type(modules[name]).__name__ for name in quantized
+                     if name in modules and overrides_linear_forward(modules[name])})
+    if custom:
+        raise UserError(f"export_compressed_tensors: {architecture_of(skeleton)}'s {', '.join(custom)} layers compute "
+                        "with their own forward on `weight`, which compressed-tensors' loader replaces with packed "
+                        "tensors, so transformers could not run the folder; keep compress's own int4 / int8 result, "
+                        "or write the float model")
 
 
 def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
@@ -199,6 +216,9 @@ def _sparsity(module, ignore: list[str]) -> dict:
     they are dense. 2:4 runs along each output's inputs."""
     weights = [out_in_weight(layer).detach() for name, layer in module.named_modules()
                if is_linear_like(layer) and name != "lm_head" and shape_of(layer)[0] % 4 == 0]
+    for layer in module.modules():  # fused experts: each expert's (outputs, inputs) rows
+        if is_fused_experts(layer):
+            weights += [p.detach().reshape(-1, p.shape[-1]) for p in (layer.gate_up_proj, layer.down_proj)]
     if not weights:
         return {}
     zeros = sum(int((w == 0).sum()) for w in weights)

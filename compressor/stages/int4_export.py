@@ -18,6 +18,7 @@ import numpy as np
 
 from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, module_to_change
+from ..anatomy import describe, is_fused_experts, restore_layout
 from ..errors import StageFailed, UserError
 from ..linear_layers import conv1d_names
 from ..torch_transforms import INT4_WEIGHT_ONLY
@@ -44,10 +45,12 @@ def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: 
     scales, zero points) as numpy arrays, codes N x K."""
     import torch
 
-    if conv1d_names(empty_model(artifact.path, artifact.task, ctx.trust_remote_code)):
-        raise UserError("export_onnx: a torch int4 model with GPT-2-style Conv1D layers cannot be exported with its "
-                        "codes yet (the exporter writes Conv1D as Gemm); export the float model and quantize the "
-                        "ONNX model, or keep the torch int4 result")
+    skeleton = empty_model(artifact.path, artifact.task, ctx.trust_remote_code)
+    if any(is_fused_experts(child) for child in skeleton.modules()):
+        raise UserError("export_onnx: the int4 experts of a mixture-of-experts model have no MatMulNBits form in "
+                        "the exported graph (it computes the experts as stacked tensors, not one MatMul each); "
+                        "write them with export_compressed_tensors, or export the float model")
+    conv1d = conv1d_names(skeleton)
     module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
     grids = {}
     with torch.no_grad():
@@ -63,6 +66,9 @@ def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: 
             setattr(parent, child_name, linear)
             grids[name] = (_weight_key(weight.numpy()), quantized.codes().numpy(),
                            quantized.weight_scale.numpy(), quantized.weight_zero_point.numpy())
+    # GPT-2's layers back to Conv1D, experts back to their fused tensors: the layout the model's class loads
+    # (the exporter then writes a Conv1D as a Gemm or MatMul reading (inputs, outputs), matched below)
+    restore_layout(module, describe(module), conv1d)
     folder.mkdir(parents=True)
     module.save_pretrained(folder, safe_serialization=True)
     copy_checkpoint_files(artifact.path, folder)
@@ -73,7 +79,7 @@ def pack_int4_matmuls(model, grids: dict[str, tuple], group_size: int, symmetric
     """Replace, in place, each MatMul of `model` whose constant weight is one of `grids`' dequantized
     weights by MatMulNBits with that layer's codes. Every layer must be found once at least."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     by_key, names_of = {}, {}
     for name, (key, codes, scales, zeros) in grids.items():  # layers with bit-identical weights share one entry
@@ -82,22 +88,40 @@ def pack_int4_matmuls(model, grids: dict[str, tuple], group_size: int, symmetric
     inits = {i.name: i for i in model.graph.initializer}
     found, replaced = set(), {}
     for index, node in enumerate(model.graph.node):
-        init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        gemm = _plain_gemm(node) if node.op_type == "Gemm" else None
+        init = inits.get(node.input[1]) if (node.op_type == "MatMul" or gemm) and len(node.input) > 1 else None
         if init is None or len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT:
             continue
-        key = _weight_key(numpy_helper.to_array(init).T)
+        weight = numpy_helper.to_array(init)
+        key = _weight_key(weight if gemm == "transposed" else weight.T)  # transB: (outputs, inputs)
         if key not in by_key:
             continue
         _, codes, scales, zeros = by_key[key]
         found.update(names_of[key])
-        replaced[node.name] = pack_matmulnbits(node, codes, scales, None if symmetric else zeros, group_size, None,
-                                               prefix=f"{node.input[1]}_{index}")
+        new, new_inits = pack_matmulnbits(node, codes, scales, None if symmetric else zeros, group_size, None,
+                                          prefix=f"{node.input[1]}_{index}")
+        if gemm and len(node.input) > 2 and node.input[2]:  # Gemm's bias C: added after the 4-bit product
+            product = f"{node.output[0]}_nobias"
+            new.output[0] = product
+            new = [new, helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{node.name}_bias")]
+        replaced[node.name] = (new, new_inits)
     missing = sorted(set(grids) - found)
     if missing:
         raise StageFailed(f"export_onnx: {len(missing)} int4 layers were not found as MatMul weights in the exported "
                           f"graph (first: {missing[:3]}); the exporter changed their weights")
     swap_matmul_nodes(model, replaced)
     return len(replaced)
+
+
+def _plain_gemm(node) -> Optional[str]:
+    """For a Gemm that is a linear layer, Y = A B^T + C ("transposed": how the exporter writes nn.Linear on
+    2-D inputs, OPT's feed-forward layers) or Y = A B + C ("plain": GPT-2's Conv1D), which; else None."""
+    from onnx import helper
+
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("transA", 0) != 0 or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+        return None
+    return "transposed" if attributes.get("transB", 0) == 1 else "plain"
 
 
 def pack_matmulnbits(node, codes: np.ndarray, scales: np.ndarray, zeros, block_size: int,
@@ -146,7 +170,7 @@ def swap_matmul_nodes(model, replaced: dict[str, tuple]) -> None:
     for node in model.graph.node:
         if node.name in replaced:
             new, new_inits = replaced[node.name]
-            order.append(new)
+            order.extend(new if isinstance(new, list) else [new])
             model.graph.initializer.extend(new_inits)
             readers[node.input[1]] -= 1
         else:

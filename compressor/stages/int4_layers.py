@@ -6,30 +6,29 @@ from __future__ import annotations
 
 import fnmatch
 
+from ..anatomy import Anatomy
 from ..artifacts import TorchModel
-from ..errors import UserError
 from ..torch_transforms import INT4_WEIGHT_ONLY, int4_linear_class, swap_modules
 from .base import StageContext
 from .int4_gptq import dequantize, gptq_quantize, rtn_quantize
 
 
-def quantized_targets(module, exclude: list[str]) -> tuple[dict, list[str]]:
-    """nn.Linear layers to quantize, and those kept in float because their weight is an embedding's;
-    refused when `exclude` leaves none."""
-    import torch
+def quantizes_head(config) -> bool:
+    """Whether an untied head is quantized: asked for by `quantize_head`, else only by rtn. Calibrated
+    methods leave it float by default, as the peers do: it reads the final hidden states, which no block's
+    calibration covers, and a 4-bit head costs more accuracy than any block layer."""
+    return config.quantize_head if config.quantize_head is not None else config.algorithm == "rtn"
 
-    embedded = {id(child.weight) for child in module.modules() if isinstance(child, torch.nn.Embedding)}
-    chosen, tied = {}, []
-    for name, child in module.named_modules():
-        if not isinstance(child, torch.nn.Linear) or any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        if id(child.weight) in embedded:
-            tied.append(name)
-        else:
-            chosen[name] = child
-    if not chosen:
-        raise UserError("quantize int4-weight-only: no nn.Linear left to quantize after `exclude`")
-    return chosen, tied
+
+def quantized_targets(parts: Anatomy, config) -> tuple[dict, list[str]]:
+    """Linear layers to quantize (experts included, routers never), and the linears kept in float: the head
+    when it is tied to the embedding table (quantizing it would quantize the lookup too, and untie the
+    checkpoint) or not asked for (quantizes_head). Refused when `exclude` leaves none."""
+    chosen = parts.select([], config.exclude, "quantize int4-weight-only",
+                          head=quantizes_head(config) and not parts.head_tied)
+    kept = [name for name in (parts.head,) if name is not None and name not in chosen
+            and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)]
+    return chosen, kept
 
 
 def layer_quantizer(config, grids: dict):

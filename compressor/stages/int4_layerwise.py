@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 
 from .. import distributed
+from ..anatomy import describe
 from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer
 from ..data import calibration_batches
-from ..errors import UserError
 from .awq import awq_smooth
 from .base import StageContext
 from .int4_layers import int4_transform, layer_quantizer, quantized_targets, record_awq, record_int4, swap_to_int4
@@ -27,14 +27,12 @@ def int4_layerwise(config, artifact: TorchModel, ctx: StageContext) -> TorchMode
     import torch
 
     model = LayerwiseModel(artifact.path, artifact.task, ctx.trust_remote_code)
-    layers, tied = quantized_targets(model.module, config.exclude)
+    layers, tied = quantized_targets(describe(model.module), config)
     # The skeleton's head is not tied to its (empty) embeddings as a loaded model's is: ask the config.
     tied += [name for name in layers if model.tied(f"{name}.weight")]
     layers = {name: layer for name, layer in layers.items() if name not in tied}
     outside = [name for name in layers if not name.startswith(model.prefix + ".")]
-    if outside and config.algorithm != "rtn":
-        raise UserError(f"{STAGE}: {outside[:3]} lie outside the transformer blocks, which {config.algorithm} "
-                        "calibrates one by one; add them to `exclude`")
+    # outside the blocks (the head, when asked for): rounded to nearest once the blocks are done
     grids: dict = {}
     quantize_layer = layer_quantizer(config, grids)
     out = ctx.workdir / "model"
@@ -80,6 +78,7 @@ def _calibrate(config, artifact: TorchModel, model: LayerwiseModel, layers: dict
     feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
     model.load_embeddings()
     spill = {"spill_dir": ctx.workdir / "activations", "details": ctx.details}
+    layers = {name: layer for name, layer in layers.items() if name.startswith(model.prefix + ".")}
     if config.algorithm == "gptq":
         compress_sequentially(model.module, layers, feeds, artifact.task, "hessian", "quantize int4 gptq",
                               quantize_layer, ctx.progress, block_loaded=model.load_block, block_done=done, **spill)

@@ -58,6 +58,11 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
     calibration: Optional[CalibrationConfig] = Field(
         None, description="algorithms gptq and awq only, and required there: the samples whose layer inputs guide "
                           "rounding (see Calibration data)")
+    quantize_head: Optional[bool] = Field(
+        None, description="torch: quantize an untied output head (lm_head) too. Default: yes for rtn; no for gptq "
+                          "and awq, which calibrate the transformer blocks and leave the head float, as "
+                          "llm-compressor's recipes do; true rounds it to nearest after the blocks. A head tied "
+                          "to the embedding table always stays with the table")
     execution: Literal["auto", "whole", "layerwise"] = Field(
         "auto", description="torch causal LMs: layerwise reads, quantizes and writes one transformer block at a "
                             "time (models larger than memory); auto chooses it when the float32 model would not "
@@ -81,6 +86,8 @@ class Int4WeightOnlyConfig(QuantizeConfigBase):
                    "export_onnx, which writes its codes into MatMulNBits"
         if input_kind == "onnx" and self.execution != "auto":
             return "execution applies to torch models"
+        if input_kind == "onnx" and self.quantize_head is not None:
+            return "quantize_head applies to torch models; on ONNX name the head's MatMul in `exclude` to keep it float"
         if input_kind == "torch" and "accuracy_level" in self.model_fields_set:
             return "accuracy_level applies to ONNX models (MatMulNBits' compute type)"
         if self.algorithm in ("gptq", "awq") and self.calibration is None:

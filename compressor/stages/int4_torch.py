@@ -19,18 +19,18 @@ import json
 import logging
 
 from .. import distributed
+from ..anatomy import excluded_by, open_for_compression, record_coverage
 from ..artifacts import TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer, module_to_change
 from ..data import calibration_batches
 from ..errors import UserError
-from ..linear_layers import conv1d_to_linear
 from .awq import awq_smooth
 from .base import StageContext
 from .int4_layers import (int4_transform, layer_quantizer, quantized_targets, record_awq, record_int4,
                           swap_to_int4)
 from .int4_layerwise import int4_layerwise
 from .layerwise import choose_execution
-from .sequential import compress_sequentially
+from .sequential import compress_sequentially, split_by_blocks
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,21 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
     if execution == "layerwise":
         return int4_layerwise(config, artifact, ctx)
     module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
-    conv1d_to_linear(module)  # GPT-2's Conv1D layers are quantized as the nn.Linear they equal
-    layers, tied = quantized_targets(module, config.exclude)
+    # GPT-2's Conv1D layers are quantized as the nn.Linear they equal, fused experts one by one
+    parts = open_for_compression(module)
+    layers, tied = quantized_targets(parts, config)
     group = config.block_size
     grids = {}
     quantize_layer = layer_quantizer(config, grids)
     with torch.no_grad():
         if config.algorithm == "gptq":
             feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
-            compress_sequentially(module, layers, feeds, artifact.task, "hessian", "quantize int4 gptq",
+            inside, outside = split_by_blocks(module, layers)
+            compress_sequentially(module, inside, feeds, artifact.task, "hessian", "quantize int4 gptq",
                                   quantize_layer, ctx.progress, spill_dir=ctx.workdir / "activations",
-                                  details=ctx.details)
+                                  details=ctx.details, all_experts=config.calibration.all_experts)
+            for name, layer in outside.items():  # the head, when asked for: no block's inputs reach it
+                quantize_layer(name, layer)
             if not distributed.leads():
                 # Only process 0 quantizes (it holds the codes); the others stop here (pipeline.py): no stage
                 # after quantize splits calibration, so nothing reads this process's result.
@@ -69,10 +73,10 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
                 for name, layer in layers.items():
                     if name.startswith(prefix):
                         quantize_layer(name, layer)
-            record_awq(awq_smooth(module, layers, feeds, artifact.task, group, config.grid(), quantize_block,
+            record_awq(awq_smooth(module, split_by_blocks(module, layers)[0], feeds, artifact.task, group, config.grid(), quantize_block,
                                   ctx.progress, spill_dir=ctx.workdir / "activations", details=ctx.details), ctx)
             missed = [name for name in layers if name not in grids]
-            for name in missed:  # targeted layers outside the balanced groups' blocks: plain rounding
+            for name in missed:  # layers no balanced group covers (and the head, if asked for): plain rounding
                 quantize_layer(name, layers[name])
         else:
             for name in ctx.progress.track(list(layers), len(layers), "quantizing int4 (rtn)"):
@@ -87,4 +91,5 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
     (out / TRANSFORMS_FILE).write_text(json.dumps({"transforms": [transform]}, indent=2))
     result = TorchModel(out, artifact.task, transforms=[transform], module=module.eval())
     record_int4(config, artifact, result, names, tied, ctx)
+    record_coverage(parts, names, "quantize int4-weight-only", ctx, excluded_by(parts, layers))
     return result

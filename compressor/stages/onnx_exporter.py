@@ -27,6 +27,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..anatomy import dense_routed_experts
 from ..checkpoint import cache_keyword, copy_checkpoint_files, inspect_checkpoint, model_class, returned_cache
 from ..errors import UserError
 from ..onnx_graph import tidy_external_data
@@ -57,6 +58,8 @@ def export_checkpoint(checkpoint: Path, task: str, out_dir: Path, *, exporter: s
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{checkpoint}: transformers could not load it as a {task} model: {exc}") from None
     forward, args, input_names, output_names, axes = _traceable(module, task, with_past)
+    # Mixture-of-experts layers are traced with every expert computed for every token (anatomy.py): the
+    # graph is exact, and does E / top-k times the feed-forward work of the routed eager loop.
     # The exporters write large weights as files of their own naming; they go to a scratch folder, and
     # _finish writes model.onnx (and one model.onnx.data) from there.
     scratch = out_dir / ".export"
@@ -65,7 +68,8 @@ def export_checkpoint(checkpoint: Path, task: str, out_dir: Path, *, exporter: s
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     opset_used = max(opset, DYNAMO_MIN_OPSET) if exporter == "dynamo" else opset
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _forward_replaced(module, forward):
+        with torch.no_grad(), warnings.catch_warnings(), _forward_replaced(module, forward), \
+                dense_routed_experts(module):
             # torch warns that the TorchScript exporter is deprecated: chosen knowingly (see module doc).
             warnings.simplefilter("ignore", DeprecationWarning)
             if exporter == "torchscript":

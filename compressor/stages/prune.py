@@ -17,12 +17,12 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from .. import distributed
+from ..anatomy import excluded_by, open_for_compression, record_coverage, restore_layout
 from ..artifacts import TorchModel
 from ..checkpoint import copy_checkpoint_files, load_tokenizer, load_torch_model, module_to_change
 from ..data import CalibrationConfig, calibration_batches
 from ..errors import StageFailed, UserError
-from ..linear_layers import conv1d_to_linear, linear_to_conv1d
-from ..sparsity import PATTERNS, prune_magnitude, select_linears
+from ..sparsity import PATTERNS, prune_magnitude
 from .base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
 from .layerwise import choose_execution
 from .prune_calibrated import prune_with_calibration
@@ -149,14 +149,18 @@ class Prune(Stage):
             out, names = prune_layerwise(config, artifact, ctx)
             return self._finish(config, TorchModel(out, artifact.task), names, ctx)
         module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
-        conv1d = conv1d_to_linear(module)  # GPT-2's Conv1D layers pruned as the nn.Linear they equal
-        layers = select_linears(module, config.targets, config.ignore)
+        # GPT-2's Conv1D layers pruned as the nn.Linear they equal, fused experts one by one
+        parts = open_for_compression(module)
+        layers = parts.select(config.targets, config.ignore, "prune", head=True)
         with torch.no_grad():
             if config.method == "magnitude":
                 prune_magnitude(layers, config)
             else:
                 prune_with_calibration(module, layers, config, artifact, ctx)
-        linear_to_conv1d(module, conv1d)  # saved in the layout the model's class loads
+        in_memory = layer_sparsity(layers)
+        reached = [name for name, (zeros, size) in in_memory.items() if zeros >= 0.9 * config.target_sparsity * size]
+        record_coverage(parts, reached, "prune", ctx, excluded_by(parts, layers))
+        restore_layout(module, parts)  # saved in the layout the model's class loads
         if not distributed.leads():
             # A process helping process 0 calibrate (distributed.py) keeps the pruned module for a later
             # splitting stage; its files would be discarded (and transformers writes on process 0 only).
@@ -164,11 +168,13 @@ class Prune(Stage):
         out = ctx.workdir / "model"
         module.save_pretrained(out, safe_serialization=True)
         copy_checkpoint_files(artifact.path, out)  # tokenizer and the like; save_pretrained wrote config
-        return self._finish(config, TorchModel(out, artifact.task, module=module), list(layers), ctx)
+        return self._finish(config, TorchModel(out, artifact.task, module=module), list(layers), ctx, in_memory)
 
-    def _finish(self, config: PruneConfig, result: TorchModel, names: list[str], ctx: StageContext) -> TorchModel:
+    def _finish(self, config: PruneConfig, result: TorchModel, names: list[str], ctx: StageContext,
+                in_memory: Optional[dict] = None) -> TorchModel:
         ctx.details.update({"method": config.method, "pattern": config.pattern,
-                            "target_sparsity": round(config.target_sparsity, 4), **measured_sparsity(result, names)})
+                            "target_sparsity": round(config.target_sparsity, 4),
+                            **measured_sparsity(result, names, in_memory)})
         return result
 
 
@@ -197,8 +203,15 @@ class Prune(Stage):
         return TorchModel(out, artifact.task, module=module)
 
 
-def measured_sparsity(artifact: TorchModel, names: list[str]) -> dict:
-    """Zeros per pruned layer and overall, counted in the saved safetensors files."""
+def layer_sparsity(layers: dict) -> dict:
+    """name -> (zeros, weights) of each pruned layer, counted in memory."""
+    return {name: (int((layer.weight == 0).sum()), layer.weight.numel()) for name, layer in layers.items()}
+
+
+def measured_sparsity(artifact: TorchModel, names: list[str], in_memory: Optional[dict] = None) -> dict:
+    """Zeros per pruned layer and overall, counted in the saved safetensors files. A model saved in another
+    layout than it was pruned in (fused experts stacked back) gives its per-layer counts from memory
+    (`in_memory`, layer_sparsity), and the files must hold at least as many zeros."""
     from safetensors import safe_open
 
     wanted = {f"{name}.weight" for name in names}
@@ -209,9 +222,14 @@ def measured_sparsity(artifact: TorchModel, names: list[str]) -> dict:
                 tensor = handle.get_tensor(key)
                 count = int((tensor == 0).sum())
                 model_zeros, model_total = model_zeros + count, model_total + tensor.numel()
-                if key in wanted:
+                if key in wanted and in_memory is None:
                     per_layer[key[: -len(".weight")]] = round(count / tensor.numel(), 4)
                     zeros, total = zeros + count, total + tensor.numel()
+    if in_memory is not None:
+        per_layer = {name: round(count / size, 4) for name, (count, size) in in_memory.items()}
+        zeros, total = sum(c for c, _ in in_memory.values()), sum(n for _, n in in_memory.values())
+        if model_zeros < zeros:
+            raise UserError(f"prune: the saved files hold {model_zeros} zeros, fewer than the {zeros} pruned")
     missing = sorted(set(names) - set(per_layer))
     if missing:
         raise UserError(f"prune: pruned layers missing from the saved files: {missing[:3]}")

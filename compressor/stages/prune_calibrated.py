@@ -9,12 +9,13 @@ reconstruction loss (H = X^T X), and update the not-yet-pruned weights to compen
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from ..checkpoint import load_tokenizer
 from ..data import calibration_batches
 from ..errors import UserError
 from ..sparsity import PATTERNS, nm_mask, row_mask
-from .sequential import LayerInputs, compress_sequentially
+from .sequential import LayerInputs, compress_sequentially, split_by_blocks
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,11 @@ def calibrated_layer_pruner(config):
     """(statistic the method needs, function pruning one layer from it) for Wanda or SparseGPT."""
     group = PATTERNS[config.pattern]
 
-    def prune_layer(_name, layer, stats: LayerInputs) -> None:
-        if config.method == "wanda":
+    def prune_layer(_name, layer, stats: Optional[LayerInputs]) -> None:
+        if stats is None:  # no calibration token reached this layer (an expert never routed to): magnitude
+            scores = layer.weight.abs()
+            layer.weight[nm_mask(scores, *group) if group else row_mask(scores, config.target_sparsity)] = 0
+        elif config.method == "wanda":
             _wanda(layer, stats, config.target_sparsity, group)
         else:
             _sparsegpt(layer, stats, config.target_sparsity, group, config.block_size, config.dampening)
@@ -33,10 +37,18 @@ def calibrated_layer_pruner(config):
 
 
 def prune_with_calibration(module, layers: dict, config, artifact, ctx) -> None:
+    """Prune the layers inside the transformer blocks from their calibration inputs, block by block; a
+    layer outside them (the head, when `ignore` lets it in) by magnitude, as no block's inputs reach it."""
     feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
     kind, prune_layer = calibrated_layer_pruner(config)
-    compress_sequentially(module, layers, feeds, artifact.task, kind, "prune", prune_layer,
-                          spill_dir=ctx.workdir / "activations", details=ctx.details)
+    inside, outside = split_by_blocks(module, layers)
+    compress_sequentially(module, inside, feeds, artifact.task, kind, "prune", prune_layer,
+                          spill_dir=ctx.workdir / "activations", details=ctx.details,
+                          all_experts=config.calibration.all_experts)
+    for name, layer in outside.items():
+        prune_layer(name, layer, None)
+    if outside:
+        ctx.details["pruned_by_magnitude_outside_blocks"] = list(outside)
     ctx.details["calibration_samples"] = config.calibration.samples
 
 

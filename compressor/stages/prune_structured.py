@@ -62,6 +62,11 @@ class Units:
 
 def family(block) -> str:
     if hasattr(block, "self_attn") and hasattr(block, "mlp") and hasattr(block.mlp, "down_proj"):
+        if not all(hasattr(block.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
+                not all(hasattr(block.mlp, name) for name in ("gate_proj", "up_proj")):
+            raise UserError(f"prune structured: {type(block).__name__} fuses its projections (Phi-3's qkv_proj and "
+                            "gate_up_proj) or lacks gate/up projections; heads and channels are removed from "
+                            "separate q/k/v/o and gate/up/down layers; use unstructured pruning")
         return "llama"
     if hasattr(block, "attention") and hasattr(block, "intermediate") and hasattr(block.attention, "self"):
         return "bert"

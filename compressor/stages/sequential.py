@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import distributed
+from .. import anatomy, distributed
 from ..data import torch_inputs
 from ..errors import UserError
 from .activations import BlockInputs, block_inputs_store
@@ -20,20 +20,23 @@ class _Captured(Exception):
 
 
 def find_blocks(module, layers: dict, stage: str):
-    """The repeated transformer blocks: the largest nn.ModuleList that holds targeted layers."""
-    import torch
-
-    lists = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.ModuleList)]
-    holding = [(name, child) for name, child in lists if any(key.startswith(name + ".") for key in layers)]
-    if not holding:
+    """The repeated transformer blocks (anatomy.find_blocks), refused when targeted layers lie outside them."""
+    name, blocks = anatomy.find_blocks(module, layers)
+    if name is None:
         raise UserError(f"{stage}: found no repeated transformer blocks (an nn.ModuleList) holding the targeted "
                         "layers")
-    name, blocks = max(holding, key=lambda item: len(item[1]))
     outside = [key for key in layers if not key.startswith(name + ".")]
     if outside:
         raise UserError(f"{stage}: {outside[:3]} lie outside the transformer blocks; exclude them (`ignore` / "
                         "`exclude`) or use a method without calibration")
     return name, blocks
+
+
+def split_by_blocks(module, layers: dict) -> tuple[dict, dict]:
+    """(the layers inside the repeated blocks, those outside: a head, a pooler)."""
+    name, _ = anatomy.find_blocks(module, layers)
+    inside = {key: layer for key, layer in layers.items() if name is not None and key.startswith(name + ".")}
+    return inside, {key: layer for key, layer in layers.items() if key not in inside}
 
 
 def block_inputs(module, blocks, feeds: list[dict], task: str, store: Optional[BlockInputs] = None) -> BlockInputs:
@@ -96,7 +99,8 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
                           compress_layer: Callable[[str, object, LayerInputs], None], progress=None,
                           block_loaded: Optional[Callable[[int, object], None]] = None,
                           block_done: Optional[Callable[[int, object], None]] = None,
-                          spill_dir: Optional[Path] = None, details: Optional[dict] = None) -> int:
+                          spill_dir: Optional[Path] = None, details: Optional[dict] = None,
+                          all_experts: bool = True) -> int:
     """Walk the blocks in order; `compress_layer(name, layer, inputs)` changes each targeted layer's
     weight in place. Returns the number of blocks. Layer by layer (layerwise.py), the blocks are empty
     until `block_loaded(index, block)` reads their weights, and `block_done(index, block)` writes and
@@ -104,15 +108,23 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
     `spill_dir` when they are too large for it (activations.py); `details` records which.
 
     Across processes (distributed.py), each records its share of the batches, the statistics are
-    summed over all, and `compress_layer` runs on process 0 alone, which sends the weights to the others."""
+    summed over all, and `compress_layer` runs on process 0 alone, which sends the weights to the others.
+
+    Mixture-of-experts layers (anatomy.LinearExperts) send every calibration token through every expert
+    when `all_experts` (the block's output still uses the router's choice), and count the tokens the
+    router chose per expert into `details`. A layer whose statistics saw no token (an expert nothing was
+    routed to, with `all_experts` off) gets `compress_layer(name, layer, None)`: the method's data-free
+    fallback, never statistics of zeros (whose scales are NaN or whose weights would be zeroed)."""
     import torch
 
     prefix, blocks = find_blocks(module, layers, stage)
     feeds = distributed.share(feeds)
     hidden_size = getattr(getattr(module, "config", None), "hidden_size", None)
     recorded = block_inputs_store(feeds, hidden_size, spill_dir, stage, details)
+    experts = anatomy.CalibratingExperts(module, all_experts)
+    uncalibrated = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), experts:
             block_inputs(module, blocks, feeds, task, recorded)
             indices = range(len(blocks))
             for index in (progress.track(indices, len(blocks), f"{stage}: block by block") if progress else indices):
@@ -120,11 +132,16 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
                 if block_loaded:
                     block_loaded(index, block)
                 in_block = {name: layer for name, layer in layers.items() if name.startswith(f"{prefix}.{index}.")}
+                experts.counting(True)
                 stats = _block_statistics(block, in_block, recorded, kind)
+                experts.counting(False)
                 distributed.sum_statistics(stats.values())
                 for name, layer in in_block.items():
                     if distributed.leads():
-                        compress_layer(name, layer, stats[name])
+                        seen = stats[name].rows > 0
+                        compress_layer(name, layer, stats[name] if seen else None)
+                        if not seen:
+                            uncalibrated.append(name)
                     distributed.broadcast_weights(layer)
                 # the next block sees this block's outputs with its weights compressed
                 recorded.advance(block)
@@ -132,6 +149,10 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
                     block_done(index, block)
     finally:
         recorded.close()
+    if details is not None:
+        details.update(experts.record(anatomy.MIN_EXPERT_TOKENS))
+        if uncalibrated:
+            details["layers_without_calibration_tokens"] = uncalibrated
     return len(blocks)
 
 

@@ -5,7 +5,6 @@ whose activations carry outliers that per-tensor int8 cannot hold."""
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import logging
 from typing import Literal, Optional
@@ -13,10 +12,10 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import Field
 
+from ..anatomy import describe, excluded_by, open_for_compression, record_coverage
 from ..artifacts import ArtifactKind, OnnxModel, TorchModel
 from ..checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_torch_model
 from ..errors import UserError
-from ..linear_layers import conv1d_to_linear
 from ..onnx_graph import match_nodes
 from ..torch_transforms import INT8_WEIGHT_ONLY, int8_linear_class, per_channel_int8, swap_modules
 from .base import StageContext
@@ -111,7 +110,6 @@ def weight_only_onnx(config: Int8WeightOnlyConfig, artifact: OnnxModel, ctx: Sta
 
 
 def weight_only_torch(config: Int8WeightOnlyConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
-    import torch
     from safetensors.torch import save_model
 
     if artifact.transforms:
@@ -123,11 +121,10 @@ def weight_only_torch(config: Int8WeightOnlyConfig, artifact: TorchModel, ctx: S
         return weight_only_layerwise(config, artifact, ctx)
     module = load_torch_model(artifact, allow_pickle=ctx.allow_pickle, trust_remote_code=ctx.trust_remote_code)
     module = copy.deepcopy(module)  # the baseline may share the loaded module; it keeps its float weights
-    conv1d_to_linear(module)  # GPT-2's Conv1D layers are quantized as the nn.Linear they equal
-    names = [name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)
-             and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)]
-    if not names:
-        raise UserError("quantize int8-weight-only: no nn.Linear left to quantize after `exclude`")
+    # GPT-2's Conv1D layers are quantized as the nn.Linear they equal, fused experts one by one
+    parts = open_for_compression(module)
+    chosen = parts.select([], config.exclude, "quantize int8-weight-only", head=True)
+    names = list(chosen)
     linear = int8_linear_class()
     swap_modules(module, names, linear.from_linear)
     out = ctx.workdir / "model"
@@ -140,6 +137,7 @@ def weight_only_torch(config: Int8WeightOnlyConfig, artifact: TorchModel, ctx: S
     result = TorchModel(out, artifact.task, transforms=[transform], module=module)
     ctx.details.update({"backend": "torch", "quantized_linear_layers": len(names),
                         "size_mb_before": round(artifact.size_mb(), 3), "size_mb_after": round(result.size_mb(), 3)})
+    record_coverage(parts, names, "quantize int8-weight-only", ctx, excluded_by(parts, chosen))
     return result
 
 
@@ -148,10 +146,9 @@ def weight_only_layerwise(config: Int8WeightOnlyConfig, artifact: TorchModel, ct
     import torch
 
     model = LayerwiseModel(artifact.path, artifact.task, ctx.trust_remote_code)
-    names = [name for name, child in model.module.named_modules() if isinstance(child, torch.nn.Linear)
-             and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)]
-    if not names:
-        raise UserError("quantize int8-weight-only: no nn.Linear left to quantize after `exclude`")
+    parts = describe(model.module)
+    chosen = parts.select([], config.exclude, "quantize int8-weight-only", head=True)
+    names = list(chosen)
     linear = int8_linear_class()
     out = ctx.workdir / "model"
     # int8 codes in place of 2- or 4-byte floats, plus a float32 scale per output channel
@@ -165,6 +162,7 @@ def weight_only_layerwise(config: Int8WeightOnlyConfig, artifact: TorchModel, ct
     result = TorchModel(out, artifact.task, transforms=[transform])
     ctx.details.update({"backend": "torch", "quantized_linear_layers": len(names),
                         "size_mb_before": round(artifact.size_mb(), 3), "size_mb_after": round(result.size_mb(), 3)})
+    record_coverage(parts, names, "quantize int8-weight-only", ctx, excluded_by(parts, chosen))
     return result
 
 
