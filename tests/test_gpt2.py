@@ -123,16 +123,20 @@ def test_merge_lora_into_conv1d_equals_the_unmerged_adapter(tiny_gpt2, tmp_path)
                            load_torch_model(gpt2(tiny_gpt2)).transformer.h[0].attn.c_attn.weight)
 
 
-def test_int4_gpt2_is_refused_where_its_layout_cannot_follow(tiny_gpt2, tmp_path):
-    """The exporter writes Conv1D as Gemm and compressed-tensors' groups target Linear: both say so
-    instead of failing halfway."""
+def test_int4_gpt2_exports_its_codes_to_onnx_and_is_refused_by_compressed_tensors(tiny_gpt2, tmp_path):
+    """The exporter writes a Conv1D as a Gemm or MatMul reading (inputs, outputs): each becomes MatMulNBits with
+    the torch codes. compressed-tensors' groups target Linear: it says so instead of failing halfway."""
+    import onnx
+
     from compressor.errors import UserError
     from compressor.stages.compressed_tensors import ExportCompressedTensorsConfig
     from compressor.stages.export_onnx import ExportOnnxConfig
 
     quantized, _ = run_stage(Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", symmetric=True),
                              gpt2(tiny_gpt2), tmp_path / "q", TASK)
-    with pytest.raises(UserError, match="GPT-2-style Conv1D layers cannot be exported with its codes yet"):
-        run_stage(ExportOnnxConfig(type="export_onnx"), quantized, tmp_path / "e", TASK)
+    exported, details = run_stage(ExportOnnxConfig(type="export_onnx"), quantized, tmp_path / "e", TASK)
+    ops = [node.op_type for node in onnx.load(str(exported.path)).graph.node]
+    assert ops.count("MatMulNBits") == details["int4_matmuls"] == 8  # the block layers; the tied head stays float
+    assert details["max_abs_diff"] <= 1e-3
     with pytest.raises(UserError, match="quantized GPT-2-style Conv1D models are not written in compressed-tensors"):
         run_stage(ExportCompressedTensorsConfig(type="export_compressed_tensors"), quantized, tmp_path / "c", TASK)

@@ -67,7 +67,7 @@ def test_layerwise_int4_equals_the_whole_model(algorithm, sharded_llama, text_fi
         assert details["awq_groups_scaled"] == whole_details["awq_groups_scaled"]
 
 
-def test_gptq_layer_by_layer_refuses_an_untied_head(sharded_llama, text_file, tmp_path):
+def test_gptq_layer_by_layer_keeps_an_untied_head_float_unless_asked(sharded_llama, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(sharded_llama)
@@ -78,8 +78,15 @@ def test_gptq_layer_by_layer_refuses_an_untied_head(sharded_llama, text_file, tm
     for item in sharded_llama.iterdir():
         if item.name.startswith("tokenizer") or item.name == "vocab.txt":
             shutil.copy2(item, untied / item.name)
-    with pytest.raises(UserError, match=r"lm_head.*lie outside the transformer blocks.*exclude"):
-        quantize(untied, tmp_path / "gptq", text_file, "gptq", execution="layerwise")
+    gptq, details = quantize(untied, tmp_path / "gptq", text_file, "gptq", execution="layerwise")
+    state = read_state(gptq.path)
+    assert "lm_head.weight" in state and "lm_head.weight_packed" not in state
+    assert details["kept_in_float"] == ["lm_head"] and details["quantized_linear_layers"] == 14
+    # asked for: rounded to nearest once the blocks are done, the blocks still calibrated
+    asked, details = quantize(untied, tmp_path / "gptq-head", text_file, "gptq", execution="layerwise",
+                              quantize_head=True)
+    state = read_state(asked.path)
+    assert "lm_head.weight_packed" in state and details["quantized_linear_layers"] == 15
     rtn, details = quantize(untied, tmp_path / "rtn", text_file, "rtn", execution="layerwise")
     assert "lm_head.weight_packed" in read_state(rtn.path) and details["quantized_linear_layers"] == 15
 

