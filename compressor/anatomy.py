@@ -182,6 +182,7 @@ class Anatomy:
     head_tied: bool = False
     embeddings: list[str] = field(default_factory=list)
     conv1d: list[str] = field(default_factory=list)   # linears that were GPT-2 Conv1D layers
+    total_parameters: int = 0                          # each shared (tied) tensor once
 
     def in_blocks(self, name: str) -> bool:
         return self.blocks_name is not None and name.startswith(self.blocks_name + ".")
@@ -229,16 +230,15 @@ class Anatomy:
             return sum(self.linears[n].weight.numel() for n in names if n in self.linears)
         in_blocks = [n for n in self.linears if self.in_blocks(n) and not self.is_router(n)]
         block_total = max(size(in_blocks), 1)
-        record = {"changed_parameter_share": round(size(changed) / max(self._total, 1), 4),
+        record = {"changed_parameter_share": round(size(changed) / max(self.total_parameters, 1), 4),
                   "block_weights_changed_share": round(size(n for n in in_blocks if n in changed) / block_total, 4),
                   "block_weights_excluded_share": round(size(n for n in in_blocks if n in excluded) / block_total, 4)}
         if self.expert_groups:
             experts = [n for n in self.linears if self.expert_group_of(n) is not None]
-            record["expert_parameter_share"] = round(size(experts) / max(self._total, 1), 4)
+            record["expert_parameter_share"] = round(size(experts) / max(self.total_parameters, 1), 4)
             record["experts_changed_share"] = round(size(n for n in experts if n in changed) / max(size(experts), 1), 4)
         return record
 
-    _total: int = 0
 
 
 def checkpoint_name(architecture: str, name: str) -> str:
@@ -337,9 +337,8 @@ def describe(module) -> Anatomy:
         if id(parameter) not in seen:
             seen.add(id(parameter))
             total += parameter.numel()
-    anatomy = Anatomy(architecture_of(module), blocks_name, blocks, linears, groups, routers, head, tied, embeddings)
-    anatomy._total = total
-    return anatomy
+    return Anatomy(architecture_of(module), blocks_name, blocks, linears, groups, routers, head, tied, embeddings,
+                   total_parameters=total)
 
 
 def open_for_compression(module) -> Anatomy:
