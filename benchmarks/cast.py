@@ -22,8 +22,8 @@ def forms(checkpoint: Path, task: str, root: Path):
     """(name, artifact, cast details) for every form of one model."""
     from compressor.artifacts import TorchModel
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.cast import CastConfig
-    from compressor.stages.export_onnx import ExportOnnxConfig
+    from compressor.stages.cast.cast import CastConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
 
     def stage(config, artifact, name):
         ctx = StageContext(root / name, task, threads=2)

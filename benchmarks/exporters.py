@@ -89,7 +89,7 @@ def measure(model: str, iterations: int, exporters: list[str]) -> None:
     from compressor.evaluate import evaluate
     from compressor.recipe import load_recipe
     from compressor.runners import OrtRunner, make_runner
-    from compressor.stages.export_onnx import max_abs_difference
+    from compressor.stages.export.export_onnx import max_abs_difference
     from compressor.stages.base import StageContext
 
     fixture, task, recipe_names = MODELS[model]

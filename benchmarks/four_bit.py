@@ -42,7 +42,7 @@ ANCHORS = "anchors: GPTQ 4-bit OPT-125M 1.125x fp16; AWQ Llama-2-7B 1.024x"
 
 def int4_config(variant: str):
     """`rtn:32`, `gptq:128`, `rtn:32:al4` -> a quantize config."""
-    from compressor.stages.int4_onnx import Int4WeightOnlyConfig
+    from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
 
     algorithm, block, *rest = variant.split(":")
     extra = {"calibration": CALIBRATION, "act_order": True} if algorithm == "gptq" else {}
@@ -86,7 +86,7 @@ def onnx_section(variants, stage, checkpoint, tokenizer, samples, evaluation, fe
     from compressor.artifacts import TorchModel
     from compressor.evaluate import evaluate
     from compressor.runners import make_runner
-    from compressor.stages.export_onnx import ExportOnnxConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
 
     fp32, _ = stage(ExportOnnxConfig(type="export_onnx", atol=1e-3), TorchModel(checkpoint, TASK), "fp32")
     fp32_runner = make_runner(fp32, "fp32", threads=2)
@@ -146,7 +146,7 @@ class DecodeStep:
 def decode_section(stage, checkpoint, tokenizer, samples) -> None:
     from compressor.artifacts import TorchModel
     from compressor.bench import benchmark_feed, interleaved
-    from compressor.stages.export_onnx import ExportOnnxConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
 
     fp32, _ = stage(ExportOnnxConfig(type="export_onnx", atol=1e-3, with_past=True), TorchModel(checkpoint, TASK),
                     "fp32-past")
@@ -169,7 +169,7 @@ def bnb_section(stage, checkpoint, tokenizer, samples, evaluation, feed) -> None
     from compressor.artifacts import TorchModel
     from compressor.evaluate import evaluate
     from compressor.runners import make_runner
-    from compressor.stages.bnb_4bit import Bnb4bitConfig
+    from compressor.stages.quantize.bnb_4bit import Bnb4bitConfig
 
     source = TorchModel(checkpoint, TASK)
     fp32_runner = make_runner(source, "fp32", threads=2)
@@ -199,7 +199,7 @@ def lora_section() -> None:
     from compressor.data import DataConfig, load_samples
     from compressor.runners import TorchRunner, make_runner
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.merge_lora import MergeLoraConfig, load_unmerged
+    from compressor.stages.lora.merge_lora import MergeLoraConfig, load_unmerged
 
     task = "text-classification"
     checkpoint = fixtures.ensure("minilm")

@@ -27,8 +27,8 @@ def main() -> None:
     from compressor.recipe import EvaluationConfig
     from compressor.runners import make_runner
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.export_onnx import ExportOnnxConfig
-    from compressor.stages.int4_onnx import Int4WeightOnlyConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
+    from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=128)

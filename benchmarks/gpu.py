@@ -206,7 +206,7 @@ def aoti_prefill(model, device: str, length: int, vocab: int, repeats: int, work
 
     from compressor.artifacts import AotiModel
     from compressor.stages import StageContext
-    from compressor.stages.export_aoti import ExportAotiConfig, compile_package
+    from compressor.stages.export.export_aoti import ExportAotiConfig, compile_package
 
     config = ExportAotiConfig(type="export_aoti", device=device, dtype="bfloat16",
                               static_axes={"batch_size": 1, "sequence_length": length})

@@ -35,8 +35,8 @@ def child(stage: str, source: Path, workdir: Path) -> None:
     from compressor.artifacts import OnnxModel, TorchModel
     from compressor.onnx_graph import tidy_external_data
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.export_onnx import ExportOnnxConfig
-    from compressor.stages.quantize import Int8DynamicConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
+    from compressor.stages.quantize.quantize import Int8DynamicConfig
 
     workdir.mkdir(parents=True)
     ctx = StageContext(workdir, TASK, 2)

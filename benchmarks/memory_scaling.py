@@ -67,8 +67,8 @@ def child(stage: str, source: Path, workdir: Path) -> None:
     """Run one stage layer by layer and print {seconds, peak_mb, out}."""
     from compressor.artifacts import TorchModel
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.prune import PruneConfig
-    from compressor.stages.weight_only import Int8WeightOnlyConfig
+    from compressor.stages.prune.prune import PruneConfig
+    from compressor.stages.quantize.weight_only import Int8WeightOnlyConfig
 
     if stage == "wanda":
         config = PruneConfig(type="prune", method="wanda", sparsity=0.5, execution="layerwise",

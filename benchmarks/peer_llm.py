@@ -60,8 +60,8 @@ def calibration(dataset: str, samples: int) -> dict:
 
 def compress_stage(method: str, calib: dict):
     """The compress stage config of a method, and whether it starts from the ONNX export."""
-    from compressor.stages.int4_onnx import Int4WeightOnlyConfig
-    from compressor.stages.prune import PruneConfig
+    from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
+    from compressor.stages.prune.prune import PruneConfig
 
     kind, _, variant = method.rpartition("-")
     if kind in ("sparsegpt", "wanda"):
@@ -172,7 +172,7 @@ def main() -> None:
     from compressor.recipe import EvaluationConfig
     from compressor.runners import make_runner
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.export_onnx import ExportOnnxConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
 
     torch.set_num_threads(2)
     checkpoint = fixtures.ensure("smollm2")

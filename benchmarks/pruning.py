@@ -67,9 +67,9 @@ def structured(args) -> None:
     from compressor.machine import package_versions
     from compressor.runners import make_runner
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.export_onnx import ExportOnnxConfig
-    from compressor.stages.prune import PruneConfig
-    from compressor.stages.quantize import Int8DynamicConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
+    from compressor.stages.prune.prune import PruneConfig
+    from compressor.stages.quantize.quantize import Int8DynamicConfig
 
     torch.set_num_threads(2)
     task = "text-classification"
@@ -155,7 +155,7 @@ def unstructured(args) -> None:
     from compressor.data import DataConfig, load_samples, token_windows
     from compressor.machine import package_versions
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.prune import PruneConfig
+    from compressor.stages.prune.prune import PruneConfig
 
     torch.set_num_threads(2)
     checkpoint = fixtures.ensure("smollm2")

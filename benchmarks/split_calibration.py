@@ -24,8 +24,8 @@ TASK = "text-generation"
 
 
 def config(stage: str, samples: int):
-    from compressor.stages.int4_onnx import Int4WeightOnlyConfig
-    from compressor.stages.prune import PruneConfig
+    from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
+    from compressor.stages.prune.prune import PruneConfig
 
     calibration = {"data": {"dataset": "lee-test", "segment": "window"}, "samples": samples, "max_length": 256,
                    "batch_size": 4}

@@ -29,8 +29,8 @@ def build(workdir: Path) -> dict[str, str]:
     from compressor import fixtures
     from compressor.artifacts import TorchModel
     from compressor.stages import REGISTRY, StageContext
-    from compressor.stages.export_onnx import ExportOnnxConfig
-    from compressor.stages.quantize import Int8DynamicConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
+    from compressor.stages.quantize.quantize import Int8DynamicConfig
 
     checkpoint = fixtures.ensure("minilm")
     paths = {"torch fp32": str(checkpoint)}

@@ -11,9 +11,10 @@ import traceback
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Annotated, Iterable, Iterator, Optional, TypeVar, get_args, get_origin
 
 import click
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,18 +23,21 @@ from rich.table import Table
 from . import distributed
 from . import fixtures as fx
 from .cache import cache_root, clear, entries, stale_temporaries
+from .checkpoint import inspect_checkpoint
 from .compare import compare as run_compare
 from .compare import load_recipes
-from .data import card_names, load_card
+from .data import CalibrationConfig, DataConfig, card_names, load_card
 from .doctor import checks
 from .errors import BackendMissing, CompressError, UserError
 from .fixtures import NAMES as FIXTURE_NAMES
 from .pipeline import RunOptions, calibrate_as_worker, prepare
 from .pipeline import run as run_pipeline
 from .planning import plan
-from .recipe import load_recipe
+from .recipe import BenchmarkConfig, EvaluationConfig, Goals, load_recipe
+from .recipe_sources import check_sources
 from .report import measured_text
 from .report_schema import Report
+from .run_folder import default_run_folder
 from .stages import REGISTRY
 
 T = TypeVar("T")
@@ -221,7 +225,7 @@ def run(recipe: Path, model: str, out: Path | None, device: str, torch_dtype: st
     parsed = load_recipe(recipe)
     if resume and no_cache:
         raise click.UsageError("--resume reads the stage cache; it cannot be combined with --no-cache")
-    options = RunOptions(out=out or Path("runs") / parsed.name, allow_pickle=allow_pickle,
+    options = RunOptions(out=out or default_run_folder(parsed.name), allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code, keep_intermediate=keep_intermediate, against=against,
                          cache=not no_cache, resume=resume, measure_memory=False if no_memory else None, **devices)
     launched = distributed.requested_size() > 1  # by torchrun, or by process 0 below
@@ -372,16 +376,35 @@ def cache_clear() -> None:
     stdout.print(f"removed {removed} stored stage(s) from {_escape(str(cache_root()))}, freed {freed:.1f} MB")
 
 
+def _validate_checkpoint(model: Path, allow_pickle: bool) -> bool:
+    """Print whether a checkpoint folder would open (config.json, weight files' headers); True when it would."""
+    try:
+        folder = inspect_checkpoint(model, allow_pickle)
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
+        return False
+    stdout.print(f"[green]ok[/] {_escape(str(model))}: checkpoint {_escape(str(folder))}", highlight=False,
+                 soft_wrap=True)
+    return True
+
+
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Also check this checkpoint folder: config.json is valid JSON and every weight file's header "
+                   "reads (no weights are loaded).")
+@click.option("--allow-pickle", is_flag=True, help="With --model: accept pickle-based weights (.bin), as run does.")
 @handle_errors
-def validate(recipes: tuple[Path, ...]) -> None:
-    """Check recipes (schema and stage plan) without loading any model. Exit 2 if one is invalid; a valid
-    recipe that needs a backend this machine lacks (TensorRT, a GPU) is reported but still valid."""
-    failed = 0
+def validate(recipes: tuple[Path, ...], model: Path | None, allow_pickle: bool) -> None:
+    """Check recipes (schema, the files they name, stage plan) without loading any model. Exit 2 if one is
+    invalid; a valid recipe that needs a backend this machine lacks (TensorRT, a GPU) is reported but still
+    valid."""
+    failed = 0 if model is None or _validate_checkpoint(model, allow_pickle) else 1
     for path in recipes:
         try:
-            steps = plan(load_recipe(path))
+            recipe = load_recipe(path)
+            check_sources(recipe)
+            steps = plan(recipe)
         except UserError as exc:
             failed += 1
             console.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -397,12 +420,85 @@ def validate(recipes: tuple[Path, ...]) -> None:
         sys.exit(2)
 
 
+BOUND_SYMBOLS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def _number(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def _constraints(info) -> Iterator:
+    """A field's own constraints, and those of its items (each of a [batch, sequence] pair, say)."""
+    yield from info.metadata
+    for item in get_args(info.annotation):
+        if get_origin(item) is Annotated:
+            for meta in get_args(item)[1:]:
+                yield from getattr(meta, "metadata", [meta])
+
+
+def bounds_text(info) -> str:
+    """The range the schema holds a number to, e.g. `> 0, <= 100,000`; empty for a field without bounds."""
+    parts = [f"{symbol} {_number(getattr(c, attr))}" for c in _constraints(info)
+             for attr, symbol in BOUND_SYMBOLS if getattr(c, attr, None) is not None]
+    return ", ".join(dict.fromkeys(parts))
+
+
+def _nested_model(annotation) -> tuple[Optional[type], str]:
+    """The config class a field holds (directly, optional, or a list of them) and how its options are named."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, "."
+    for arg in get_args(annotation):
+        model, _ = _nested_model(arg)
+        if model is not None:
+            return model, "[]." if get_origin(annotation) is list else "."
+    return None, ""
+
+
+# Options every stage that calibrates shares, and every data source: listed once, in tables of their own.
+SHARED_CONFIGS = (CalibrationConfig, DataConfig)
+
+
+def _option_rows(model: type, skip: tuple = (), prefix: str = "") -> Iterator[tuple[str, ...]]:
+    """(option, default, range, description) for every option of a config, its nested configs' as dotted names."""
+    from pydantic_core import PydanticUndefined
+
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        nested, joiner = _nested_model(info.annotation)
+        expanded = nested is not None and nested not in SHARED_CONFIGS
+        if info.default is PydanticUndefined and info.default_factory is None:
+            default = "required"
+        elif expanded and info.default_factory is not None and joiner == ".":
+            default = "(below)"  # a section of its own, whose defaults are its rows
+        else:
+            default = repr(info.default_factory() if info.default_factory else info.default)
+        yield prefix + name, default, bounds_text(info), info.description or ""
+        if expanded:
+            yield from _option_rows(nested, prefix=prefix + name + joiner)
+
+
+def _options_table(title: str, rows: Iterable[tuple[str, ...]]) -> Table:
+    table = Table(title=_escape(title), title_justify="left", show_lines=False)
+    for column in ("option", "default", "range", "description"):
+        table.add_column(column)
+    for row in rows:  # descriptions hold [batch, sequence] and similar, which rich would read as markup
+        table.add_row(*(_escape(cell) for cell in row))
+    return table
+
+
+SECTIONS = (("calibration: the samples of any stage that takes `calibration`", CalibrationConfig),
+            ("data: a data source (evaluation.data, calibration.data)", DataConfig),
+            ("evaluation", EvaluationConfig), ("benchmark", BenchmarkConfig), ("goals", Goals))
+
+
 @main.command()
 @handle_errors
 def stages() -> None:
-    """List every stage type with its options and defaults."""
-    from pydantic_core import PydanticUndefined
-
+    """List every stage type with its options, defaults and ranges; then the calibration, data, evaluation,
+    benchmark and goals sections of a recipe."""
     for name, stage in REGISTRY.items():
         variants = stage.config_variants()
         if len(variants) > 1:  # e.g. quantize: one table per scheme, each with only that scheme's options
@@ -411,20 +507,11 @@ def stages() -> None:
             title = f"{name}: {stage.summary}"
             if variant.tag:
                 title = f"{name} {variant.label}: {variant.model.model_fields[variant.tag].description}"
-            table = Table(title=_escape(title), title_justify="left", show_lines=False)
-            table.add_column("option")
-            table.add_column("default")
-            table.add_column("description")
-            for field_name, info in variant.model.model_fields.items():
-                if field_name in ("type", variant.tag):
-                    continue
-                default = "required" if info.default is PydanticUndefined and info.default_factory is None else \
-                    repr(info.default_factory() if info.default_factory else info.default)
-                # descriptions hold [batch, sequence] and similar, which rich would read as markup
-                table.add_row(field_name, _escape(default), _escape(info.description or ""))
-            stdout.print(table)
+            stdout.print(_options_table(title, _option_rows(variant.model, skip=("type", variant.tag))))
         stdout.print(f"  input: {' or '.join(stage.accepts)} model; needs calibration data: "
                   f"{_yes_no(stage.needs_calibration)}\n")
+    for title, model in SECTIONS:
+        stdout.print(_options_table(title, _option_rows(model)))
 
 
 def _yes_no(value) -> str:

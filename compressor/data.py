@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 CARDS_DIR = Path(__file__).parent / "calibration"
 Format = Literal["auto", "text", "jsonl", "csv", "parquet", "hf-dataset"]
+# What datasets' save_to_disk writes at the top of its folder: a Dataset's state, or a DatasetDict's split list.
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
 SUFFIX_FORMATS = {".txt": "text", ".cor": "text", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -59,14 +62,17 @@ class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: DataConfig
-    samples: int = Field(128, gt=0, description="how many samples (sentences, paragraphs or token windows) to draw")
-    seed: int = Field(0, description="seed of the random draw, so a recipe calibrates on the same samples every run")
+    samples: int = Field(128, gt=0, le=10_000_000,
+                         description="how many samples (sentences, paragraphs or token windows) to draw")
+    # numpy refuses negative seeds (the draw would stop with a traceback); 2**32 - 1 is generous and any tool takes it
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="seed of the random draw, so a recipe calibrates on the same samples every run")
     max_length: int = Field(128, gt=0, le=8192, description="truncate (or window) to this many tokens")
     padding: Literal["longest", "max_length", "bucket"] = Field(
         "longest", description="longest: pad each batch to its longest sample; max_length: every batch to "
                                "max_length (equal shapes, needed by entropy / percentile); bucket: sort by "
                                "length first so batches hold similar lengths")
-    batch_size: int = Field(1, gt=0, description="samples per calibration batch")
+    batch_size: int = Field(1, gt=0, le=4096, description="samples per calibration batch")
     all_experts: bool = Field(
         True, description="mixture-of-experts models: send every calibration token through every expert while "
                           "statistics are recorded (each block's output still follows the router), so that no "
@@ -119,6 +125,56 @@ def resolve(config: DataConfig) -> DataConfig:
     values = {k: card[k] for k in ("format", "text_field", "label_field", "segment") if k in card}
     values.update({k: getattr(config, k) for k in config.model_fields_set if k != "dataset"})
     return DataConfig(path=str(_card_file(card)), **values)
+
+
+def _card_problem(name: str) -> Optional[str]:
+    """Why a dataset card could not give its file: its fixture is one compress cannot build, or a built
+    fixture lacks the file (a fixture not built yet is built by the first run that reads it)."""
+    try:
+        card = load_card(name)
+    except yaml.YAMLError as exc:
+        return f"dataset card {name!r} is not valid YAML ({exc})"
+    source = card.get("source") if isinstance(card, dict) else None
+    if not isinstance(source, dict) or source.get("fixture") not in fixtures.NAMES or not source.get("file"):
+        return f"dataset card {name!r} names no fixture file compress can build (fixtures: {', '.join(fixtures.NAMES)})"
+    built = fixtures.paths()[source["fixture"]]
+    if built.exists() and not (built / source["file"]).is_file():
+        return (f"{built / source['file']}: missing from fixture {source['fixture']!r}; delete {built} and run "
+                f"`compress fixtures --only {source['fixture']}`")
+    return None
+
+
+def source_problem(config: DataConfig) -> Optional[str]:
+    """Why `read` would fail to open this source, found without reading it (`compress validate`): a card that
+    does not resolve, or a path that is missing, unreadable, a folder where a file is wanted or of a format
+    the suffix does not tell. Relative paths are taken from the working directory, as `read` takes them."""
+    if config.dataset is not None:
+        return _card_problem(config.dataset)
+    path = Path(config.path).expanduser()
+    if not path.exists():
+        relative = "" if path.is_absolute() else f" (relative paths are read from the working directory, {Path.cwd()})"
+        return f"{path}: data file not found{relative}"
+    try:
+        fmt = _format_of(path, config.format)
+    except UserError as exc:
+        return str(exc)
+    if fmt == "hf-dataset":
+        if not path.is_dir():
+            return f"{path}: format hf-dataset is a folder written by datasets' save_to_disk, not a file"
+        if not os.access(path, os.R_OK | os.X_OK):
+            return f"{path}: folder not readable (permission denied)"
+        if not any((path / name).is_file() for name in SAVED_DATASET_FILES):
+            return (f"{path}: a folder without {' or '.join(SAVED_DATASET_FILES)}, so not one written by datasets' "
+                    "save_to_disk; give a file, or set `format`")
+        return None
+    if not path.is_file():
+        return f"{path}: expected a {fmt} file, found a folder"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

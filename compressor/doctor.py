@@ -12,7 +12,7 @@ from . import engine
 from .aoti import aoti_problem, cxx_compiler
 from .cuda import cuda_problem
 from .sparse_kernels import sparse_kernels_problem
-from .stages.bnb_4bit import bnb_unavailable
+from .stages.quantize.bnb_4bit import bnb_unavailable
 
 
 @dataclass

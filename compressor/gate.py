@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from .errors import UserError
 from .evaluate import MAIN_METRIC, higher_is_better
-from .recipe import format_path
+from .recipe_yaml import format_path
 from .report_schema import SCHEMA_VERSION, BaselineSide, Environment, GateRow, Report, ResultSide, Speedup
 
 

@@ -30,6 +30,7 @@ from .onnx_graph import tidy_external_data
 from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
 from .progress import Progress, Silent
 from .recipe import Recipe
+from .recipe_sources import check_sources
 from .report_schema import (Against, BaselineSide, Classes, Environment, GateRow, GenerationStats, MemoryUse, Report,
                             ResultSide, Speedup, StageRecord)
 from .run_folder import RunFolder, place
@@ -172,6 +173,7 @@ def prepare(recipes: list[Recipe], model: str | Path, options: RunOptions) -> Pr
         check_device(options.device, options.ort_provider, steps)
     checkpoint = inspect_checkpoint(model, options.allow_pickle)
     for recipe in recipes:
+        check_sources(recipe)  # a wrong data or adapter path stops here, before any stage runs
         _check_class_goals(recipe, class_names(checkpoint))
         _check_generation_length(recipe, checkpoint)
         if options.measure_memory is False and recipe.goals.memory.max_ratio is not None:

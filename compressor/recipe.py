@@ -5,23 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 from .data import DataConfig
 from .errors import UserError
+from .recipe_yaml import compose, format_path, line_index, read_capped
+from .run_folder import folder_name_problem
 from .stages import REGISTRY
-from .stages.build_engine import BuildEngineConfig
-from .stages.cast import CastConfig
-from .stages.compressed_tensors import ExportCompressedTensorsConfig
-from .stages.export_aoti import ExportAotiConfig
-from .stages.export_onnx import ExportOnnxConfig
-from .stages.merge_lora import MergeLoraConfig
-from .stages.optimize_onnx import OptimizeOnnxConfig
-from .stages.prune import PruneConfig
-from .stages.quantize import QuantizeConfig
-from .stages.sparsify import SparsifyConfig
+from .stages.export.build_engine import BuildEngineConfig
+from .stages.cast.cast import CastConfig
+from .stages.export.compressed_tensors import ExportCompressedTensorsConfig
+from .stages.export.export_aoti import ExportAotiConfig
+from .stages.export.export_onnx import ExportOnnxConfig
+from .stages.lora.merge_lora import MergeLoraConfig
+from .stages.export.optimize_onnx import OptimizeOnnxConfig
+from .stages.prune.prune import PruneConfig
+from .stages.quantize.quantize import QuantizeConfig
+from .stages.prune.sparsify import SparsifyConfig
 
 Task = Literal["text-classification", "feature-extraction", "text-generation"]
 
@@ -42,30 +43,32 @@ class Strict(BaseModel):
 class EvaluationConfig(Strict):
     data: DataConfig
     max_samples: Optional[int] = Field(
-        None, gt=0, description="evaluate the first N samples (sentences, or token windows for text-generation)")
+        None, gt=0, le=10_000_000,
+        description="evaluate the first N samples (sentences, or token windows for text-generation)")
     max_length: int = Field(128, gt=0, le=8192, description="truncate / window length in tokens")
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, le=4096)
 
 
 class GenerateConfig(Strict):
     prompt_tokens: int = Field(128, gt=0, le=8192, description="prompt length in tokens (real evaluation text)")
     new_tokens: int = Field(32, ge=2, le=4096, description="tokens generated greedily after the prompt")
-    rounds: int = Field(5, gt=0, description="timed generations per side, in alternating rounds")
+    rounds: int = Field(5, gt=0, le=10_000, description="timed generations per side, in alternating rounds")
 
 
 class BenchmarkConfig(Strict):
-    batch_size: int = Field(1, gt=0)
+    batch_size: int = Field(1, gt=0, le=4096)
     seq_len: int = Field(128, gt=0, le=8192)
-    threads: int = Field(2, gt=0, description="intra-op threads for every runner")
-    warmup: int = Field(10, ge=0, description="untimed calls per runner before timing")
-    iterations: int = Field(50, gt=0, description="timed calls per runner, taken in alternating blocks of 10")
+    threads: int = Field(2, gt=0, le=1024, description="intra-op threads for every runner")
+    warmup: int = Field(10, ge=0, le=100_000, description="untimed calls per runner before timing")
+    iterations: int = Field(50, gt=0, le=100_000,
+                            description="timed calls per runner, taken in alternating blocks of 10")
     confidence: float = Field(
         0.95, ge=0.5, lt=1.0, description="confidence level of the speed-up's bootstrap interval (over rounds: "
                                           "interleaved pairs of blocks of calls)")
     max_remeasure_seconds: float = Field(
-        60.0, ge=0, description="while the speed-up's interval still holds a latency threshold, keep timing for "
-                                "up to this many more seconds; a verdict still undecided then is marked marginal; "
-                                "0 turns re-measuring off")
+        60.0, ge=0, le=86_400, description="while the speed-up's interval still holds a latency threshold, keep "
+                                           "timing for up to this many more seconds; a verdict still undecided then "
+                                           "is marked marginal; 0 turns re-measuring off")
     memory: bool = Field(True, description="measure each side's peak memory (load, one evaluation batch, the "
                                            "benchmark input) in a fresh child process")
     generate: Optional[GenerateConfig] = Field(
@@ -76,9 +79,9 @@ class BenchmarkConfig(Strict):
 class AccuracyGoal(Strict):
     metric: str = Field(description="a metric the task reports, e.g. accuracy, perplexity, cosine_min")
     max_drop: Optional[float] = Field(
-        None, ge=0, description="largest allowed worsening vs baseline, in the metric's units")
+        None, ge=0, le=1_000_000, description="largest allowed worsening vs baseline, in the metric's units")
     max_drop_pct: Optional[float] = Field(
-        None, ge=0, description="largest allowed worsening vs baseline, in percent of the baseline")
+        None, ge=0, le=10_000, description="largest allowed worsening vs baseline, in percent of the baseline")
     min: Optional[float] = Field(None, description="absolute floor for the candidate's value")
     max: Optional[float] = Field(None, description="absolute ceiling for the candidate's value")
 
@@ -90,34 +93,40 @@ class AccuracyGoal(Strict):
 
 
 class LatencyGoals(Strict):
-    min_speedup: Optional[float] = Field(None, gt=0, description="baseline p50 / candidate p50 must be at least this")
-    max_p95_ms: Optional[float] = Field(None, gt=0, description="candidate p95 latency ceiling in milliseconds")
+    min_speedup: Optional[float] = Field(None, gt=0, le=1000,
+                                         description="baseline p50 / candidate p50 must be at least this")
+    max_p95_ms: Optional[float] = Field(None, gt=0, le=86_400_000,
+                                        description="candidate p95 latency ceiling in milliseconds")
     min_decode_speedup: Optional[float] = Field(
-        None, gt=0, description="baseline / candidate decode time per token (benchmark.generate) must be at least this")
+        None, gt=0, le=1000,
+        description="baseline / candidate decode time per token (benchmark.generate) must be at least this")
     min_tokens_per_s: Optional[float] = Field(
-        None, gt=0, description="candidate decode speed in tokens per second (benchmark.generate) must be at least "
-                                "this")
+        None, gt=0, le=1_000_000_000,
+        description="candidate decode speed in tokens per second (benchmark.generate) must be at least this")
 
 
 class SizeGoals(Strict):
-    max_ratio: Optional[float] = Field(None, gt=0, description="candidate size / baseline size must be at most this")
+    max_ratio: Optional[float] = Field(None, gt=0, le=100,
+                                       description="candidate size / baseline size must be at most this")
 
 
 class MemoryGoals(Strict):
-    max_ratio: Optional[float] = Field(None, gt=0, description="candidate peak memory / baseline peak memory (each "
-                                                               "side's process, measured apart) must be at most this")
+    max_ratio: Optional[float] = Field(None, gt=0, le=100, description="candidate peak memory / baseline peak memory "
+                                                                       "(each side's process, measured apart) must be "
+                                                                       "at most this")
 
 
 class RegressionGoals(Strict):
     """Goals against a stored report (`compress run --against PREVIOUS/report.json`), for CI."""
 
     max_latency_increase: Optional[float] = Field(
-        None, ge=0, description="largest allowed slow-down against the previous result, as a fraction (0.10 = "
-                                "10%); measured on the speed-up over each run's own baseline, so a slower "
-                                "machine does not read as a regression")
+        None, ge=0, le=100, description="largest allowed slow-down against the previous result, as a fraction "
+                                        "(0.10 = 10%); measured on the speed-up over each run's own baseline, so a "
+                                        "slower machine does not read as a regression")
     max_accuracy_drop: Optional[float] = Field(
-        None, ge=0, description="largest allowed worsening of the task's main metric (accuracy, cosine_mean or "
-                                "perplexity) against the previous result, in the metric's units")
+        None, ge=0, le=1_000_000,
+        description="largest allowed worsening of the task's main metric (accuracy, cosine_mean or perplexity) "
+                    "against the previous result, in the metric's units")
 
 
 class Goals(Strict):
@@ -154,6 +163,15 @@ class Recipe(Strict):
             raise ValueError("benchmark.generate applies to text-generation recipes")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, name: str) -> str:
+        problem = folder_name_problem(name)
+        if problem:  # the name becomes runs/NAME (and a folder of compare's output): it must not lead elsewhere
+            raise ValueError(f"{problem}; the name is the default run folder runs/NAME, so give a plain folder name "
+                             "such as minilm-int8")
+        return name
+
     @field_validator("goals")
     @classmethod
     def _language_models_gate_on_fidelity(cls, goals: Goals, info: ValidationInfo) -> Goals:
@@ -177,21 +195,6 @@ class Recipe(Strict):
         return f"{self._source}:{line}" if line else self._source
 
 
-def _line_index(node: yaml.Node, path: tuple = (), index: dict | None = None) -> dict[tuple, int]:
-    """Map each field path in the YAML document to its 1-based line number."""
-    index = {} if index is None else index
-    index[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = path + (key.value,)
-            _line_index(value, child, index)
-            index[child] = key.start_mark.line + 1  # the key's line, not where its value starts
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_index(item, path + (i,), index)
-    return index
-
-
 # Fields whose value picks a union member: the stage's `type`, then a quantize stage's `scheme`.
 UNION_TAGS = ("type", "scheme")
 
@@ -212,13 +215,6 @@ def _data_path(loc: tuple, data) -> tuple:
             path.append(part)  # a missing or unknown key: it names the field
             break
     return tuple(path)
-
-
-def format_path(path: tuple) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
 
 
 def _wrong_variant(loc: tuple) -> Optional[str]:
@@ -266,6 +262,8 @@ def _explain(error: dict, data, lines: dict[tuple, int], source: str) -> str:
         message = "field required" + (f": one of {', '.join(choices)}" if choices else "")
     elif error["type"] == "missing":
         message = "field required"
+    elif error["type"] == "value_error":  # pydantic's prefix for a validator's own message says nothing
+        message = message.removeprefix("Value error, ")
     if "input" in error and error["type"] not in ("missing", "extra_forbidden") and not tag_error \
             and not isinstance(error["input"], (dict, list)):
         message += f", got {error['input']!r}"
@@ -273,16 +271,10 @@ def _explain(error: dict, data, lines: dict[tuple, int], source: str) -> str:
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise UserError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    node, data = compose(text, source)
     if not isinstance(data, dict):
         raise UserError(f"{source}: a recipe is a YAML mapping with name, task, stages, evaluation, goals")
-    lines = _line_index(node)
+    lines = line_index(node)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -295,11 +287,17 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        content = read_capped(path)
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder; give a recipe file (RECIPE.yaml)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    try:
+        text = content.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not a recipe: byte {exc.start} is not UTF-8 text (a recipe is a YAML file)") from None
+        line = content[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not a recipe: byte {exc.start} is not UTF-8 text (a recipe is a YAML "
+                        "file)") from None
     return parse_recipe(text, str(path))

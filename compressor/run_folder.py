@@ -1,4 +1,5 @@
-"""A run's output folder: held by one run at a time, written hidden, renamed into place only when finished.
+"""A run's output folder: runs/NAME unless given, held by one run at a time, written hidden, renamed into place
+only when finished.
 
 Two runs started with the same --out would otherwise both report "PASS, run folder: X" while X holds
 only the second one's artifact. The first run to start takes an exclusive lock beside the folder
@@ -14,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +23,44 @@ from .artifacts import AotiModel, Artifact, EngineModel, OnnxModel, TorchModel
 from .errors import UserError
 
 MANIFEST = "manifest.json"
+RUNS = Path("runs")  # where a run given no --out writes: runs/RECIPE_NAME
+# A folder name may take 255 bytes; a run writes beside it under `.NAME.partial-PID` and locks `.NAME.lock`.
+MAX_NAME_BYTES = 200
+# Unicode's control, format (e.g. right-to-left override) and line / paragraph separator characters.
+INVISIBLE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+
+
+def folder_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be one folder's name inside another folder (None when it can)."""
+    if not name:
+        return "is empty"
+    for separator in ("/", "\\"):
+        if separator in name:
+            return f"contains {separator!r}"
+    if ".." in name:
+        return "contains '..'"
+    if name.startswith("."):
+        return "starts with '.'"
+    invisible = next((c for c in name if unicodedata.category(c) in INVISIBLE_CATEGORIES), None)
+    if invisible is not None:
+        return f"contains the control character U+{ord(invisible):04X}"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"is {len(name.encode())} bytes long, more than {MAX_NAME_BYTES}"
+    return None
+
+
+def default_run_folder(name: str, root: Path = RUNS) -> Path:
+    """root/NAME, the run folder of a run given no --out. Recipes are parsed with a plain name already; this
+    checks the resolved path as well, so that neither a name nor a symlink under root puts a run elsewhere."""
+    problem = folder_name_problem(name)
+    if problem:
+        raise UserError(f"recipe name {name!r} {problem}; it cannot name a run folder under {root}/ (rename the "
+                        "recipe or give --out)")
+    folder = root / name
+    resolved, parent = folder.resolve(), root.resolve()
+    if resolved.parent != parent:
+        raise UserError(f"{folder}: resolves to {resolved}, outside {parent}; give --out, or remove the link")
+    return folder
 
 
 def check_replaceable(out: Path) -> None:

@@ -1,5 +1,5 @@
 """A causal LM held on the meta device, its tensors read from the safetensors shards when needed: the
-skeleton the layer-by-layer stages (stages/layerwise.py) compress one block at a time, and a forward
+skeleton the layer-by-layer stages (stages/blockwise/layerwise.py) compress one block at a time, and a forward
 pass that reads each block just before it runs and drops it after, for models whose weights do not fit
 in memory (the layer-by-layer stages' output checks, and evaluation of such models, runners.py). Peak
 memory is one block, the tensors outside the blocks and activations."""
@@ -105,7 +105,12 @@ class LayerwiseModel:
     def write(self, prefix: str, writer: ShardWriter, outside: bool = False) -> None:
         """Write the tensors under `prefix` (or all outside the blocks): float tensors the checkpoint held
         go back in its dtype; new tensors (int8 codes and their scales) as they are."""
-        for name, tensor in self.module.state_dict().items():
+        written = set()  # a tensor two modules share (a tied head's int8 codes and the table's) goes in once
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) in written:
+                continue
+            written.add(id(tensor))
+            tensor = tensor.detach()
             inside = name.startswith(self.prefix + ".")
             if (outside and inside) or (not outside and not name.startswith(prefix)) or tensor.is_meta:
                 continue

@@ -15,6 +15,7 @@ import numpy as np
 
 from .anatomy import is_fused_experts, open_for_compression
 from .artifacts import TorchModel
+from .embeddings import empty_quantized_embedding, share_table_with_head
 from .errors import UserError
 from .linear_layers import conv1d_names
 from .shards import read_state
@@ -87,9 +88,11 @@ def int8_linear_class():
                 module.bias.data.copy_(linear.bias.detach().float())
             return module
 
+        def dequantized_weight(self, dtype=torch.float32):
+            return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
+
         def forward(self, x):
-            weight = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     return Int8WeightOnlyLinear
 
@@ -159,6 +162,21 @@ def _share_tied_embeddings(module) -> None:
     inputs.weight = outputs.weight = kept
 
 
+def _empty_quantized_table(module, table: dict, transform: dict) -> None:
+    """Swap in the quantized embedding table the transform records, and the head quantized with it, empty
+    (the meta device), for the stored codes to be loaded into."""
+    swap_modules(module, [table["name"]], lambda old: empty_quantized_embedding(old, table))
+    head = table["head"]
+    if head is None:
+        return
+    def build(old):
+        if table["scheme"] == "int4":
+            return int4_linear_class()(old.in_features, old.out_features, old.bias is not None, table["group_size"])
+        return int8_linear_class()(old.in_features, old.out_features, old.bias is not None)
+    if head not in transform["layers"]:  # int8 weight-only quantizes a tied head as one of its layers already
+        swap_modules(module, [head], build)
+
+
 def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, trust_remote_code: bool):
     """Rebuild the model (`model_cls`, a transformers Auto class) from its config with empty (meta)
     weights, swap in the int8 or int4 layers, and load the stored tensors in place of the empty ones:
@@ -180,10 +198,16 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
             linear = int8_linear_class()
             swap_modules(module, transform["layers"],
                          lambda old: linear(old.in_features, old.out_features, old.bias is not None))
+        table = transform.get("embeddings")
+        if table:
+            _empty_quantized_table(module, table, transform)
     # One file or shards (a layer-by-layer result keeps float tensors in the checkpoint's dtype)
     state = {name: t.float() if t.is_floating_point() else t for name, t in read_state(artifact.path).items()}
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-    _share_tied_embeddings(module)
+    if table and table["head_tied"]:
+        share_table_with_head(module.get_submodule(table["name"]), module.get_submodule(table["head"]))
+    else:
+        _share_tied_embeddings(module)
     still_empty = [name for name, tensor in list(module.named_parameters()) + list(module.named_buffers())
                    if tensor.is_meta]
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]

@@ -77,7 +77,7 @@ def test_calibrate_all_experts_reaches_every_expert(moe):
 
 def test_an_expert_no_token_reached_is_rounded_without_data(moe, monkeypatch, tmp_path):
     """GPTQ on statistics of zero rows would zero the weights (dead columns): the expert is rounded to nearest."""
-    from compressor.stages import sequential
+    from compressor.stages.blockwise import sequential
 
     model = _load(moe)
     parts = anatomy.open_for_compression(model)

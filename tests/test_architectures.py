@@ -106,6 +106,8 @@ def _check(cell: str, kind: str, source: Path, result, records: list[dict]) -> s
         assert quantized and quantized > 0
         if kind in MOE and records[0].get("block_weights_changed_share") is not None:
             assert records[0]["experts_changed_share"] == 1.0
+        if cell != "int8 dynamic":  # the weight-only schemes quantize the token table too (int8 by default)
+            assert records[0]["embeddings"] == "int8", records[0].get("embeddings")
     if isinstance(result, OnnxModel):
         if "max_abs_diff" in last:  # an export: checked against torch
             assert last["max_abs_diff"] <= last["atol"]

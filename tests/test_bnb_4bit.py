@@ -13,7 +13,7 @@ from compressor.checkpoint import load_torch_model, quantization_method
 from compressor.errors import BackendMissing, UserError
 from compressor.planning import plan
 from compressor.recipe import parse_recipe
-from compressor.stages.bnb_4bit import Bnb4bitConfig
+from compressor.stages.quantize.bnb_4bit import Bnb4bitConfig
 
 from .test_stages import outputs, run_stage, sqnr_db
 

@@ -18,7 +18,7 @@ from compressor.engine import (METADATA_FORMAT, check_capability, check_compatib
 from compressor.errors import BackendMissing, UserError
 from compressor.planning import check_device, plan
 from compressor.recipe import parse_recipe
-from compressor.stages.build_engine import ShapeRange, check_profile_covers, default_profile
+from compressor.stages.export.build_engine import ShapeRange, check_profile_covers, default_profile
 
 from .conftest import write_recipe
 
@@ -371,7 +371,7 @@ class FakeTensorRT:
 def exported(tiny_classifier, tmp_path_factory):
     from compressor.artifacts import TorchModel
     from compressor.stages.base import StageContext
-    from compressor.stages.export_onnx import ExportOnnx, ExportOnnxConfig
+    from compressor.stages.export.export_onnx import ExportOnnx, ExportOnnxConfig
 
     folder = tmp_path_factory.mktemp("export")
     return ExportOnnx().run(ExportOnnxConfig(type="export_onnx"), TorchModel(tiny_classifier, "text-classification"),
@@ -388,7 +388,7 @@ def _build(fake, exported, tmp_path, monkeypatch, **options):
 
     from compressor.engine import build
     from compressor.progress import Silent
-    from compressor.stages.build_engine import BuildEngineConfig
+    from compressor.stages.export.build_engine import BuildEngineConfig
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     config = BuildEngineConfig(type="build_engine", **options)

@@ -46,8 +46,8 @@ def run_recipe(path, model, out, **options):
 
 
 def test_key_follows_input_config_files_and_code(tmp_path):
-    from compressor.stages.merge_lora import MergeLoraConfig
-    from compressor.stages.quantize import Int8DynamicConfig
+    from compressor.stages.lora.merge_lora import MergeLoraConfig
+    from compressor.stages.quantize.quantize import Int8DynamicConfig
 
     config = Int8DynamicConfig(type="quantize", scheme="int8-dynamic")
     key = cache.stage_key("input", config, "text-classification", 2, False)

@@ -1,7 +1,6 @@
 """cast: weights really become float16 / bfloat16 (on disk and in the running model), the model
 stays within tolerance of float32, and what cannot be cast is refused before anything runs."""
 
-import json
 
 import numpy as np
 import onnx
@@ -15,7 +14,7 @@ from compressor.errors import UserError
 from compressor.planning import plan
 from compressor.recipe import parse_recipe
 from compressor.runners import make_runner
-from compressor.stages.cast import CastConfig
+from compressor.stages.cast.cast import CastConfig
 
 from .test_stages import exported_classifier, outputs, run_stage  # noqa: F401 (fixture)
 

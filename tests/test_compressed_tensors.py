@@ -13,10 +13,10 @@ from compressor.artifacts import TorchModel
 from compressor.errors import UserError
 from compressor.planning import plan
 from compressor.recipe import parse_recipe
-from compressor.stages.compressed_tensors import ExportCompressedTensorsConfig, pack_int32
-from compressor.stages.int4_onnx import Int4WeightOnlyConfig
-from compressor.stages.prune import PruneConfig
-from compressor.stages.weight_only import Int8WeightOnlyConfig
+from compressor.stages.export.compressed_tensors import ExportCompressedTensorsConfig, pack_int32
+from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
+from compressor.stages.prune.prune import PruneConfig
+from compressor.stages.quantize.weight_only import Int8WeightOnlyConfig
 
 from .test_stages import outputs, run_stage
 

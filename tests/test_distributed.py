@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from compressor import distributed
 from compressor.artifacts import TorchModel
 from compressor.shards import read_state
-from compressor.stages.int4_onnx import Int4WeightOnlyConfig
-from compressor.stages.prune import PruneConfig
+from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
+from compressor.stages.prune.prune import PruneConfig
 
 from .conftest import TINY_EVALUATION, write_recipe
 from .test_stages import run_stage

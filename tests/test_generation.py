@@ -14,7 +14,7 @@ from compressor.pipeline import RunOptions, run
 from compressor.planning import plan
 from compressor.recipe import load_recipe, parse_recipe
 from compressor.runners import make_runner
-from compressor.stages.export_onnx import ExportOnnxConfig
+from compressor.stages.export.export_onnx import ExportOnnxConfig
 
 from .conftest import write_recipe
 from .test_stages import run_stage

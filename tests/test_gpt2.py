@@ -9,10 +9,10 @@ import torch
 from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_torch_model
 from compressor.linear_layers import conv1d_names
-from compressor.stages.int4_onnx import Int4WeightOnlyConfig
-from compressor.stages.prune import PruneConfig
-from compressor.stages.quantize import Int8DynamicConfig
-from compressor.stages.weight_only import Int8WeightOnlyConfig
+from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
+from compressor.stages.prune.prune import PruneConfig
+from compressor.stages.quantize.quantize import Int8DynamicConfig
+from compressor.stages.quantize.weight_only import Int8WeightOnlyConfig
 
 from .test_int4 import calibration_for
 from .test_merge_lora import make_adapter, merge
@@ -61,7 +61,7 @@ def test_unstructured_pruning_zeroes_conv1d_weights_and_saves_gpt2_layout(tiny_g
     np.testing.assert_allclose(logits(reload_from_disk(pruned), pruned.path), logits(pruned, pruned.path), atol=1e-5)
     assert not np.allclose(logits(pruned, pruned.path), logits(gpt2(tiny_gpt2), tiny_gpt2), atol=1e-3)
     if pattern == "2:4":  # compressed-tensors records the pattern along each output's inputs
-        from compressor.stages.compressed_tensors import ExportCompressedTensorsConfig
+        from compressor.stages.export.compressed_tensors import ExportCompressedTensorsConfig
 
         _, written = run_stage(ExportCompressedTensorsConfig(type="export_compressed_tensors"), pruned,
                                tmp_path / "ct", TASK)
@@ -99,14 +99,16 @@ def test_int4_gptq_quantizes_conv1d_block_by_block(tiny_gpt2, text_file, tmp_pat
     quantized, details = run_stage(Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", algorithm="gptq",
                                                         block_size=32, calibration=calibration_for(text_file)),
                                    gpt2(tiny_gpt2), tmp_path, TASK)
-    assert details["quantized_linear_layers"] == 8 and details["kept_in_float"] == ["lm_head"]
+    # the tied head computes with the int8 embedding table's codes
+    assert details["quantized_linear_layers"] == 8 and details["kept_in_float"] == []
+    assert details["embeddings"] == "int8"
     np.testing.assert_array_equal(logits(reload_from_disk(quantized), quantized.path),
                                   logits(quantized, quantized.path))
     assert sqnr_db(logits(gpt2(tiny_gpt2), tiny_gpt2), logits(quantized, quantized.path)) > 10
 
 
 def test_nf4_quantizes_conv1d(tiny_gpt2, tmp_path):
-    from compressor.stages.bnb_4bit import Bnb4bitConfig
+    from compressor.stages.quantize.bnb_4bit import Bnb4bitConfig
 
     quantized, details = run_stage(Bnb4bitConfig(type="quantize", scheme="nf4"), gpt2(tiny_gpt2), tmp_path, TASK)
     assert details["quantized_linear_layers"] == 8 and details["kept_in_float"] == ["lm_head"]
@@ -129,8 +131,8 @@ def test_int4_gpt2_exports_its_codes_to_onnx_and_is_refused_by_compressed_tensor
     import onnx
 
     from compressor.errors import UserError
-    from compressor.stages.compressed_tensors import ExportCompressedTensorsConfig
-    from compressor.stages.export_onnx import ExportOnnxConfig
+    from compressor.stages.export.compressed_tensors import ExportCompressedTensorsConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
 
     quantized, _ = run_stage(Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", symmetric=True),
                              gpt2(tiny_gpt2), tmp_path / "q", TASK)

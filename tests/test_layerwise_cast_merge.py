@@ -13,8 +13,8 @@ from compressor.artifacts import TorchModel
 from compressor.checkpoint import TRANSFORMS_FILE, load_torch_model
 from compressor.errors import StageFailed, UserError
 from compressor.shards import INDEX_FILE, read_state
-from compressor.stages import layerwise
-from compressor.stages.cast import Cast, CastConfig
+from compressor.stages.blockwise import layerwise
+from compressor.stages.cast.cast import Cast, CastConfig
 
 from .test_layerwise import IDS, TASK, sharded_copy
 from .test_merge_lora import LLAMA_TARGETS, make_adapter, merge

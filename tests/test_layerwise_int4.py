@@ -13,11 +13,12 @@ from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_torch_model
 from compressor.errors import UserError
 from compressor.shards import INDEX_FILE, read_state
-from compressor.stages import activations, layerwise
-from compressor.stages.int4_onnx import Int4WeightOnlyConfig
-from compressor.stages.prune import PruneConfig
+from compressor.stages.blockwise import activations, layerwise
+from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
+from compressor.stages.prune.prune import PruneConfig
 
 from .test_layerwise import IDS, TASK, sharded_copy
+from .test_layerwise import tied_names_as
 from .test_stages import run_stage
 
 
@@ -46,11 +47,8 @@ def test_layerwise_int4_equals_the_whole_model(algorithm, sharded_llama, text_fi
     assert details["execution"] == "layerwise" and whole_details["execution"] == "whole"
     assert details["quantized_linear_layers"] == whole_details["quantized_linear_layers"] == 14
     assert (streamed.path / INDEX_FILE).is_file() and len(list(streamed.path.glob("*.safetensors"))) > 1
-    expected, written = read_state(whole.path), read_state(streamed.path)
-    # the tied table is stored once: safetensors' save_model keeps it as lm_head.weight, layer by layer as
-    # the checkpoint had it (embed_tokens); both load tied
-    if "lm_head.weight" in expected and "lm_head.weight" not in written:
-        expected["model.embed_tokens.weight"] = expected.pop("lm_head.weight")
+    written = read_state(streamed.path)
+    expected = tied_names_as(read_state(whole.path), written)  # the tied table's codes are stored once
     assert set(written) == set(expected)
     packed = [name for name in expected if name.endswith("weight_packed")]
     assert len(packed) == 14
@@ -67,7 +65,7 @@ def test_layerwise_int4_equals_the_whole_model(algorithm, sharded_llama, text_fi
         assert details["awq_groups_scaled"] == whole_details["awq_groups_scaled"]
 
 
-def test_gptq_layer_by_layer_keeps_an_untied_head_float_unless_asked(sharded_llama, text_file, tmp_path):
+def test_gptq_layer_by_layer_keeps_an_untied_head_out_of_4_bit_unless_asked(sharded_llama, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(sharded_llama)
@@ -80,8 +78,15 @@ def test_gptq_layer_by_layer_keeps_an_untied_head_float_unless_asked(sharded_lla
             shutil.copy2(item, untied / item.name)
     gptq, details = quantize(untied, tmp_path / "gptq", text_file, "gptq", execution="layerwise")
     state = read_state(gptq.path)
-    assert "lm_head.weight" in state and "lm_head.weight_packed" not in state
-    assert details["kept_in_float"] == ["lm_head"] and details["quantized_linear_layers"] == 14
+    # out of the calibrated 4-bit blocks, rounded to int8 with the embedding table (embeddings: int8)
+    assert "lm_head.weight_int8" in state and "lm_head.weight_packed" not in state
+    assert details["kept_in_float"] == [] and details["quantized_linear_layers"] == 14
+    assert details["head"] == "int8, rounded to nearest" and "model.embed_tokens.weight_int8" in state
+    kept, details = quantize(untied, tmp_path / "gptq-float", text_file, "gptq", execution="layerwise",
+                             embeddings="float")
+    state = read_state(kept.path)
+    assert "lm_head.weight" in state and "model.embed_tokens.weight" in state
+    assert details["kept_in_float"] == ["lm_head"] and details["embeddings"] == "float"
     # asked for: rounded to nearest once the blocks are done, the blocks still calibrated
     asked, details = quantize(untied, tmp_path / "gptq-head", text_file, "gptq", execution="layerwise",
                               quantize_head=True)

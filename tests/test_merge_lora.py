@@ -14,7 +14,7 @@ from compressor.checkpoint import load_torch_model
 from compressor.errors import StageFailed, UserError
 from compressor.planning import plan
 from compressor.recipe import parse_recipe
-from compressor.stages.merge_lora import MergeLoraConfig
+from compressor.stages.lora.merge_lora import MergeLoraConfig
 
 from .conftest import TINY_EVALUATION
 from .test_stages import outputs, run_stage
@@ -170,7 +170,7 @@ def test_weighting_adapters_that_train_whole_modules_is_refused(tiny_classifier,
 
 def test_quantized_base_is_refused_with_the_order_that_works(tiny_llama, llama_adapters, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from compressor.stages.bnb_4bit import Bnb4bitConfig
+    from compressor.stages.quantize.bnb_4bit import Bnb4bitConfig
 
     quantized, _ = run_stage(Bnb4bitConfig(type="quantize", scheme="nf4"), TorchModel(tiny_llama, "text-generation"),
                              tmp_path / "q", "text-generation")

@@ -12,10 +12,10 @@ from compressor.artifacts import TorchModel
 from compressor.generation import OrtGenerator, TorchGenerator
 from compressor.onnx_graph import tidy_external_data
 from compressor.runners import OrtRunner, make_runner
-from compressor.stages.export_onnx import ExportOnnxConfig
-from compressor.stages.onnx_exporter import exporter_of
-from compressor.stages.optimize_onnx import OptimizeOnnxConfig
-from compressor.stages.quantize import Int8DynamicConfig
+from compressor.stages.export.export_onnx import ExportOnnxConfig
+from compressor.stages.export.onnx_exporter import exporter_of
+from compressor.stages.export.optimize_onnx import OptimizeOnnxConfig
+from compressor.stages.quantize.quantize import Int8DynamicConfig
 
 from .test_stages import outputs, run_stage, sqnr_db
 
@@ -92,7 +92,7 @@ def test_causal_lm_with_past_decodes_what_torch_decodes(exporter, tiny_llama, tm
 
 
 def test_weights_above_the_limit_go_to_an_external_file(tiny_classifier, tmp_path, monkeypatch):
-    from compressor.stages import onnx_exporter
+    from compressor.stages.export import onnx_exporter
 
     monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", 0)  # as a model over 1.8 GB would
     model, details = run_stage(ExportOnnxConfig(type="export_onnx"), TorchModel(tiny_classifier, CLS), tmp_path, CLS)

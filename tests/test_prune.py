@@ -9,9 +9,9 @@ from pydantic import ValidationError
 from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_torch_model
 from compressor.stages import REGISTRY
-from compressor.stages.prune import PruneConfig
-from compressor.stages.prune_calibrated import _sparsegpt, _wanda
-from compressor.stages.sequential import LayerInputs
+from compressor.stages.prune.prune import PruneConfig
+from compressor.stages.prune.prune_calibrated import _sparsegpt, _wanda
+from compressor.stages.blockwise.sequential import LayerInputs
 
 from .test_stages import run_stage
 
@@ -112,7 +112,7 @@ def test_zeros_survive_onnx_export(tiny_classifier, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from compressor.stages.export_onnx import ExportOnnxConfig
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
 
     pruned, details = prune(tiny_classifier, "text-classification", tmp_path / "p", method="magnitude", sparsity=0.5)
     exported, _ = run_stage(ExportOnnxConfig(type="export_onnx"), pruned, tmp_path / "e", "text-classification")

@@ -11,9 +11,9 @@ from pydantic import ValidationError
 from compressor.artifacts import TorchModel
 from compressor.checkpoint import load_torch_model, model_class
 from compressor.errors import UserError
-from compressor.stages.export_onnx import ExportOnnxConfig
-from compressor.stages.prune import PruneConfig
-from compressor.stages.prune_structured import kept_count
+from compressor.stages.export.export_onnx import ExportOnnxConfig
+from compressor.stages.prune.prune import PruneConfig
+from compressor.stages.prune.prune_structured import kept_count
 
 from .test_stages import run_stage
 

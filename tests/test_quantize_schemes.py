@@ -12,12 +12,12 @@ from compressor.cli import main
 from compressor.errors import UserError
 from compressor.recipe import load_recipe, parse_recipe
 from compressor.stages import REGISTRY
-from compressor.stages.bnb_4bit import Bnb4bitConfig
-from compressor.stages.int4_onnx import Int4WeightOnlyConfig
-from compressor.stages.onnx_static_config import Int8StaticConfig
-from compressor.stages.quantize import RUNS, Int8DynamicConfig
-from compressor.stages.quantize_base import QuantizeConfigBase
-from compressor.stages.weight_only import Int8WeightOnlyConfig
+from compressor.stages.quantize.bnb_4bit import Bnb4bitConfig
+from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
+from compressor.stages.quantize.onnx_static_config import Int8StaticConfig
+from compressor.stages.quantize.quantize import RUNS, Int8DynamicConfig
+from compressor.stages.quantize.quantize_base import QuantizeConfigBase
+from compressor.stages.quantize.weight_only import Int8WeightOnlyConfig
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 

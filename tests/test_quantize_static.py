@@ -14,10 +14,10 @@ from compressor.errors import UserError
 from compressor.onnx_graph import complete_feed
 from compressor.runners import make_runner
 from compressor.stages import REGISTRY
-from compressor.stages.onnx_static import _count_quantized, _session, smooth_activations
-from compressor.stages.optimize_onnx import OptimizeOnnxConfig
-from compressor.stages.onnx_static_config import Int8StaticConfig
-from compressor.stages.weight_only import Int8WeightOnlyConfig
+from compressor.stages.quantize.onnx_static import _count_quantized, _session, smooth_activations
+from compressor.stages.export.optimize_onnx import OptimizeOnnxConfig
+from compressor.stages.quantize.onnx_static_config import Int8StaticConfig
+from compressor.stages.quantize.weight_only import Int8WeightOnlyConfig
 
 from .test_stages import TEXTS, exported_classifier, exported_encoder, run_stage, sqnr_db  # noqa: F401
 
@@ -194,6 +194,7 @@ def test_torch_weight_only_saves_int8_and_reloads(tiny_llama, tmp_path):
     assert torch.equal(in_memory, from_disk)
     assert type(reloaded.model.layers[0].mlp.down_proj).__name__ == "Int8WeightOnlyLinear"
     assert type(reloaded.lm_head).__name__ == "Linear"  # excluded, still tied to the embeddings
+    assert type(reloaded.get_input_embeddings()).__name__ == "Embedding" and details["embeddings"] == "float"
     assert sqnr_db(reference.numpy(), from_disk.numpy()) > 30
 
 

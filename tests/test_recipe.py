@@ -110,11 +110,11 @@ def test_every_option_is_documented():
 
     from compressor.data import CalibrationConfig
     from compressor.recipe import AccuracyGoal, BenchmarkConfig, DataConfig, EvaluationConfig, RegressionGoals
-    from compressor.stages.build_engine import ShapeRange
-    from compressor.stages.merge_lora import AdapterSpec
-    from compressor.stages.prune_recover import RecoverConfig
-    from compressor.stages.onnx_static_config import FallbackConfig
-    from compressor.stages.quantize_base import QuantizeConfigBase
+    from compressor.stages.export.build_engine import ShapeRange
+    from compressor.stages.lora.merge_lora import AdapterSpec
+    from compressor.stages.prune.prune_recover import RecoverConfig
+    from compressor.stages.quantize.onnx_static_config import FallbackConfig
+    from compressor.stages.quantize.quantize_base import QuantizeConfigBase
 
     docs = (Path(__file__).parent.parent / "docs" / "RECIPES.md").read_text()
     models = [v.model for stage in REGISTRY.values() for v in stage.config_variants() if not v.tag] + [
@@ -134,3 +134,107 @@ def test_every_option_is_documented():
                     if f not in QuantizeConfigBase.model_fields and f != variant.tag
                     and not re.search(row.format(f), section)]
     assert not missing, f"document these in docs/RECIPES.md: {missing}"
+
+
+def test_duplicate_key_at_depth_names_both_lines():
+    message = _error(GOOD.replace("    scheme: int8-dynamic", "    scheme: int8-dynamic\n    per_channel: true\n"
+                                                             "    per_channel: false"))
+    assert "r.yaml:8: stages[1].per_channel: duplicate key, first given at line 7" in message
+
+
+def test_anchor_is_refused_before_anything_is_built_from_it():
+    message = _error(GOOD.replace("max_drop: 0.01", "max_drop: &limit 0.01\n      max_drop_pct: *limit"))
+    assert message.startswith("r.yaml:12: YAML anchor &limit")
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1.0e+999"])
+def test_non_finite_numbers_are_refused_anywhere(value):
+    message = _error(GOOD.replace("max_drop: 0.01", f"min: {value}"))
+    assert f"r.yaml:12: goals.accuracy[0].min: {value} is not a finite number" in message
+
+
+@pytest.mark.parametrize("name", ["../../../tmp/évil", "..", ".hidden", "a/b", "a\\\\b", "", "a\\u0000b", "a\\nb",
+                                  "x" * 201])
+def test_a_name_that_is_not_a_plain_folder_name_is_refused(name):
+    message = _error(GOOD.replace("name: r", f'name: "{name}"'))
+    assert "r.yaml:1: name: " in message and "plain folder name" in message
+
+
+def test_a_plain_unicode_name_is_accepted():
+    assert parse_recipe(GOOD.replace("name: r", "name: évaluation-int8_v2"), "r.yaml").name == "évaluation-int8_v2"
+
+
+# Floats that are tolerances, shares or weights rather than counts, sizes or times: any finite value is
+# meaningful (non-finite numbers are refused by the loader) or a lower bound alone suffices.
+UNBOUNDED_FLOATS = {"atol", "rtol", "temperature", "weight_decay", "weight", "min", "max"}
+
+
+def _numeric_fields():
+    """(model, field name, FieldInfo) for every int / float option reachable from Recipe (Literal choices excluded)."""
+    from typing import get_origin
+
+    from pydantic import BaseModel
+
+    from compressor.recipe import Recipe
+
+    def kinds(annotation):
+        if annotation in (int, float):
+            return {annotation}
+        if get_origin(annotation) is dict:  # static_axes: planning requires them equal to the benchmark's shape
+            return set()
+        return set().union(*(kinds(arg) for arg in get_args(annotation))) if get_args(annotation) else set()
+
+    def models(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in get_args(annotation) for m in models(arg)]
+
+    seen, found, pending = set(), [], [Recipe]
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            if kinds(info.annotation):
+                found.append((model, name, info, kinds(info.annotation)))
+            pending += models(info.annotation)
+    return found
+
+
+def _upper_bound(info):
+    from compressor.cli import _constraints
+
+    return next((getattr(c, attr) for c in _constraints(info) for attr in ("le", "lt")
+                 if getattr(c, attr, None) is not None), None)
+
+
+def test_every_count_size_and_time_has_an_upper_bound():
+    fields = _numeric_fields()
+    assert len(fields) > 40  # the walk reached the stages' configs, not only the recipe's own
+    unbounded = [f"{model.__name__}.{name}" for model, name, info, kinds in fields if _upper_bound(info) is None
+                 and (int in kinds or name not in UNBOUNDED_FLOATS)]
+    assert not unbounded, f"give these an upper bound (le=): {unbounded}"
+
+
+def test_every_upper_bound_is_documented_and_listed_by_compress_stages():
+    import re
+
+    from click.testing import CliRunner
+
+    from compressor.cli import _number, main
+
+    docs = (Path(__file__).parent.parent / "docs" / "RECIPES.md").read_text()
+    listing = CliRunner().invoke(main, ["stages"], env={"COLUMNS": "400"}).output
+    undocumented, unlisted = [], []
+    for model, name, info, _ in _numeric_fields():
+        bound = _upper_bound(info)
+        if bound is None:
+            continue
+        rows = re.findall(rf"^\| `(?:\w+(?:\[\])?\.)*{name}`.*$", docs, flags=re.M)
+        if not any(_number(bound) in row for row in rows):
+            undocumented.append(f"{model.__name__}.{name} ({_number(bound)})")
+        if not re.search(rf"^│ (?:\w+(?:\[\])?\.)*{name} .*<=? {re.escape(_number(bound))}", listing, flags=re.M):
+            unlisted.append(f"{model.__name__}.{name}")
+    assert not undocumented, f"give the range in docs/RECIPES.md: {undocumented}"
+    assert not unlisted, f"`compress stages` should show the range of: {unlisted}"

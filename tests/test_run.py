@@ -46,9 +46,13 @@ def test_run_writes_complete_run_folder(tiny_classifier, sentences_jsonl, tmp_pa
     recipe = load_recipe(classifier_recipe(tmp_path, sentences_jsonl))
     result = run(recipe, tiny_classifier, RunOptions(out=tmp_path / "out"))
     out = result.out
-    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".md", ".xml", ".onnx")) == [
+    # Every entry, hidden ones and folders included: the ONNX model with no external-data file (the tiny
+    # model fits in one protobuf), the checkpoint's config and tokenizer files beside it (no torch weights),
+    # and the four reports; a leftover work folder or a stray file would change the listing.
+    assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "junit.xml", "manifest.json", "model.onnx", "report.json", "report.md",
-        "tokenizer.json", "tokenizer_config.json"] or (out / "model.onnx").exists()
+        "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in out.iterdir())
     assert not (out / "work").exists() and not list(tmp_path.glob(".out.partial-*"))
     report = json.loads((out / "report.json").read_text())
     for key in ("recipe", "model", "verdict", "baseline", "result", "gate", "stages", "environment"):
@@ -242,14 +246,15 @@ def test_static_recipe_end_to_end(tiny_classifier, sentences_jsonl, tmp_path):
 
 
 def test_missing_calibration_data_stops_before_any_stage(tiny_classifier, sentences_jsonl, tmp_path, monkeypatch):
-    from compressor.stages.export_onnx import ExportOnnx
+    from compressor.stages.export.export_onnx import ExportOnnx
 
     exported = []
     monkeypatch.setattr(ExportOnnx, "run", lambda self, *args: exported.append(args))
     recipe = write_recipe(tmp_path, STATIC_RECIPE.format(calibration=tmp_path / "nope.jsonl", data=sentences_jsonl))
     outcome = invoke("run", recipe, "--model", tiny_classifier, "--out", tmp_path / "out")
     assert outcome.exit_code == 2
-    assert f"{recipe}:7: stages[1].calibration: {tmp_path / 'nope.jsonl'}: data file not found" in outcome.output
+    assert f"{recipe}:8: stages[1].calibration.data.path: {tmp_path / 'nope.jsonl'}: data file not found" \
+        in outcome.output
     assert exported == []  # nothing was exported first
     assert not (tmp_path / "out").exists()
 

@@ -1,14 +1,16 @@
-"""A run owns its --out: a second run on the same folder is refused while the first holds it."""
+"""A run owns its --out: a second run on the same folder is refused while the first holds it; without --out it
+writes under runs/, whatever the recipe's name."""
 
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from compressor.errors import UserError
-from compressor.run_folder import RunFolder
+from compressor.run_folder import RunFolder, default_run_folder
 
 from .test_run import classifier_recipe
 
@@ -53,3 +55,39 @@ def test_lock_is_held_within_one_process_too(tmp_path):
         with pytest.raises(UserError, match=r"another compress run is writing this folder \(pid"):
             with RunFolder(tmp_path / "out"):
                 pass
+
+
+def test_the_default_run_folder_is_runs_name(tmp_path):
+    root = tmp_path / "runs"
+    assert default_run_folder("minilm-int8", root) == root / "minilm-int8"
+    assert default_run_folder("évaluation v2", root) == root / "évaluation v2"
+
+
+@pytest.mark.parametrize("name", ["../../../tmp/évil", "..", ".", ".hidden", "a/b", "/etc", "a\\b", "", "a\x00b",
+                                  "a\nb", "x" * 201])
+def test_no_name_puts_the_default_run_folder_outside_runs(name, tmp_path):
+    with pytest.raises(UserError, match="cannot name a run folder under"):
+        default_run_folder(name, tmp_path / "runs")
+
+
+def test_a_link_under_runs_cannot_lead_the_default_run_folder_elsewhere(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "r").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(UserError, match="outside"):
+        default_run_folder("r", root)
+
+
+def test_run_refuses_a_name_that_leaves_runs_before_writing_anything(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    recipe = Path(__file__).parent / "hostile" / "path-traversal-name.yaml"
+    outcome = CliRunner().invoke(main, ["run", str(recipe), "--model", str(tmp_path / "model")])
+    assert outcome.exit_code == 2 and f"{recipe}:2: name: contains '/'" in outcome.output
+    # runs/../../../tmp/évil from here is tmp_path/a/tmp/évil: nothing was created there, or anywhere else
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "a", tmp_path / "a" / "b", work]

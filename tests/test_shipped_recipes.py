@@ -42,6 +42,7 @@ class ShippedGroup:
         wanted = {name for item in request.session.items for mark in item.iter_markers("shipped")
                   for name in mark.args}
         paths = [p for p in read_recipe_list(RECIPES / listing) if p.name in wanted]
+        self.recipes = [p.name for p in paths]
         self.out = tmp_path_factory.mktemp("compare") / "out"
         if len(paths) == 1:  # compare needs two; one recipe is a plain run into its own sub-folder
             run(load_recipe(paths[0]), real_fixture(model), options(self.out / paths[0].stem, memory))
@@ -53,10 +54,6 @@ class ShippedGroup:
 
     def folder(self, recipe: str) -> Path:
         return self.out / recipe.removesuffix(".yaml")
-
-
-def shipped_report(comparison, recipe: str) -> dict:
-    return json.loads((comparison.out / recipe / "report.json").read_text())
 
 
 def goals(report: dict) -> dict[str, bool]:
@@ -119,15 +116,18 @@ def test_fixture_data_split_and_classifier():
     assert record["test_accuracy"] > 0.8
 
 
-@shipped("minilm-int8-dynamic.yaml")
+@shipped("minilm-int8-dynamic.yaml", every=True)
 def test_minilm_encoder_fails_only_on_worst_case_cosine(encoder):
     report = encoder.report("minilm-int8-dynamic")
     assert goals(report) == {"accuracy.cosine_mean.min": True, "accuracy.cosine_min.min": False,
                              "size.max_ratio": True}, report["gate"]
+    # measured: mean 0.9915, worst 0.9761 (docs/BENCHMARKS.md); a broken model fails by far more
+    metrics = report["result"]["metrics"]
+    assert 0.985 < metrics["cosine_mean"] < 0.996 and 0.96 < metrics["cosine_min"] < 0.98
     assert_latency_measured(report)
 
 
-@shipped("minilm-int8-static.yaml")
+@shipped("minilm-int8-static.yaml", every=True)
 def test_minilm_encoder_int8_static_passes_its_accuracy_and_size_goals(encoder):
     report = encoder.report("minilm-int8-static")
     assert all(goals(report).values()), report["gate"]
@@ -139,13 +139,16 @@ def test_minilm_encoder_int8_static_passes_its_accuracy_and_size_goals(encoder):
     assert quantize["smoothed_activations"] == 24
 
 
-@shipped("smollm2-int8-dynamic.yaml")
+@shipped("smollm2-int8-dynamic.yaml", every=True)
 def test_smollm2_int8_dynamic_fails_on_perplexity(smollm2):
     report = smollm2.report("smollm2-int8-dynamic")
     verdicts = goals(report)
     assert report["verdict"] == "fail" and verdicts["accuracy.perplexity.max_drop_pct"] is False
     assert verdicts["size.max_ratio"] is True  # it does shrink; it just costs too much perplexity
     assert any("4-bit once" in note or "Q4_1" in note for note in report["notes"])
+    # measured: 1.79-1.81x perplexity, top-1 agreement 0.556 (docs/BENCHMARKS.md): int8 loss, not a broken graph
+    ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
+    assert 1.6 < ratio < 2.0 and 0.5 < report["result"]["metrics"]["top1_agreement"] < 0.62
     assert_latency_measured(report)
 
 
@@ -156,7 +159,8 @@ def test_torch_int8_recipe_is_meant_to_fail(smollm2):
     assert report["verdict"] == "fail"
     assert verdicts["accuracy.perplexity.max_drop_pct"] is False and verdicts["accuracy.top1_agreement.min"] is False
     base, cand = report["baseline"]["metrics"], report["result"]["metrics"]
-    assert cand["perplexity"] > 2 * base["perplexity"]
+    # measured: 4.19x perplexity, top-1 agreement 0.366 (docs/BENCHMARKS.md): far worse, yet a language model
+    assert 3.5 < cand["perplexity"] / base["perplexity"] < 5 and 0.3 < cand["top1_agreement"] < 0.45
 
 
 @shipped("smollm2-int8-weight-only.yaml", every=True)
@@ -185,6 +189,8 @@ def test_smollm2_static_fails_naming_perplexity(smollm2):
     assert report["verdict"] == "fail" and [goal for goal, passed in goals(report).items() if not passed] == [
         "accuracy.perplexity.max_drop_pct", "accuracy.top1_agreement.min"]
     assert "FAIL" in (smollm2.folder("smollm2-int8-static-fails") / "report.md").read_text()
+    ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
+    assert 1.05 < ratio < 1.13 and 0.76 < report["result"]["metrics"]["top1_agreement"] < 0.84  # 1.085x, 0.803
 
 
 @pytest.mark.parametrize("recipe", [shipped_param("smollm2-wanda-50.yaml", every=True),
@@ -211,13 +217,20 @@ def test_smollm2_int4_recipes(recipe, passes, smollm2):
     assert quantize["quantized_matmuls"] == 30 * 7 and quantize["float_weight_matmuls"] == 0
     assert goals(report)["size.max_ratio"] is True  # 4-bit blocks; the tied embedding table stays float
     assert (report["verdict"] == "pass") is passes and goals(report)["accuracy.perplexity.max_drop_pct"] is passes
+    # measured (docs/BENCHMARKS.md): rtn 1.268x and top-1 agreement 0.681, hqq 1.000x and 0.992
+    ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
+    agreement = report["result"]["metrics"]["top1_agreement"]
+    low, high, agreement_low, agreement_high = (0.99, 1.02, 0.97, 1.0) if passes else (1.2, 1.35, 0.63, 0.73)
+    assert low < ratio < high and agreement_low < agreement <= agreement_high
 
 
 @shipped("smollm2-int4-gptq.yaml")
 def test_smollm2_torch_gptq_meets_the_published_bar(smollm2):
     report = smollm2.report("smollm2-int4-gptq")
     quantize = report["stages"][0]
-    assert quantize["quantized_linear_layers"] == 30 * 7 and quantize["kept_in_float"] == ["lm_head"]
+    # the tied embedding table (28M of the 135M parameters) is int8, and the head computes with its codes
+    assert quantize["quantized_linear_layers"] == 30 * 7 and quantize["kept_in_float"] == []
+    assert quantize["embeddings"] == "int8" and quantize["embedding_parameters"] == 49152 * 576
     assert quantize["act_order"] and quantize["calibration_samples"] == 16 and quantize["grid"] == "signed-max"
     assert all(goals(report).values()), report["gate"]
     ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
@@ -318,24 +331,27 @@ def test_half_precision_classifiers_pass_and_halve_the_size(half_precision):
 
 
 @pytest.fixture(scope="module")
-def minilm_comparison(tmp_path_factory):
-    """The shipped sentiment-classifier set, whole, run by `compress compare` (the table is under test)."""
-    out = tmp_path_factory.mktemp("compare") / "out"
-    return compare(load_recipes([RECIPES / "compare-minilm.txt"]), real_fixture("sentiment-classifier"), options(out))
+def minilm_comparison(request, tmp_path_factory):
+    """The shipped sentiment-classifier recipes the selected tests need, run by `compress compare` against one
+    baseline (recipes/compare-minilm.txt; the table is under test)."""
+    return ShippedGroup("compare-minilm.txt", "sentiment-classifier", request, tmp_path_factory)
 
 
+@shipped("minilm-sentiment-onnx-fp32.yaml", "minilm-sentiment-int8-dynamic.yaml", "minilm-sentiment-int8-static.yaml")
 def test_compare_minilm_set_ranks_every_recipe_against_one_baseline(minilm_comparison):
-    summary = minilm_comparison.summary
-    assert [r["recipe"] for r in summary["recipes"]] and len(summary["rows"]) == 5
+    summary = json.loads((minilm_comparison.out / "compare.json").read_text())
+    wanted = {name.removesuffix(".yaml") for name in minilm_comparison.recipes}
+    assert {r["recipe"] for r in summary["recipes"]} == wanted and len(summary["rows"]) == len(wanted) + 1
     baseline = summary["baseline"]
     assert baseline["metric"] > 0.8 and summary["evaluation"]["samples"] == 2114
     assert all(r["speedup_interval"][0] <= r["speedup"] <= r["speedup_interval"][1] for r in summary["recipes"])
-    assert any(r["pareto"] for r in summary["recipes"]) and minilm_comparison.any_passed
+    assert any(r["pareto"] for r in summary["recipes"]) and any(r["verdict"] == "pass" for r in summary["recipes"])
     assert (minilm_comparison.out / "compare.png").stat().st_size > 10_000
 
 
+@shipped("minilm-sentiment-int8-dynamic.yaml")
 def test_demo_minilm_sentiment_passes(minilm_comparison):
-    report = shipped_report(minilm_comparison, "minilm-sentiment-int8-dynamic")
+    report = minilm_comparison.report("minilm-sentiment-int8-dynamic")
     assert all(goals(report).values()), report["gate"]
     assert_latency_measured(report)
     assert report["evaluation"]["samples"] == 2114
@@ -343,22 +359,27 @@ def test_demo_minilm_sentiment_passes(minilm_comparison):
     assert report["result"]["size_mb"] < 0.3 * report["baseline"]["size_mb"]
 
 
+@shipped("minilm-sentiment-onnx-fp32.yaml")
 def test_sentiment_onnx_fp32_changes_nothing(minilm_comparison):
-    report = shipped_report(minilm_comparison, "minilm-sentiment-onnx-fp32")
+    report = minilm_comparison.report("minilm-sentiment-onnx-fp32")
     assert report["verdict"] == "pass", report["gate"]
     assert report["result"]["metrics"]["agreement"] >= 0.999
 
 
+@shipped("minilm-sentiment-int8-static.yaml")
 def test_sentiment_int8_static_passes(minilm_comparison):
-    report = shipped_report(minilm_comparison, "minilm-sentiment-int8-static")
+    report = minilm_comparison.report("minilm-sentiment-int8-static")
     assert all(goals(report).values()), report["gate"]
     assert_latency_measured(report)
     base, cand = report["baseline"]["metrics"], report["result"]["metrics"]
     assert base["accuracy"] - cand["accuracy"] <= 0.01
 
 
+# 400 distillation steps (about 160 s on 2 cores): beyond the focused set; structured pruning of a real
+# model is checked in it by tests/test_prune_structured.py (SmolLM2: pruned, reloaded, exported)
+@shipped("minilm-sentiment-ffn-pruned-int8.yaml", every=True)
 def test_classifier_ffn_pruned_int8_keeps_accuracy_and_shrinks_the_ffn(minilm_comparison):
-    report = shipped_report(minilm_comparison, "minilm-sentiment-ffn-pruned-int8")
+    report = minilm_comparison.report("minilm-sentiment-ffn-pruned-int8")
     verdicts = goals(report)
     assert verdicts["accuracy.accuracy.max_drop"] and verdicts["size.max_ratio"], report["gate"]
     # The 4.0x latency goal depends on the CPU: met on AMD EPYC (4.9x), missed on Intel Xeon with AMX

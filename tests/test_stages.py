@@ -12,9 +12,9 @@ from compressor.data import encode
 from compressor.errors import StageFailed, UserError
 from compressor.runners import OrtRunner, make_runner
 from compressor.stages import REGISTRY, StageContext
-from compressor.stages.export_onnx import ExportOnnxConfig
-from compressor.stages.optimize_onnx import OptimizeOnnxConfig
-from compressor.stages.quantize import Int8DynamicConfig
+from compressor.stages.export.export_onnx import ExportOnnxConfig
+from compressor.stages.export.optimize_onnx import OptimizeOnnxConfig
+from compressor.stages.quantize.quantize import Int8DynamicConfig
 
 TEXTS = ["the film was good and funny", "a dull boring mess", "this story is not very sad but the cast is great"]
 

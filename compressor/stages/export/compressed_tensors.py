@@ -1,0 +1,272 @@
+"""export_compressed_tensors: a torch result written in the compressed-tensors layout, the format
+llm-compressor writes and transformers (with the `compressed-tensors` package) and vLLM load.
+
+What is written, per quantized nn.Linear `L` ("pack-quantized", compressed-tensors 0.19):
+- `L.weight_packed` int32 [out, in * bits / 32]: signed codes q stored as q + 2^(bits-1), packed
+  along the input axis, the first value in the lowest bits;
+- `L.weight_scale` [out, groups] (int4, groups of `group_size` inputs) or [out, 1] (int8, one per
+  output channel), `L.weight_shape` int64 [out, in], and for asymmetric int4
+  `L.weight_zero_point` int32, the signed zero points packed the same way along the output axis;
+- weight = (q - zero point) * scale, which is compress's (code - zero) * scale with q = code - 8
+  (int4) or q = the int8 value: the same numbers, so nothing is rounded again.
+config.json gets a `quantization_config` (quant_method compressed-tensors, one config group
+targeting Linear, every Linear left in float listed in `ignore`). A float model (pruned or not) is
+written as plain safetensors with an informational `sparsity_config` (dense storage, its 2:4 or
+unstructured pattern and sparsity) and no quantization groups.
+
+After writing, the folder is reloaded with transformers and its logits compared with the model it
+came from: what compress evaluates afterwards is what a server loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import Field
+
+from ...anatomy import architecture_of, checkpoint_name, is_fused_experts, overrides_linear_forward
+from ...artifacts import TorchModel
+from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, load_torch_model, quantization_method
+from ...embeddings import dequantized_table, is_quantized_embedding
+from ...errors import StageFailed, UserError
+from ...linear_layers import conv1d_names, is_linear_like, out_in_weight, shape_of
+from ...torch_transforms import INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY
+from ..base import Stage, StageConfigBase, StageContext
+from .export_onnx import max_abs_difference
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "0.19.0"  # the compressed-tensors release whose layout this writes
+# Share of zeros above which a float model's sparsity is recorded as unstructured.
+SPARSE_ENOUGH = 0.05
+
+
+class ExportCompressedTensorsConfig(StageConfigBase):
+    type: Literal["export_compressed_tensors"]
+    atol: float = Field(1e-4, gt=0, description="max abs difference allowed between the reloaded folder's logits "
+                                                "and the model it was written from")
+
+
+class ExportCompressedTensors(Stage):
+    type = "export_compressed_tensors"
+    summary = "Write a torch result (int4 / int8 weight-only, or sparse float) in the compressed-tensors layout"
+    config_model = ExportCompressedTensorsConfig
+    accepts = ("torch",)
+    last_only = True
+
+    def check_order(self, config, earlier):
+        for index, stage in enumerate(earlier):
+            scheme = getattr(stage, "scheme", None)
+            if stage.type == "quantize" and scheme not in ("int4-weight-only", "int8-weight-only"):
+                return f"compressed-tensors holds int4 and int8 weight-only models; stages[{index}] quantizes to " \
+                       f"{scheme}"
+            if stage.type == "quantize" and scheme == "int4-weight-only" and not stage.symmetric:
+                return "write asymmetric int4 in compressed-tensors only where a loader reads it: transformers " \
+                       f"4.57 with compressed-tensors 0.19 cannot (zero-point shape); set symmetric: true in " \
+                       f"stages[{index}]"
+        return None
+
+    def backends(self, config, input_kind):
+        return ["safetensors", "compressed_tensors"]
+
+    def run(self, config: ExportCompressedTensorsConfig, artifact: TorchModel, ctx: StageContext) -> TorchModel:
+        import torch
+        from safetensors.torch import save_file
+
+        module = load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code)
+        transforms = artifact.transforms
+        if transforms and not (len(transforms) == 1 and transforms[0].get("stored")
+                               and transforms[0]["name"] in (INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY)):
+            raise UserError(f"export_compressed_tensors: {transforms[-1].get('name')} has no compressed-tensors form; "
+                            "int4-weight-only and int8-weight-only do")
+        if not transforms:
+            existing = quantization_method(artifact.path)
+            if existing:
+                raise UserError(f"{artifact.path}: holds {existing} weights; compressed-tensors is written from "
+                                "compress's int4 / int8 weight-only results or float weights")
+        transform = transforms[0] if transforms else None
+        if transform is not None and transform["name"] == INT4_WEIGHT_ONLY and not transform["symmetric"]:
+            raise UserError("export_compressed_tensors: asymmetric int4 has no loader here (transformers 4.57 with "
+                            "compressed-tensors 0.19 cannot read its zero points); quantize with symmetric: true")
+        if transform is not None:
+            _refuse_unloadable(empty_model(artifact.path, artifact.task, ctx.trust_remote_code), transform["layers"])
+        architecture = architecture_of(module)
+        tensors, quantized, dequantized = {}, set(), set()
+        table = (transform or {}).get("embeddings")
+        with torch.no_grad():
+            for name, layer in module.named_modules():
+                kind = type(layer).__name__
+                stored = checkpoint_name(architecture, name)  # experts under their checkpoints' names
+                if is_quantized_embedding(layer) or (table and name == table["head"]):
+                    # The groups quantize Linear layers with one scheme: the table goes in float (its dequantized
+                    # codes, the values compress computes with), and the head quantized with it too (a tied one
+                    # is the table; transformers ties it on load)
+                    if is_quantized_embedding(layer):
+                        tensors[f"{stored}.weight"] = dequantized_table(layer).contiguous()
+                    elif not table["head_tied"]:
+                        tensors[f"{stored}.weight"] = layer.dequantized_weight(torch.float32).contiguous()
+                        if layer.bias is not None:
+                            tensors[f"{stored}.bias"] = layer.bias.detach().contiguous()
+                    dequantized.add(name)
+                    continue
+                if kind == "Int4WeightOnlyLinear":
+                    tensors.update(_int4_tensors(stored, layer, transform["symmetric"]))
+                elif kind == "Int8WeightOnlyLinear":
+                    tensors.update(_int8_tensors(stored, layer))
+                else:
+                    continue
+                quantized.add(name)
+                if layer.bias is not None:
+                    tensors[f"{stored}.bias"] = layer.bias.detach().contiguous()
+            state = module.state_dict()
+            for key, value in state.items():
+                owner, _, leaf = key.rpartition(".")
+                if owner not in quantized | dequantized and not key.endswith("rotary_emb.inv_freq"):
+                    tensors[f"{checkpoint_name(architecture, owner)}.{leaf}"] = value.detach().contiguous()
+        linears = [name for name, layer in module.named_modules() if is_linear_like(layer) or name in quantized
+                   or (table and name == table["head"])]
+        ignore = [name for name in linears if name not in quantized]
+        sparsity = _sparsity(module, ignore) if transform is None else {}
+        out = ctx.workdir / "model"
+        out.mkdir(parents=True)
+        _drop_tied_copies(tensors)
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        copy_checkpoint_files(artifact.path, out)
+        (out / TRANSFORMS_FILE).unlink(missing_ok=True)
+        config_file = out / "config.json"
+        model_config = json.loads(config_file.read_text())
+        model_config["quantization_config"] = quantization_config(transform, ignore, sparsity)
+        model_config["dtype"] = "float32"
+        if "lm_head" in quantized:  # its own packed weights: tying it to the float embeddings would be wrong
+            model_config["tie_word_embeddings"] = False
+        config_file.write_text(json.dumps(model_config, indent=2) + "\n")
+        result = TorchModel(out, artifact.task)
+        try:
+            diff = max_abs_difference(artifact, result, ctx)
+        except UserError:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        ctx.details.update({"format": "pack-quantized" if transform else "dense",
+                            "quantized_linear_layers": len(quantized), "ignored_linear_layers": len(ignore),
+                            "reload_max_abs_diff": diff, "atol": config.atol,
+                            "size_mb_before": round(artifact.size_mb(), 3), "size_mb_after": round(result.size_mb(), 3),
+                            **({"sparsity": sparsity} if sparsity else {})})
+        if table:
+            also = f" and the head {table['head']}" if table["head"] else ""
+            ctx.notes.append(f"export_compressed_tensors: the {table['scheme']} embedding table {table['name']}{also} "
+                             "are written float (their dequantized values): compressed-tensors gives Linear layers "
+                             "one scheme and has no quantized embedding")
+            ctx.details["embeddings"] = "float (dequantized)"
+        if not diff <= config.atol:
+            raise StageFailed(f"export_compressed_tensors: transformers reloads the folder with logits {diff:.3g} away "
+                              f"from the model it was written from (atol {config.atol:g})")
+        return result
+
+
+def _refuse_unloadable(skeleton, quantized: list[str]) -> None:
+    """Layers compressed-tensors' loaders cannot run once quantized, named before anything is written."""
+    if conv1d_names(skeleton):
+        raise UserError("export_compressed_tensors: quantized GPT-2-style Conv1D models are not written in "
+                        "compressed-tensors yet (its groups target Linear layers, and GPT-2's weights are stored "
+                        "transposed); write the float model, or keep compress's own int4 / int8 result")
+    modules = dict(skeleton.named_modules())
+    custom = sorted({type(modules[name]).__name__ for name in quantized
+                     if name in modules and overrides_linear_forward(modules[name])})
+    if custom:
+        raise UserError(f"export_compressed_tensors: {architecture_of(skeleton)}'s {', '.join(custom)} layers compute "
+                        "with their own forward on `weight`, which compressed-tensors' loader replaces with packed "
+                        "tensors, so transformers could not run the folder; keep compress's own int4 / int8 result, "
+                        "or write the float model")
+
+
+def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `bits`-bit values (rows x n) packed along the last axis into int32 words, the first
+    value in the lowest bits; the last word is padded with zeros."""
+    per_word = 32 // bits
+    rows, n = values.shape
+    padded = np.zeros((rows, -(-n // per_word) * per_word), dtype=np.uint32)
+    padded[:, :n] = values
+    shifts = (np.arange(per_word, dtype=np.uint32) * bits)[None, None, :]
+    words = (padded.reshape(rows, -1, per_word) << shifts).sum(axis=2, dtype=np.uint64).astype(np.uint32)
+    return words.view(np.int32)
+
+
+def _int4_tensors(name: str, layer, symmetric: bool) -> dict:
+    import torch
+
+    if layer.in_features % layer.group_size:
+        raise UserError(f"export_compressed_tensors: {name} has {layer.in_features} inputs, not a multiple of the "
+                        f"int4 block size {layer.group_size}; compressed-tensors needs whole groups (quantize with a "
+                        "block_size that divides every layer's input size)")
+    codes = layer.codes().numpy().astype(np.uint32)  # q + 8 with q = code - 8: the codes themselves
+    tensors = {f"{name}.weight_packed": torch.from_numpy(pack_int32(codes, 4)),
+               f"{name}.weight_scale": layer.weight_scale.detach().float().contiguous(),
+               f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
+    if not symmetric:  # signed zero points zp = zero - 8, stored as zp + 8, packed along the outputs
+        zeros = layer.weight_zero_point.numpy().astype(np.uint32)
+        tensors[f"{name}.weight_zero_point"] = torch.from_numpy(np.ascontiguousarray(pack_int32(zeros.T, 4).T))
+    return tensors
+
+
+def _int8_tensors(name: str, layer) -> dict:
+    import torch
+
+    values = (layer.weight_int8.numpy().astype(np.int16) + 128).astype(np.uint32)
+    return {f"{name}.weight_packed": torch.from_numpy(pack_int32(values, 8)),
+            f"{name}.weight_scale": layer.weight_scale.detach().float().reshape(-1, 1).contiguous(),
+            f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
+
+
+def _drop_tied_copies(tensors: dict) -> None:
+    """safetensors refuses tensors sharing memory: keep the first name of each tied weight (the
+    embedding's, which state_dict lists before lm_head; transformers ties them again on load)."""
+    seen = set()
+    for key in list(tensors):
+        pointer = tensors[key].data_ptr()
+        if pointer in seen and tensors[key].numel() > 1:
+            del tensors[key]
+        else:
+            seen.add(pointer)
+
+
+def _sparsity(module, ignore: list[str]) -> dict:
+    """Pattern and share of zeros over the float Linear (and Conv1D) weights but lm_head, or {} when
+    they are dense. 2:4 runs along each output's inputs."""
+    weights = [out_in_weight(layer).detach() for name, layer in module.named_modules()
+               if is_linear_like(layer) and name != "lm_head" and shape_of(layer)[0] % 4 == 0]
+    for layer in module.modules():  # fused experts: each expert's (outputs, inputs) rows
+        if is_fused_experts(layer):
+            weights += [p.detach().reshape(-1, p.shape[-1]) for p in (layer.gate_up_proj, layer.down_proj)]
+    if not weights:
+        return {}
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    share = zeros / sum(w.numel() for w in weights)
+    two_four = all(bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()) for w in weights)
+    if two_four:
+        return {"format": "dense", "sparsity_structure": "2:4", "global_sparsity": round(share, 4),
+                "targets": ["Linear"], "ignore": ["lm_head"]}
+    if share >= SPARSE_ENOUGH:
+        return {"format": "dense", "sparsity_structure": "unstructured", "global_sparsity": round(share, 4),
+                "targets": ["Linear"], "ignore": ["lm_head"]}
+    return {}
+
+
+def quantization_config(transform: Optional[dict], ignore: list[str], sparsity: dict) -> dict:
+    """config.json's `quantization_config` for compressed-tensors."""
+    groups = {}
+    if transform is not None:
+        if transform["name"] == INT4_WEIGHT_ONLY:
+            weights = {"num_bits": 4, "symmetric": transform["symmetric"], "strategy": "group",
+                       "group_size": transform["group_size"]}
+        else:
+            weights = {"num_bits": 8, "symmetric": True, "strategy": "channel", "group_size": None}
+        weights.update({"type": "int", "dynamic": False, "actorder": None})
+        groups = {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                              "output_activations": None, "format": "pack-quantized"}}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized" if groups else "dense",
+            "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
+            "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": sparsity,
+            "version": FORMAT_VERSION}

@@ -1,0 +1,149 @@
+"""export_onnx: a torch checkpoint to ONNX through PyTorch's exporter (onnx_exporter.py), checked against torch
+afterwards."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import Field
+
+from ...artifacts import OnnxModel, TorchModel
+from ...checkpoint import load_tokenizer
+from ...data import encode
+from ...errors import StageFailed, UserError
+from ...runners import make_runner
+from ..base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
+from .int4_export import int4_transform, pack_int4_matmuls, write_dequantized_checkpoint
+from .onnx_exporter import export_checkpoint
+
+log = logging.getLogger(__name__)
+
+VALIDATION_TEXTS = (
+    "The film is a quiet triumph, funny and sad in equal measure.",
+    "A tedious, overlong mess that squanders a talented cast.",
+)
+
+
+class ExportOnnxConfig(StageConfigBase):
+    type: Literal["export_onnx"]
+    opset: int = Field(18, ge=14, le=21, description="ONNX opset version (the dynamo exporter writes 18 or later)")
+    exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript", description="torchscript: torch.onnx.export(dynamo=False), the graphs ONNX Runtime's "
+                                   "optimizer fuses, fast; dynamo: torch.export + onnxscript, PyTorch's default")
+    with_past: bool = Field(False, description="text-generation only: export past key/value inputs for decoding")
+    static_axes: Optional[dict[Literal["batch_size", "sequence_length"], int]] = Field(
+        None, description="fix these dynamic axes to a size (e.g. {batch_size: 1}); default: all axes dynamic")
+    atol: float = Field(1e-4, gt=0, description="max abs difference allowed between ONNX Runtime and torch outputs")
+
+
+class ExportOnnx(Stage):
+    type = "export_onnx"
+    summary = "Export a torch model to ONNX (PyTorch's exporter) and check ONNX Runtime against torch"
+    config_model = ExportOnnxConfig
+    accepts = ("torch",)
+
+    def output_kind(self, config, input_kind):
+        return "onnx"
+
+    def check(self, config: ExportOnnxConfig, input_kind, task):
+        if config.with_past and task != "text-generation":
+            return "with_past applies to text-generation models only"
+        return None
+
+    def check_order(self, config, earlier):
+        quantized = [c for c in earlier if c.type == "quantize"]
+        if quantized and all(c.scheme == "int4-weight-only" for c in quantized):
+            return None  # exported with its own codes in MatMulNBits (int4_export.py)
+        problem = refuse_after_quantize(earlier, "export_onnx traces")
+        return problem and f"{problem}, and quantize the ONNX model after export (int4 weight-only is the " \
+                           "exception: its codes are exported as they are)"
+
+    def backends(self, config, input_kind):
+        return ["onnx", "onnxruntime"] + (["onnxscript"] if config.exporter == "dynamo" else [])
+
+    def run(self, config: ExportOnnxConfig, artifact: TorchModel, ctx: StageContext) -> OnnxModel:
+        int4 = int4_transform(artifact)
+        if artifact.transforms and int4 is None:
+            raise UserError(f"export_onnx cannot export a torch model with in-memory transforms "
+                            f"{artifact.transforms}; export first, then quantize the ONNX model")
+        if int4 is None:
+            refuse_quantized_checkpoint(artifact, "export_onnx traces")
+            exported = self._export(config, artifact.path, artifact.task, ctx)
+        else:
+            exported = self._export_int4(config, artifact, int4, ctx)
+        if config.static_axes:
+            _fix_axes(exported, config.static_axes)
+        diff = max_abs_difference(artifact, exported, ctx)
+        ctx.details.update({"max_abs_diff": diff, "atol": config.atol, "size_mb": round(exported.size_mb(), 3)})
+        if not diff <= config.atol:
+            raise StageFailed(f"export_onnx: ONNX Runtime output differs from torch by {diff:.3g} "
+                              f"(atol {config.atol:g}); raise atol if this is expected, or try another opset")
+        return exported
+
+    def _export(self, config: ExportOnnxConfig, checkpoint, task_name: str, ctx: StageContext) -> OnnxModel:
+        done = export_checkpoint(checkpoint, task_name, ctx.workdir, exporter=config.exporter, opset=config.opset,
+                                 with_past=config.with_past, trust_remote_code=ctx.trust_remote_code,
+                                 allow_pickle=ctx.allow_pickle)
+        ctx.details.update({"exporter": done["exporter"], "opset": done["opset"], "with_past": config.with_past})
+        return OnnxModel(ctx.workdir / "model.onnx", task_name, with_past=config.with_past)
+
+    def _export_int4(self, config: ExportOnnxConfig, artifact: TorchModel, transform: dict,
+                     ctx: StageContext) -> OnnxModel:
+        """Export the dequantized float copy, then put the torch stage's codes into MatMulNBits."""
+        import onnx
+
+        source = ctx.workdir / "float-source"
+        try:
+            grids = write_dequantized_checkpoint(artifact, transform, source, ctx)
+            exported = self._export(config, source, artifact.task, ctx)
+        finally:
+            shutil.rmtree(source, ignore_errors=True)
+        model = onnx.load(str(exported.path))
+        packed = pack_int4_matmuls(model, grids, transform["group_size"], transform["symmetric"])
+        onnx.save_model(model, str(exported.path), save_as_external_data=exported.needs_external_data(),
+                        location=exported.path.name + ".data")
+        ctx.details.update({"int4_matmuls": packed, "int4_from": "the torch stage's codes (not refitted)",
+                            "block_size": transform["group_size"], "symmetric": transform["symmetric"]})
+        return exported
+
+
+def _fix_axes(model: OnnxModel, axes: dict[str, int]) -> None:
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
+    graph = onnx.load(str(model.path))
+    for name, size in axes.items():
+        make_dim_param_fixed(graph.graph, name, size)
+    fix_output_shapes(graph)
+    onnx.save(graph, str(model.path))
+
+
+def max_abs_difference(reference, candidate, ctx: StageContext) -> float:
+    """Largest |torch - candidate| on the task's main output for a couple of real sentences."""
+    return output_difference(reference, candidate, ctx)[0]
+
+
+def output_difference(reference, candidate, ctx: StageContext) -> tuple[float, float]:
+    """(largest |reference - candidate|, largest |reference|) on the task's main output for a couple
+    of real sentences."""
+    tokenizer = load_tokenizer(reference.path if isinstance(reference, TorchModel) else reference.folder)
+    expected_runner = make_runner(reference, "reference", threads=ctx.threads, allow_pickle=ctx.allow_pickle)
+    actual_runner = make_runner(candidate, "candidate", threads=ctx.threads)
+    batch, length = actual_runner.fixed_shape
+    texts = list(VALIDATION_TEXTS[: batch or len(VALIDATION_TEXTS)])
+    feed = encode(tokenizer, texts, max_length=length or 32, pad_to=length)
+    expected, actual = expected_runner(feed), actual_runner(feed)
+    mask = feed["attention_mask"].astype(bool)
+    if expected.ndim == 3:  # per-token outputs: compare only real tokens, padding is undefined
+        expected, actual = expected[mask], actual[mask]
+    return float(np.max(np.abs(expected - actual))), float(np.max(np.abs(expected)))
+
+
+def copy_tokenizer_files(source, target) -> None:
+    """Keep config and tokenizer beside a rewritten ONNX file so the folder stays self-contained."""
+    for item in source.iterdir():
+        if item.suffix != ".onnx" and "onnx_data" not in item.name and item.is_file():
+            shutil.copy2(item, target / item.name)

@@ -1,0 +1,213 @@
+"""Export of a torch int4 weight-only model to ONNX with its own 4-bit codes.
+
+The exporter traces float layers, so each Int4WeightOnlyLinear is swapped back for an nn.Linear
+holding its dequantized weight, and that float copy is exported. Every MatMul whose constant weight
+is bit-for-bit one of those dequantized weights (transposed, as the exporter stores it) is then
+replaced by ONNX Runtime's MatMulNBits carrying the torch stage's codes, scales and zero points:
+the grid GPTQ or AWQ chose is kept, not refitted by ONNX Runtime's round-to-nearest. Both forms
+compute (code - zero point) * scale, so ONNX Runtime matches torch to float rounding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ...artifacts import TorchModel
+from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, module_to_change
+from ...anatomy import describe, is_fused_experts, restore_layout
+from ...embeddings import dequantized_table
+from ...errors import StageFailed, UserError
+from ...linear_layers import conv1d_names
+from ...torch_transforms import INT4_WEIGHT_ONLY, swap_modules
+
+
+def int4_transform(artifact: TorchModel) -> Optional[dict]:
+    """The stored int4 weight-only transform of a torch model (in memory or in its folder), or None."""
+    transforms = artifact.transforms
+    record = artifact.path / TRANSFORMS_FILE
+    if not transforms and record.exists():
+        transforms = json.loads(record.read_text()).get("transforms", [])
+    if len(transforms) == 1 and transforms[0].get("name") == INT4_WEIGHT_ONLY and transforms[0].get("stored"):
+        return transforms[0]
+    return None
+
+
+def _weight_key(weight: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(weight, dtype=np.float32).tobytes()).hexdigest()
+
+
+def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: Path, ctx) -> dict[str, tuple]:
+    """Save a float copy of the int4 model (each int4 layer an nn.Linear with its dequantized weight)
+    to `folder` as a plain safetensors checkpoint. Returns, per layer name, (weight key, codes,
+    scales, zero points) as numpy arrays, codes N x K."""
+    import torch
+
+    skeleton = empty_model(artifact.path, artifact.task, ctx.trust_remote_code)
+    if any(is_fused_experts(child) for child in skeleton.modules()):
+        raise UserError("export_onnx: the int4 experts of a mixture-of-experts model have no MatMulNBits form in "
+                        "the exported graph (it computes the experts as stacked tensors, not one MatMul each); "
+                        "write them with export_compressed_tensors, or export the float model")
+    conv1d = conv1d_names(skeleton)
+    module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
+    grids = {}
+    with torch.no_grad():
+        for name in transform["layers"]:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            quantized = getattr(parent, child_name)
+            weight = quantized.dequantized_weight(torch.float32)
+            linear = torch.nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None)
+            linear.weight.copy_(weight)
+            if quantized.bias is not None:
+                linear.bias.copy_(quantized.bias)
+            setattr(parent, child_name, linear)
+            grids[name] = (_weight_key(weight.numpy()), quantized.codes().numpy(),
+                           quantized.weight_scale.numpy(), quantized.weight_zero_point.numpy())
+        _float_table(module, transform.get("embeddings"), ctx)
+    # GPT-2's layers back to Conv1D, experts back to their fused tensors: the layout the model's class loads
+    # (the exporter then writes a Conv1D as a Gemm or MatMul reading (inputs, outputs), matched below)
+    restore_layout(module, describe(module), conv1d)
+    folder.mkdir(parents=True)
+    module.save_pretrained(folder, safe_serialization=True)
+    copy_checkpoint_files(artifact.path, folder)
+    return grids
+
+
+def _float_table(module, table: Optional[dict], ctx) -> None:
+    """A quantized embedding table (and the head tied to it) back to float, its dequantized values: the
+    exported graph looks rows up with a float Gather. Said in the record and the notes, since the table
+    then keeps its float size in the graph."""
+    import torch
+
+    if not table:
+        return
+    quantized = module.get_submodule(table["name"])
+    weight = torch.nn.Parameter(dequantized_table(quantized), requires_grad=False)
+    float_table = torch.nn.Embedding(quantized.num_embeddings, quantized.embedding_dim, quantized.padding_idx)
+    float_table.weight = weight
+    swap_modules(module, [table["name"]], lambda old: float_table)
+    if table["head"]:
+        head = module.get_submodule(table["head"])
+        linear = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        linear.weight = weight if table["head_tied"] else torch.nn.Parameter(
+            head.dequantized_weight(torch.float32), requires_grad=False)
+        if head.bias is not None:
+            linear.bias.copy_(head.bias)
+        swap_modules(module, [table["head"]], lambda old: linear)
+    ctx.details["embeddings"] = "float (dequantized)"
+    also = f" and the head {table['head']} a float MatMul" if table["head"] else ""
+    ctx.notes.append(f"export_onnx: the {table['scheme']} embedding table {table['name']} is a float Gather{also} in "
+                     "the graph (their dequantized values): the ONNX model keeps their float size")
+
+
+def pack_int4_matmuls(model, grids: dict[str, tuple], group_size: int, symmetric: bool) -> int:
+    """Replace, in place, each MatMul of `model` whose constant weight is one of `grids`' dequantized
+    weights by MatMulNBits with that layer's codes. Every layer must be found once at least."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    by_key, names_of = {}, {}
+    for name, (key, codes, scales, zeros) in grids.items():  # layers with bit-identical weights share one entry
+        by_key[key] = (name, codes, scales, zeros)
+        names_of.setdefault(key, []).append(name)
+    inits = {i.name: i for i in model.graph.initializer}
+    found, replaced = set(), {}
+    for index, node in enumerate(model.graph.node):
+        gemm = _plain_gemm(node) if node.op_type == "Gemm" else None
+        init = inits.get(node.input[1]) if (node.op_type == "MatMul" or gemm) and len(node.input) > 1 else None
+        if init is None or len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        weight = numpy_helper.to_array(init)
+        key = _weight_key(weight if gemm == "transposed" else weight.T)  # transB: (outputs, inputs)
+        if key not in by_key:
+            continue
+        _, codes, scales, zeros = by_key[key]
+        found.update(names_of[key])
+        new, new_inits = pack_matmulnbits(node, codes, scales, None if symmetric else zeros, group_size, None,
+                                          prefix=f"{node.input[1]}_{index}")
+        if gemm and len(node.input) > 2 and node.input[2]:  # Gemm's bias C: added after the 4-bit product
+            product = f"{node.output[0]}_nobias"
+            new.output[0] = product
+            new = [new, helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{node.name}_bias")]
+        replaced[node.name] = (new, new_inits)
+    missing = sorted(set(grids) - found)
+    if missing:
+        raise StageFailed(f"export_onnx: {len(missing)} int4 layers were not found as MatMul weights in the exported "
+                          f"graph (first: {missing[:3]}); the exporter changed their weights")
+    swap_matmul_nodes(model, replaced)
+    return len(replaced)
+
+
+def _plain_gemm(node) -> Optional[str]:
+    """For a Gemm that is a linear layer, Y = A B^T + C ("transposed": how the exporter writes nn.Linear on
+    2-D inputs, OPT's feed-forward layers) or Y = A B + C ("plain": GPT-2's Conv1D), which; else None."""
+    from onnx import helper
+
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("transA", 0) != 0 or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+        return None
+    return "transposed" if attributes.get("transB", 0) == 1 else "plain"
+
+
+def pack_matmulnbits(node, codes: np.ndarray, scales: np.ndarray, zeros, block_size: int,
+                     accuracy_level, prefix: str):
+    """The MatMulNBits node and its initializers: B [N, blocks, block/2] uint8 with the low nibble
+    first, scales [N * blocks], zero points packed two per byte per row (omitted when symmetric,
+    where the operator's default of 8 applies)."""
+    from onnx import helper, numpy_helper
+
+    n, k = codes.shape
+    blocks = scales.shape[1]
+    padded = np.zeros((n, blocks * block_size), dtype=np.uint8)
+    padded[:, :k] = codes
+    for b in range(blocks):  # rows past K decode to zero: code = zero point
+        tail = slice(max(k, b * block_size), (b + 1) * block_size)
+        padded[:, tail] = (zeros[:, b:b + 1] if zeros is not None else 8)
+    pairs = padded.reshape(n, blocks, block_size // 2, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    inits = [numpy_helper.from_array(packed, f"{prefix}_Q4"),
+             numpy_helper.from_array(scales.astype(np.float32).reshape(-1), f"{prefix}_scales")]
+    inputs = [node.input[0], inits[0].name, inits[1].name]
+    if zeros is not None:
+        zp = np.zeros((n, blocks + blocks % 2), dtype=np.uint8)
+        zp[:, :blocks] = zeros
+        zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        inits.append(numpy_helper.from_array(zp.reshape(-1), f"{prefix}_zero_points"))
+        inputs.append(inits[-1].name)
+    attrs = {"K": k, "N": n, "bits": 4, "block_size": block_size}
+    if accuracy_level is not None:
+        attrs["accuracy_level"] = accuracy_level
+    new = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q4",
+                           domain="com.microsoft", **attrs)
+    return new, inits
+
+
+def swap_matmul_nodes(model, replaced: dict[str, tuple]) -> None:
+    """Put each new node of `replaced` (old node name -> (new node, its initializers)) in place of
+    the old one, in place, and drop the float weights no node reads any more."""
+    import onnx
+
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    order = []
+    for node in model.graph.node:
+        if node.name in replaced:
+            new, new_inits = replaced[node.name]
+            order.extend(new if isinstance(new, list) else [new])
+            model.graph.initializer.extend(new_inits)
+            readers[node.input[1]] -= 1
+        else:
+            order.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    unused = [i for i in model.graph.initializer if readers.get(i.name, 1) == 0]
+    for init in unused:
+        model.graph.initializer.remove(init)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))

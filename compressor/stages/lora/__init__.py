@@ -1,0 +1,1 @@
+"""LoRA adapters merged into the base weights, whole or layer by layer."""

@@ -1,0 +1,208 @@
+"""AWQ, activation-aware weight quantization (Lin et al., 2023), for Llama-style decoder blocks.
+
+Input channels that carry large activations matter most to a layer's output, so before rounding,
+AWQ scales those weight columns up by s (and the layer's input down by 1/s, folded into the norm or
+linear layer that produces it): the same float function, but the important columns get finer steps
+on the 4-bit grid. Per group of layers that read the same input, s = mean|x|^r / mean|w|^(1-r) is
+searched over r in [0, 1] to minimise the squared error of the enclosing module's output with
+round-to-nearest weights on the calibration data.
+
+Groups (layers that share an input, the module whose output is compared, the layer that absorbs 1/s):
+  q, k, v projections <- input_layernorm          (compared at self_attn's output)
+  o projection        <- v projection             (only when their widths match: no grouped KV heads)
+  gate, up            <- post_attention_layernorm (compared at mlp's output)
+  down projection     <- up projection            (compared at down_proj's output)
+The walk is block by block, each block calibrated on the outputs of the blocks already quantized."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from ...errors import UserError
+from .int4_gptq import dequantize, rtn_quantize
+from ..blockwise.activations import BlockInputs, block_inputs_store
+from ..blockwise.sequential import block_inputs, find_blocks, hidden_of
+
+log = logging.getLogger(__name__)
+
+GRID = 20  # ratios r = 0, 1/19, ..., 1
+
+
+@dataclass
+class Mapping:
+    smooth: str        # module producing the shared input (an RMSNorm or a Linear), relative to the block
+    balance: tuple     # Linear layers reading that input
+    parent: str        # module whose output is compared while searching
+
+
+LLAMA_MAPPINGS = (
+    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+
+
+def _has(block, name: str) -> bool:
+    try:
+        block.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def block_mappings(block) -> list[Mapping]:
+    """The groups AWQ can balance in this block; a v -> o group only when widths match."""
+    missing = [m.smooth for m in LLAMA_MAPPINGS if not _has(block, m.smooth)]
+    if missing:
+        raise UserError(f"quantize int4 awq: knows Llama-style decoder blocks (input_layernorm, self_attn.q/k/v/o_proj, "
+                        f"post_attention_layernorm, mlp.gate/up/down_proj); this block lacks {missing}")
+    usable = []
+    for mapping in LLAMA_MAPPINGS:
+        smooth = block.get_submodule(mapping.smooth)
+        width = smooth.out_features if hasattr(smooth, "out_features") else smooth.weight.shape[0]
+        if all(block.get_submodule(b).in_features == width for b in mapping.balance):
+            usable.append(mapping)
+    return usable
+
+
+def weight_means(layers, group_size: int):
+    """Per input channel: mean over output rows (and layers) of |w| normalised by its group's max."""
+    import torch
+
+    total, rows = 0, 0
+    for layer in layers:
+        w = layer.weight.detach().float().abs()
+        n, k = w.shape
+        padded = torch.nn.functional.pad(w, (0, -k % group_size)).reshape(n, -1, group_size)
+        normalised = (padded / (padded.amax(dim=2, keepdim=True) + 1e-6)).reshape(n, -1)[:, :k]
+        total = total + normalised.sum(0)
+        rows += n
+    return total / rows
+
+
+def _calls(module, name: str, runs) -> list:
+    """Record what the module `name` is called with during `runs()`."""
+    recorded = []
+    handle = module.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, kwargs: recorded.append((args, kwargs)), with_kwargs=True)
+    try:
+        runs()
+    finally:
+        handle.remove()
+    return recorded
+
+
+def _search_scales(block, mapping: Mapping, calls: list, x_mean, group_size: int, grid: str):
+    """The scales of the best ratio, and the relative output error with and without them."""
+    parent = block.get_submodule(mapping.parent)
+    layers = [block.get_submodule(b) for b in mapping.balance]
+    originals = [layer.weight.detach().clone() for layer in layers]
+    reference = [hidden_of(parent(*args, **kwargs)) for args, kwargs in calls]
+    w_mean = weight_means(layers, group_size)
+    best, best_error, plain_error = None, float("inf"), None
+    try:
+        for step in range(GRID):
+            ratio = step / (GRID - 1)
+            scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            for layer, weight in zip(layers, originals):
+                scaled = weight * scales[None, :]
+                layer.weight.copy_(dequantize(*rtn_quantize(scaled, group_size, grid), group_size) /
+                                   scales[None, :])
+            error = sum(float(((hidden_of(parent(*args, **kwargs)) - ref) ** 2).sum())
+                        for (args, kwargs), ref in zip(calls, reference))
+            if error < best_error and math.isfinite(error):
+                best, best_error = scales.clone(), error
+        for layer, weight in zip(layers, originals):
+            layer.weight.copy_(dequantize(*rtn_quantize(weight, group_size, grid), group_size))
+        plain_error = sum(float(((hidden_of(parent(*args, **kwargs)) - ref) ** 2).sum())
+                          for (args, kwargs), ref in zip(calls, reference))
+    finally:
+        for layer, weight in zip(layers, originals):
+            layer.weight.copy_(weight)
+    if best is None:
+        raise UserError(f"quantize int4 awq: no finite output error for {mapping.parent}; the calibration "
+                        "outputs hold NaN or inf")
+    if plain_error <= best_error:  # rounding the unscaled weights is at least as good: keep them
+        return None, best_error, plain_error
+    return best, best_error, plain_error
+
+
+def _apply(block, mapping: Mapping, scales) -> None:
+    smooth = block.get_submodule(mapping.smooth)
+    for name in mapping.balance:
+        layer = block.get_submodule(name)
+        layer.weight.mul_(scales[None, :].to(layer.weight.dtype))
+    if smooth.weight.ndim == 1:  # a norm's per-channel gain
+        smooth.weight.div_(scales.to(smooth.weight.dtype))
+    else:  # a Linear producing the input: its output rows
+        smooth.weight.div_(scales[:, None].to(smooth.weight.dtype))
+    if getattr(smooth, "bias", None) is not None:
+        smooth.bias.div_(scales.to(smooth.bias.dtype))
+
+
+def awq_smooth(module, layers: dict, feeds: list[dict], task: str, group_size: int, grid: str,
+               quantize_block, progress=None, block_loaded=None, block_done=None, spill_dir=None,
+               details=None) -> dict:
+    """Balance every block's groups in place, then call `quantize_block(name_prefix)` to round that
+    block's layers before the next block is calibrated on its outputs. Returns, per compared module,
+    the output error with the chosen scales as a share of plain round-to-nearest's. Layer by layer,
+    `block_loaded` / `block_done` read and write each block as in sequential.compress_sequentially;
+    the blocks' inputs may go to `spill_dir` (activations.py), while the inputs of the module a group
+    is compared at stay in memory for the scale search."""
+    import torch
+
+    prefix, blocks = find_blocks(module, layers, "quantize int4 awq")
+    hidden_size = getattr(getattr(module, "config", None), "hidden_size", None)
+    recorded = block_inputs_store(feeds, hidden_size, spill_dir, "quantize int4 awq", details)
+    reductions = {}
+    try:
+        with torch.no_grad():
+            block_inputs(module, blocks, feeds, task, recorded)
+            indices = range(len(blocks))
+            for index in (progress.track(indices, len(blocks), "quantize int4 awq: block by block") if progress
+                          else indices):
+                block = blocks[index]
+                if block_loaded:
+                    block_loaded(index, block)
+                for mapping in block_mappings(block):
+                    key = f"{prefix}.{index}.{mapping.parent}"
+                    reductions[key] = _balance(block, mapping, recorded, group_size, grid)
+                quantize_block(f"{prefix}.{index}.")
+                recorded.advance(block)
+                if block_done:
+                    block_done(index, block)
+    finally:
+        recorded.close()
+    return reductions
+
+
+def _balance(block, mapping: Mapping, recorded: BlockInputs, group_size: int, grid: str) -> float:
+    """Search and apply one group's scales; returns the output error with them over plain rounding's."""
+    import torch
+
+    first = block.get_submodule(mapping.balance[0])
+    sums = torch.zeros(first.in_features, dtype=torch.float64)
+    count = [0]
+
+    def record(_m, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        sums.add_(x.abs().sum(0))
+        count[0] += x.shape[0]
+    handle = first.register_forward_pre_hook(record)
+
+    def runs():
+        for args, kwargs in recorded.calls():
+            block(*args, **kwargs)
+    try:
+        calls = _calls(block, mapping.parent, runs)
+    finally:
+        handle.remove()
+    x_mean = (sums / max(count[0], 1)).float()
+    scales, best, plain = _search_scales(block, mapping, calls, x_mean, group_size, grid)
+    if scales is not None:
+        _apply(block, mapping, scales)
+    return round(best / plain, 4) if plain else 1.0
