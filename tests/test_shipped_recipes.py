@@ -97,8 +97,9 @@ def shipped_param(recipe: str, *values, every: bool = False):
 
 @pytest.fixture(scope="module")
 def smollm2(request, tmp_path_factory):
-    """The SmolLM2 recipes the selected tests need, against one baseline (recipes/compare-smollm2.txt)."""
-    return ShippedGroup("compare-smollm2.txt", "smollm2", request, tmp_path_factory, memory=True)
+    """The SmolLM2 recipes the selected tests need, against one baseline (recipes/compare-smollm2.txt).
+    Peak memory is not measured here (a child process per side): the test that asserts it runs alone."""
+    return ShippedGroup("compare-smollm2.txt", "smollm2", request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +237,15 @@ def test_smollm2_torch_gptq_meets_the_published_bar(smollm2):
     ratio = report["result"]["metrics"]["perplexity"] / report["baseline"]["metrics"]["perplexity"]
     # 1.117x measured (docs/BENCHMARKS.md); llm-compressor's GPTQ on its absmax grid: 1.286x at best
     assert 1.08 < ratio < 1.125
-    # Peak memory, each side alone: the fp32 model's 540 MB are in the baseline's peak; the packed
-    # int4 layers hold about a third of that.
+
+
+@shipped("smollm2-int4-gptq.yaml", every=True)
+def test_smollm2_torch_gptq_holds_less_memory_than_fp32(tmp_path):
+    # Peak memory, each side alone in a child process (the GPTQ stage comes from the session's stage cache
+    # when the group above ran it): the fp32 model's 540 MB are in the baseline's peak; the packed int4
+    # layers and the int8 table hold about a fifth of that.
+    recipe = load_recipe(RECIPES / "smollm2-int4-gptq.yaml")
+    report = run(recipe, real_fixture("smollm2"), options(tmp_path / "out", memory=True)).json
     base, result = report["baseline"]["memory"], report["result"]["memory"]
     assert base["peak_rss_mb"] - base["runtime_rss_mb"] > 540
     assert result["peak_rss_mb"] < base["peak_rss_mb"] - 150
@@ -296,7 +304,7 @@ def test_lora_merge_int8_recipe_passes_against_the_unmerged_adapter(tmp_path):
     assert baseline["metrics"]["accuracy"] > 0.7  # the adapter's head is in the baseline, not a random one
 
 
-@shipped("smollm2-nf4.yaml")
+@shipped("smollm2-nf4.yaml", every=True)
 def test_smollm2_nf4_reloads_4bit_shrinks_and_fails_the_perplexity_bar(smollm2):
     from compressor.artifacts import TorchModel
     from compressor.checkpoint import load_torch_model
