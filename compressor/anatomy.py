@@ -207,11 +207,8 @@ class Anatomy:
         """The linear layers a stage changes: matching `include` (all when empty) and not `exclude`
         (shell patterns against the full name or its last part), never a router, the head only when
         `head` is true. Refused, naming what was asked, when nothing is left."""
-        def matches(name, patterns):
-            return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p)
-                       for p in patterns)
         chosen = {name: layer for name, layer in self.linears.items()
-                  if (not include or matches(name, include)) and not matches(name, exclude)
+                  if (not include or matches_any(name, include)) and not matches_any(name, exclude)
                   and not self.is_router(name) and (head or name != self.head)}
         if not chosen:
             raise UserError(f"{what}: no linear layer of this {self.architecture} model is left to change "
@@ -295,6 +292,12 @@ def _refuse_unknown_layouts(module) -> None:
                     f"{tuple(parameter.shape)}) is a fused layout compress does not know (known: experts as "
                     "gate_up_proj + down_proj without biases); its weights would be left untouched, so the "
                     "model is refused rather than silently half-compressed")
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    """How `include` and `exclude` patterns name a module: shell patterns against the full name or its last
+    part (`lm_head`, `*.mlp.*`, `down_proj`)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p) for p in patterns)
 
 
 def find_blocks(module, linears: dict) -> tuple[Optional[str], Any]:

@@ -2,9 +2,10 @@
 size with a scale and zero point per token and group. A lookup gathers the codes of the requested rows
 and dequantizes only those, so the table stays quantized in memory as well as on disk.
 
-The buffers have the names and layout of the int8 and int4 weight-only linear layers
-(torch_transforms), because the two are the same matrix when the output head is tied to the table: the
-head is then a weight-only linear whose buffers *are* the table's, stored once.
+When the output head is tied to the table, the two are one matrix: the head is a TiedQuantizedHead that
+holds no tensor of its own and computes with the table module's codes and scales. The table is the
+only owner, so they are stored once, and moving or casting the model (`.to()`, which replaces buffers
+module by module) cannot give the head a copy of its own.
 
 Large vocabularies make this matter: a 262k-token table is most of a small model's weights (63% of a
 270M-parameter Gemma), and a model whose blocks are 4-bit but whose table is float barely shrinks.
@@ -33,7 +34,10 @@ def unsupported_embedding(table) -> Optional[str]:
 
 
 def _embed_scale(table) -> Optional[float]:
-    scale = getattr(table, "embed_scale", None)
+    # transformers keeps the exact value as a float beside the buffer, which a bf16 model holds rounded
+    scale = getattr(table, "scalar_embed_scale", None)
+    if scale is None:
+        scale = getattr(table, "embed_scale", None)
     if scale is None:
         return None
     return float(scale.item() if hasattr(scale, "item") else scale)
@@ -114,6 +118,43 @@ def int4_embedding_class():
     return Int4Embedding
 
 
+def tied_head_class():
+    """The nn.Module class of an output head tied to a quantized table (a factory, so torch loads on first
+    use). The table is referenced, not registered: it stays the model's own submodule and the only owner of
+    the codes, and the head adds nothing to the state but its bias."""
+    import torch
+    import torch.nn.functional as F
+
+    class TiedQuantizedHead(torch.nn.Module):
+        def __init__(self, table, in_features: int, out_features: int, bias: bool):
+            super().__init__()
+            self.__dict__["table"] = table  # not a submodule: its tensors belong to the embedding's place
+            self.in_features, self.out_features = in_features, out_features
+            self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+
+        def dequantized_weight(self, dtype=torch.float32):
+            return self.table.dequantized_weight(dtype)
+
+        def forward(self, x):
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    return TiedQuantizedHead
+
+
+def tie_head_to_table(module, head_name: str, table) -> None:
+    """Replace the head `head_name` of `module` by a TiedQuantizedHead computing with `table`."""
+    import torch
+
+    parent_name, _, child = head_name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    old = getattr(parent, child)
+    head = tied_head_class()(table, old.in_features, old.out_features, getattr(old, "bias", None) is not None)
+    if head.bias is not None and not old.bias.is_meta:
+        with torch.no_grad():
+            head.bias.copy_(old.bias.detach().float())
+    setattr(parent, child, head)
+
+
 def is_quantized_embedding(module) -> bool:
     return type(module).__name__ in ("Int8Embedding", "Int4Embedding") and module.__module__ == __name__
 
@@ -121,7 +162,7 @@ def is_quantized_embedding(module) -> bool:
 def embedding_record(name: str, table, scheme: str, head: Optional[str], head_tied: bool,
                      group_size: Optional[int]) -> dict:
     """What loading needs to rebuild the quantized table and the head quantized with it (kept in
-    compress_transforms.json)."""
+    compress_transforms.json): a tied head is rebuilt as a TiedQuantizedHead on the table."""
     record = {"name": name, "scheme": scheme, "head": head, "head_tied": bool(head and head_tied),
               "embed_scale": _embed_scale(table)}
     if scheme == "int4":
@@ -137,18 +178,6 @@ def empty_quantized_embedding(table, record: dict):
                                       record.get("embed_scale"))
     return int4_embedding_class()(table.num_embeddings, table.embedding_dim, record["group_size"],
                                   table.padding_idx, record.get("embed_scale"))
-
-
-def share_table_with_head(table, head) -> None:
-    """Point a tied head's quantized buffers and the table's at one tensor each (the same codes and scales,
-    stored once). After loading, whichever of the two names the file kept is the one with data."""
-    head_buffers = dict(head.named_buffers(recurse=False))
-    for name, tensor in list(table.named_buffers(recurse=False)):
-        if name not in head_buffers:
-            continue
-        kept = head_buffers[name] if tensor.is_meta else tensor
-        setattr(table, name, kept)
-        setattr(head, name, kept)
 
 
 def dequantized_table(table):

@@ -105,12 +105,7 @@ class LayerwiseModel:
     def write(self, prefix: str, writer: ShardWriter, outside: bool = False) -> None:
         """Write the tensors under `prefix` (or all outside the blocks): float tensors the checkpoint held
         go back in its dtype; new tensors (int8 codes and their scales) as they are."""
-        written = set()  # a tensor two modules share (a tied head's int8 codes and the table's) goes in once
-        for name, tensor in self.module.state_dict(keep_vars=True).items():
-            if id(tensor) in written:
-                continue
-            written.add(id(tensor))
-            tensor = tensor.detach()
+        for name, tensor in self.module.state_dict().items():
             inside = name.startswith(self.prefix + ".")
             if (outside and inside) or (not outside and not name.startswith(prefix)) or tensor.is_meta:
                 continue

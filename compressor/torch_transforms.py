@@ -15,7 +15,7 @@ import numpy as np
 
 from .anatomy import is_fused_experts, open_for_compression
 from .artifacts import TorchModel
-from .embeddings import empty_quantized_embedding, share_table_with_head
+from .embeddings import empty_quantized_embedding, tie_head_to_table
 from .errors import UserError
 from .linear_layers import conv1d_names
 from .shards import read_state
@@ -156,7 +156,7 @@ def _share_tied_embeddings(module) -> None:
     if not getattr(module.config, "tie_word_embeddings", False):
         return
     inputs, outputs = module.get_input_embeddings(), module.get_output_embeddings()
-    if inputs is None or outputs is None or not hasattr(outputs, "weight"):
+    if inputs is None or outputs is None or not hasattr(outputs, "weight") or not hasattr(inputs, "weight"):
         return  # the head was quantized on its own: nothing is shared
     kept = outputs.weight if inputs.weight.is_meta else inputs.weight
     inputs.weight = outputs.weight = kept
@@ -164,16 +164,21 @@ def _share_tied_embeddings(module) -> None:
 
 def _empty_quantized_table(module, table: dict, transform: dict) -> None:
     """Swap in the quantized embedding table the transform records, and the head quantized with it, empty
-    (the meta device), for the stored codes to be loaded into."""
+    (the meta device), for the stored codes to be loaded into. A tied head computes with the table module
+    (embeddings.TiedQuantizedHead), so loading the table's tensors loads the head's."""
     swap_modules(module, [table["name"]], lambda old: empty_quantized_embedding(old, table))
     head = table["head"]
     if head is None:
         return
+    if table["head_tied"]:
+        tie_head_to_table(module, head, module.get_submodule(table["name"]))
+        return
+
     def build(old):
         if table["scheme"] == "int4":
             return int4_linear_class()(old.in_features, old.out_features, old.bias is not None, table["group_size"])
         return int8_linear_class()(old.in_features, old.out_features, old.bias is not None)
-    if head not in transform["layers"]:  # int8 weight-only quantizes a tied head as one of its layers already
+    if head not in transform["layers"]:
         swap_modules(module, [head], build)
 
 
@@ -204,9 +209,7 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
     # One file or shards (a layer-by-layer result keeps float tensors in the checkpoint's dtype)
     state = {name: t.float() if t.is_floating_point() else t for name, t in read_state(artifact.path).items()}
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-    if table and table["head_tied"]:
-        share_table_with_head(module.get_submodule(table["name"]), module.get_submodule(table["head"]))
-    else:
+    if not (table and table["head_tied"]):  # a tied quantized head computes with the table module itself
         _share_tied_embeddings(module)
     still_empty = [name for name, tensor in list(module.named_parameters()) + list(module.named_buffers())
                    if tensor.is_meta]

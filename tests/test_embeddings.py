@@ -60,11 +60,17 @@ def test_int8_table_and_tied_head_share_one_set_of_codes(tied_llama, tmp_path):
     reloaded = load_torch_model(result)
     embedding, head = reloaded.get_input_embeddings(), reloaded.get_output_embeddings()
     assert is_quantized_embedding(embedding)
-    # one tensor for both: the lookup and the logits cannot drift apart, and the file holds the codes once
-    assert embedding.weight_int8 is head.weight_int8 and embedding.weight_scale is head.weight_scale
+    # the head computes with the table module itself: the lookup and the logits cannot drift apart, the
+    # file holds the codes once, and moving or casting the model keeps it so
+    assert type(head).__name__ == "TiedQuantizedHead" and head.table is embedding
     names = stored_names(result.path)
-    assert ("model.embed_tokens.weight_int8" in names) != ("lm_head.weight_int8" in names)
+    assert "model.embed_tokens.weight_int8" in names and not any(n.startswith("lm_head.") for n in names)
+    moved = reloaded.to(torch.float64)
+    assert moved.get_output_embeddings().table is moved.get_input_embeddings()
+    assert moved.get_input_embeddings().weight_scale.dtype == torch.float64
+    reloaded = load_torch_model(result)
     # a lookup is the row of the int8 table, per-token scale: within half a step of the float row
+    embedding = reloaded.get_input_embeddings()
     rows = embedding(IDS[0])
     step = table.abs().amax(dim=1, keepdim=True) / 127
     assert torch.all((rows - table[IDS[0]]).abs() <= step[IDS[0]] / 2 + 1e-7)

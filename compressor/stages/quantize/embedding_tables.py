@@ -9,11 +9,11 @@ far less than 4-bit would, and a 128k-262k-token head is a large share of the mo
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Optional
 
-from ...anatomy import Anatomy
-from ...embeddings import embedding_record, int4_embedding_class, int8_embedding_class, share_table_with_head, unsupported_embedding
+from ...anatomy import Anatomy, matches_any
+from ...embeddings import (embedding_record, int4_embedding_class, int8_embedding_class, tie_head_to_table,
+                            unsupported_embedding)
 from ...torch_transforms import int4_linear_class, int8_linear_class, per_channel_int8, swap_modules
 from ..base import StageContext
 from .int4_gptq import rtn_quantize
@@ -26,8 +26,19 @@ def embedding_scheme(config) -> str:
     return asked if asked is not None else "int8"
 
 
-def _table_name(module, table) -> Optional[str]:
-    return next((name for name, child in module.named_modules() if child is table), None)
+def _input_table(module):
+    """(name, module) of the token embedding table, or (None, None) when the model does not say."""
+    try:
+        table = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    except NotImplementedError:  # transformers' answer for a model it cannot find the table of
+        return None, None
+    name = next((n for n, child in module.named_modules() if child is table), None) if table is not None else None
+    return name, table
+
+
+def _keep_float(ctx: StageContext, what: str, name: str, why: str) -> None:
+    ctx.details["embeddings"] = "float"
+    ctx.notes.append(f"{what}: the embedding table {name} stays float: {why}")
 
 
 def quantize_embedding_table(module, parts: Anatomy, config, ctx: StageContext, what: str,
@@ -40,21 +51,17 @@ def quantize_embedding_table(module, parts: Anatomy, config, ctx: StageContext, 
     import torch
 
     scheme = embedding_scheme(config)
-    table = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    name = _table_name(module, table) if table is not None else None
+    name, table = _input_table(module)
     if scheme == "float" or name is None:
         ctx.details["embeddings"] = "float"
         return None
     problem = unsupported_embedding(table)
-    if problem:
-        ctx.details["embeddings"] = "float"
-        ctx.notes.append(f"{what}: the embedding table {name} stays float: {problem}")
-        return None
     tied = parts.head_tied if head_tied is None else head_tied
-    if tied and _excluded(parts.head, config.exclude):
-        ctx.details["embeddings"] = "float"
-        ctx.notes.append(f"{what}: the embedding table {name} stays float: {parts.head}, which computes with it, is "
-                         "in `exclude`")
+    if problem or matches_any(name, config.exclude):
+        _keep_float(ctx, what, name, problem or "it is in `exclude`")
+        return None
+    if tied and matches_any(parts.head, config.exclude):
+        _keep_float(ctx, what, name, f"{parts.head}, which computes with it, is in `exclude`")
         return None
     weight = table.weight.detach().float()
     group = config.block_size if scheme == "int4" else None
@@ -64,14 +71,19 @@ def quantize_embedding_table(module, parts: Anatomy, config, ctx: StageContext, 
             new_table = int8_embedding_class().from_codes(table, torch.from_numpy(codes), torch.from_numpy(scales))
         else:
             new_table = int4_embedding_class().from_codes(table, *rtn_quantize(weight, group, config.grid()), group)
-        head = parts.head if tied else float_head
-        if head is not None:
-            head_class = int8_linear_class() if scheme == "int8" else int4_linear_class()
-            # the scheme may have quantized a tied head already (the classes come from factories: by name)
-            if type(module.get_submodule(head)).__name__ != head_class.__name__:
-                swap_modules(module, [head], lambda old: _quantized_head(head_class, old, group, tied, config))
-            if tied:
-                share_table_with_head(new_table, module.get_submodule(head))
+        if table.weight.dtype != torch.float32:  # a model held in half precision looks rows up in it
+            new_table = new_table.to(table.weight.dtype)
+        head = parts.head if tied else (float_head if float_head and not matches_any(float_head, config.exclude)
+                                        else None)
+        if head is not None and tied:
+            tie_head_to_table(module, head, new_table)
+        elif head is not None:  # untied: rounded to nearest from its own weight, in the table's scheme
+            if scheme == "int8":
+                swap_modules(module, [head], int8_linear_class().from_linear)
+            else:
+                linear = int4_linear_class()
+                swap_modules(module, [head], lambda old: linear.from_codes(
+                    old, *rtn_quantize(old.weight, group, config.grid()), group))
     swap_modules(module, [name], lambda old: new_table)
     ctx.details.update({"embeddings": scheme, "embedding_parameters": int(weight.numel())})
     if head is not None and not tied:
@@ -79,34 +91,8 @@ def quantize_embedding_table(module, parts: Anatomy, config, ctx: StageContext, 
     return embedding_record(name, table, scheme, head, tied, group)
 
 
-def _excluded(name: str, patterns: list[str]) -> bool:
-    """`exclude`'s matching (anatomy.select): the full name or its last part."""
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p) for p in patterns)
-
-
-def _quantized_head(head_class, old, group: Optional[int], tied: bool, config):
-    """The head as a weight-only layer of the table's scheme: a tied one empty (its codes and scales will be
-    the table's), an untied one rounded to nearest from its own weight."""
-    import torch
-
-    if not tied and group is None:
-        return head_class.from_linear(old)
-    if not tied:
-        return head_class.from_codes(old, *rtn_quantize(old.weight, group, config.grid()), group)
-    extra = () if group is None else (group,)
-    head = head_class(old.in_features, old.out_features, old.bias is not None, *extra)
-    if old.bias is not None:
-        with torch.no_grad():
-            head.bias.copy_(old.bias.detach().float())
-    return head
-
-
 def float_parameter_share(module, total_parameters: int) -> float:
-    """The share of the model's parameters still stored as float after quantization: every floating tensor
-    of its state (shared ones once) except the scales of quantized layers, over the float model's count."""
-    seen, floats = set(), 0
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if tensor.is_floating_point() and not name.endswith(".weight_scale") and id(tensor) not in seen:
-            seen.add(id(tensor))
-            floats += tensor.numel()
+    """The share of the model's parameters still stored as float after quantization: its float parameters
+    (each shared one once; quantized codes and scales are buffers), over the float model's count."""
+    floats = sum(p.numel() for p in module.parameters() if p.is_floating_point())
     return round(floats / max(total_parameters, 1), 4)

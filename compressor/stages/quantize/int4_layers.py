@@ -4,10 +4,9 @@ the transform and record that describe the result."""
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Optional
 
-from ...anatomy import Anatomy
+from ...anatomy import Anatomy, matches_any
 from ...artifacts import TorchModel
 from ...torch_transforms import INT4_WEIGHT_ONLY, int4_linear_class, swap_modules
 from ..base import StageContext
@@ -28,7 +27,7 @@ def quantized_targets(parts: Anatomy, config) -> tuple[dict, list[str]]:
     chosen = parts.select([], config.exclude, "quantize int4-weight-only",
                           head=quantizes_head(config) and not parts.head_tied)
     kept = [name for name in (parts.head,) if name is not None and name not in chosen
-            and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)]
+            and not matches_any(name, config.exclude)]
     return chosen, kept
 
 
