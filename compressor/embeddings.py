@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .int4_codes import dequantize_packed, pack_codes
+
 EMBEDDING_SCHEMES = ("int8", "int4")
 
 
@@ -94,25 +96,18 @@ def int4_embedding_class():
         def from_codes(cls, table, codes, scales, zeros, group_size: int):
             module = cls(table.num_embeddings, table.embedding_dim, group_size, table.padding_idx,
                          _embed_scale(table))
-            padded = torch.zeros(codes.shape[0], 2 * module.weight_packed.shape[1], dtype=torch.uint8)
-            padded[:, :codes.shape[1]] = codes
-            module.weight_packed.copy_(padded[:, 0::2] | (padded[:, 1::2] << 4))
+            module.weight_packed.copy_(pack_codes(codes, module.weight_packed.shape[1]))
             module.weight_scale.copy_(scales)
             module.weight_zero_point.copy_(zeros.to(torch.uint8))
             return module
 
-        def _dequantize(self, packed, scale, zero, dtype):
-            codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)[..., :self.embedding_dim]
-            scale = scale.to(dtype).repeat_interleave(self.group_size, dim=-1)[..., :self.embedding_dim]
-            zero = zero.to(dtype).repeat_interleave(self.group_size, dim=-1)[..., :self.embedding_dim]
-            return (codes.to(dtype) - zero) * scale
-
         def dequantized_weight(self, dtype=torch.float32):
-            return self._dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point, dtype)
+            return dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point, self.group_size,
+                                     self.embedding_dim, dtype)
 
         def forward(self, ids):
-            rows = self._dequantize(self.weight_packed[ids], self.weight_scale[ids], self.weight_zero_point[ids],
-                                    self.weight_scale.dtype)
+            rows = dequantize_packed(self.weight_packed[ids], self.weight_scale[ids], self.weight_zero_point[ids],
+                                     self.group_size, self.embedding_dim, self.weight_scale.dtype)
             return rows * self.embed_scale if self.embed_scale is not None else rows
 
     return Int4Embedding

@@ -16,6 +16,7 @@ import numpy as np
 from .anatomy import is_fused_experts, open_for_compression
 from .artifacts import TorchModel
 from .embeddings import empty_quantized_embedding, tie_head_to_table
+from .int4_codes import dequantize_packed, pack_codes, unpack_codes
 from .errors import UserError
 from .linear_layers import conv1d_names
 from .shards import read_state
@@ -119,9 +120,7 @@ def int4_linear_class():
         @classmethod
         def from_codes(cls, linear, codes, scales, zeros, group_size: int):
             module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
-            padded = torch.zeros(codes.shape[0], 2 * module.weight_packed.shape[1], dtype=torch.uint8)
-            padded[:, :codes.shape[1]] = codes
-            module.weight_packed.copy_(padded[:, 0::2] | (padded[:, 1::2] << 4))
+            module.weight_packed.copy_(pack_codes(codes, module.weight_packed.shape[1]))
             module.weight_scale.copy_(scales)
             module.weight_zero_point.copy_(zeros.to(torch.uint8))
             if linear.bias is not None:
@@ -129,13 +128,11 @@ def int4_linear_class():
             return module
 
         def codes(self):
-            unpacked = torch.stack([self.weight_packed & 0x0F, self.weight_packed >> 4], dim=-1)
-            return unpacked.reshape(self.out_features, -1)[:, :self.in_features]
+            return unpack_codes(self.weight_packed, self.in_features)
 
         def dequantized_weight(self, dtype=torch.float32):
-            scale = self.weight_scale.to(dtype).repeat_interleave(self.group_size, dim=1)[:, :self.in_features]
-            zero = self.weight_zero_point.to(dtype).repeat_interleave(self.group_size, dim=1)[:, :self.in_features]
-            return (self.codes().to(dtype) - zero) * scale
+            return dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point, self.group_size,
+                                     self.in_features, dtype)
 
         def forward(self, x):
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
