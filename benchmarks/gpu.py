@@ -2,8 +2,11 @@
 download): prefill latency (1 x 512 tokens) and decode tokens/s with the KV cache (batch 1 and 16, 128 new
 tokens after a 128-token prompt) for torch float32, bfloat16, float16, bfloat16 decoding through
 torch.compile with a static cache and CUDA graphs, bfloat16 with 2:4 semi-structured sparse kernels
-(magnitude 2:4 on every linear layer but lm_head; compress's sparse_kernels), and an AOTInductor bfloat16
-package compiled by compress's export_aoti (prefill only: the package computes logits without a cache).
+(magnitude 2:4 on every linear layer but lm_head; compress's sparse_kernels), FP8 (compress's `fp8` layers:
+E4M3 weights per channel and activations per token, torch._scaled_mm on compute capability 8.9+, bfloat16
+elsewhere; with its top-1 agreement with bfloat16 on the prompt, a check that the kernel computes the same
+function), and an AOTInductor bfloat16 package compiled by compress's export_aoti (prefill only: the package
+computes logits without a cache).
 
 Decode is memory-bound: each step reads every weight once, so the bandwidth efficiency of a variant is
 weight bytes read per step / step time / the GPU's peak bandwidth (4.8e12 B/s on an H200; KV-cache reads,
@@ -43,10 +46,10 @@ SHAPES = {
 }
 # In order of what the check must not miss when time runs short: bf16 eager and compiled (the bandwidth
 # target), 2:4 kernels, then the other dtypes; the AOTInductor compile of the 1.1B model comes last.
-VARIANTS = ("bf16", "bf16-compiled", "bf16-2:4", "fp16", "fp32", "aoti-bf16")
-SMOKE_VARIANTS = ("fp32", "bf16", "bf16-static")
+VARIANTS = ("bf16", "bf16-compiled", "bf16-2:4", "fp8", "fp16", "fp32", "aoti-bf16")
+SMOKE_VARIANTS = ("fp32", "bf16", "bf16-static", "fp8")
 # Seconds a variant needs at least (its compile included): one that would not fit the budget is skipped.
-NEEDS_S = {"fp32": 20, "bf16": 15, "fp16": 15, "bf16-compiled": 90, "bf16-2:4": 30, "aoti-bf16": 150,
+NEEDS_S = {"fp32": 20, "bf16": 15, "fp16": 15, "bf16-compiled": 90, "bf16-2:4": 30, "fp8": 25, "aoti-bf16": 150,
            "bf16-static": 5}
 
 
@@ -64,7 +67,8 @@ def weight_bytes_per_step(model) -> int:
     """Bytes of weights one decode step reads: all parameters but the input embedding table, of which it
     reads one row per token (an untied head is read whole)."""
     embedding = model.get_input_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    # buffers too: 8-bit layers keep their codes and scales there
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return total - embedding.numel() * embedding.element_size()
 
 
@@ -200,6 +204,35 @@ def prune_2_4_and_swap(model) -> tuple[int, str]:
     return len(layers), to_semi_structured_(model, layers)
 
 
+def fp8_swap(model, device: str, vocab: int) -> dict:
+    """compress's fp8 layers (channel weights, token activations) in place of every linear layer but lm_head;
+    returns the layer count, whether the scaled-matmul kernel runs them, and top-1 agreement with before."""
+    import torch
+
+    from compressor.torch_transforms import swap_modules
+    from compressor.w8a8_layers import quantize_weight, scaled_mm_available, w8a8_linear_class
+
+    linear = w8a8_linear_class()
+    names = [name for name, layer in model.named_modules() if isinstance(layer, torch.nn.Linear) and name != "lm_head"]
+    ids = prompt_ids(1, 128, vocab, device)
+    with torch.inference_mode():
+        before = model(ids).logits.argmax(-1)
+
+    def build(old):
+        codes, scale = quantize_weight(old.weight, "fp8", "channel")
+        return linear.from_codes(old, codes, scale, "fp8", "channel", "token").to(device)
+    with torch.no_grad():
+        swap_modules(model, names, build)
+    first = model.get_submodule(names[0])
+    probe = torch.zeros(1, first.in_features, device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        after = model(ids).logits.argmax(-1)
+    return {"fp8_layers": len(names),
+            "kernel": "torch._scaled_mm" if scaled_mm_available(probe, "fp8", "channel", "token", first.weight_q.shape)
+            else "simulated (dequantized matmul)",
+            "top1_agreement_with_bf16": round(float((before == after).float().mean()), 4)}
+
+
 def aoti_prefill(model, device: str, length: int, vocab: int, repeats: int, workdir: Path) -> dict:
     """compress's export_aoti on the bf16 model at a static 1 x length, then the package timed as loaded."""
     import torch
@@ -235,6 +268,9 @@ def run_variant(name: str, base, settings: dict) -> dict:
         return result
     if name == "bf16-2:4":
         result["sparse_layers"], result["kernel"] = prune_2_4_and_swap(model)
+    if name == "fp8":
+        result.update(fp8_swap(model, device, vocab))
+        result["weight_bytes_per_step"] = weight_bytes_per_step(model)
     result["prefill_ms"] = prefill_ms(model, device, settings["prefill"], vocab, settings["repeats"])
     for batch in batches:
         if name in ("bf16-compiled", "bf16-static"):

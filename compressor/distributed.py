@@ -106,10 +106,14 @@ def sum_statistics(statistics: Iterable) -> None:
         return
     unique = {id(s): s for s in statistics}.values()
     for stats in unique:
-        dist.all_reduce(stats.value)
+        if stats.value is not None:
+            dist.all_reduce(stats.value)
         rows = torch.tensor([stats.rows], dtype=torch.int64)
         dist.all_reduce(rows)
         stats.rows = int(rows.item())
+        peak = torch.tensor([stats.absmax], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        stats.absmax = float(peak.item())
 
 
 def broadcast_weights(module) -> None:

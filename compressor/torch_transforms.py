@@ -20,10 +20,14 @@ from .int4_codes import dequantize_packed, pack_codes, unpack_codes
 from .errors import UserError
 from .linear_layers import conv1d_names
 from .shards import read_state
+from .w8a8_layers import w8a8_linear_class
 
 INT8_DYNAMIC = "int8-dynamic"
 INT8_WEIGHT_ONLY = "int8-weight-only"
 INT4_WEIGHT_ONLY = "int4-weight-only"
+FP8 = "fp8"              # 8-bit weights and activations (w8a8_layers.W8A8Linear), E4M3
+W8A8_INT8 = "w8a8-int8"  # the same layers in int8
+EIGHT_BIT_ACTIVATIONS = (FP8, W8A8_INT8)
 CAST = "cast"  # float16 / bfloat16: the saved weights are half precision, the record makes loading keep them so
 
 
@@ -196,6 +200,12 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
             linear4 = int4_linear_class()
             swap_modules(module, transform["layers"], lambda old: linear4(
                 old.in_features, old.out_features, old.bias is not None, transform["group_size"]))
+        elif transform["name"] in EIGHT_BIT_ACTIVATIONS:
+            linear8 = w8a8_linear_class()
+            fmt = "fp8" if transform["name"] == FP8 else "int8"
+            swap_modules(module, transform["layers"], lambda old: linear8(
+                old.in_features, old.out_features, old.bias is not None, fmt, transform["weights"],
+                transform["activations"]))
         else:
             linear = int8_linear_class()
             swap_modules(module, transform["layers"],
@@ -204,7 +214,9 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
         if table:
             _empty_quantized_table(module, table, transform)
     # One file or shards (a layer-by-layer result keeps float tensors in the checkpoint's dtype)
-    state = {name: t.float() if t.is_floating_point() else t for name, t in read_state(artifact.path).items()}
+    # (8-bit float codes stay as they are)
+    state = {name: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+             for name, t in read_state(artifact.path).items()}
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if not (table and table["head_tied"]):  # a tied quantized head computes with the table module itself
         _share_tied_embeddings(module)

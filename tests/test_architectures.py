@@ -51,12 +51,18 @@ CELLS = {
     "int4 awq": lambda cal: [{"type": "quantize", "scheme": "int4-weight-only", "algorithm": "awq",
                               "block_size": 16, "symmetric": True, "calibration": cal}],
     "nf4": lambda cal: [{"type": "quantize", "scheme": "nf4"}],
+    "fp8": lambda cal: [{"type": "quantize", "scheme": "fp8"}],
+    "w8a8-int8": lambda cal: [{"type": "quantize", "scheme": "w8a8-int8", "calibration": cal}],
     "cast bfloat16": lambda cal: [{"type": "cast", "dtype": "bfloat16", "rtol": 0.2}],
     "merge_lora": lambda cal: [{"type": "merge_lora", "adapters": [{"path": "ADAPTER"}]}],
     "export_onnx": lambda cal: [{"type": "export_onnx"}],
     "export_onnx with past": lambda cal: [{"type": "export_onnx", "with_past": True}],
     "int4 gptq -> ONNX": lambda cal: [CELLS["int4 gptq"](cal)[0], {"type": "export_onnx"}],
     "int4 gptq -> compressed-tensors": lambda cal: [CELLS["int4 gptq"](cal)[0], {"type": "export_compressed_tensors"}],
+    "fp8 -> compressed-tensors": lambda cal: [CELLS["fp8"](cal)[0], {"type": "export_compressed_tensors"}],
+    "w8a8-int8 -> compressed-tensors": lambda cal: [CELLS["w8a8-int8"](cal)[0], {"type": "export_compressed_tensors"}],
+    "fp8 static -> ONNX Q/DQ": lambda cal: [{"type": "quantize", "scheme": "fp8", "activations": "static",
+                                             "calibration": cal}, {"type": "export_onnx"}],
     "export_aoti": lambda cal: [{"type": "export_aoti"}],
 }
 # Cells whose refusal is the expected answer, with the words it must give (a guard against a refusal
@@ -64,6 +70,12 @@ CELLS = {
 EXPECTED_REFUSALS = {
     ("falcon", "int4 gptq -> compressed-tensors"): "FalconLinear",
     ("gpt2", "int4 gptq -> compressed-tensors"): "Conv1D",
+    ("olmo2", "w8a8-int8"): "no norm inside olmo2's blocks",
+    ("olmo2", "w8a8-int8 -> compressed-tensors"): "no norm inside olmo2's blocks",
+    ("opt", "fp8 -> compressed-tensors"): "(tokens, features) inputs",
+    ("opt", "w8a8-int8 -> compressed-tensors"): "(tokens, features) inputs",
+    **{(kind, f"{scheme} -> compressed-tensors"): "experts as fused tensors"
+       for kind in ("qwen3_moe", "mixtral", "deepseek_v3") for scheme in ("fp8", "w8a8-int8")},
 }
 
 
@@ -101,12 +113,12 @@ def _check(cell: str, kind: str, source: Path, result, records: list[dict]) -> s
     if cell == "prune structured":
         assert last["params_ratio"] < 0.99
         return "works"
-    if cell.startswith("int4") or cell.startswith("int8 weight") or cell == "int8 dynamic":
+    if cell.startswith(("int4", "int8 weight", "int8 dynamic", "fp8", "w8a8")):
         quantized = records[0].get("quantized_linear_layers")
         assert quantized and quantized > 0
         if kind in MOE and records[0].get("block_weights_changed_share") is not None:
             assert records[0]["experts_changed_share"] == 1.0
-        if cell != "int8 dynamic":  # the weight-only schemes quantize the token table too (int8 by default)
+        if not cell.startswith(("int8 dynamic", "fp8", "w8a8")):  # weight-only: the token table too (int8 default)
             assert records[0]["embeddings"] == "int8", records[0].get("embeddings")
     if isinstance(result, OnnxModel):
         if "max_abs_diff" in last:  # an export: checked against torch

@@ -124,7 +124,8 @@ def test_every_scheme_class_runs_and_is_in_the_union():
     classes = [variant.model for variant in REGISTRY["quantize"].config_variants()]
     assert set(RUNS) == set(classes) and len(classes) == len(RUNS)
     values = [value for variant in REGISTRY["quantize"].config_variants() for value in variant.values]
-    assert values == ["int8-dynamic", "int8-static", "int8-weight-only", "int4-weight-only", "nf4", "fp4"]
+    assert values == ["int8-dynamic", "int8-static", "int8-weight-only", "int4-weight-only", "nf4", "fp4", "fp8",
+                      "w8a8-int8"]
     shared = set(QuantizeConfigBase.model_fields)
     assert shared == {"type", "exclude"} and all(shared <= set(cls.model_fields) for cls in classes)
 

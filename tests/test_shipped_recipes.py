@@ -266,6 +266,19 @@ def test_smollm2_compressed_tensors_folder_is_the_gptq_model_as_transformers_rel
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
 
 
+@shipped("smollm2-w8a8-int8.yaml", every=True)
+def test_smollm2_w8a8_int8_passes_with_every_block_linear_at_8_bits(smollm2):
+    report = smollm2.report("smollm2-w8a8-int8")
+    quantize, export = report["stages"]
+    assert quantize["quantized_linear_layers"] == 210 and quantize["smoothed_groups"] == 60
+    assert quantize["smoothing_logit_change"] < 1e-4  # smoothing kept the float function
+    assert export["format"] == "int-quantized" and export["reload_max_abs_diff"] <= 1e-4
+    assert all(goals(report).values()), report["gate"]
+    base, result = report["baseline"]["metrics"], report["result"]["metrics"]
+    # measured (docs/BENCHMARKS.md): 1.0115x perplexity, top-1 agreement 0.928, 0.409x size
+    assert 1.0 < result["perplexity"] / base["perplexity"] < 1.03 and 0.9 < result["top1_agreement"] < 0.96
+
+
 @shipped("smollm2-onnx-int4-decode.yaml", every=True)
 def test_smollm2_int4_decodes_faster_than_fp32_with_the_kv_cache(tmp_path):
     report = run_shipped("smollm2-onnx-int4-decode.yaml", "smollm2", tmp_path).json

@@ -71,23 +71,29 @@ def hidden_of(output):
 
 class LayerInputs:
     """What a method needs from a layer's inputs: squared column norms (`norms`, Wanda) or the
-    Hessian of the layer's reconstruction loss, X^T X (`hessian`, SparseGPT and GPTQ). Each batch's
+    Hessian of the layer's reconstruction loss, X^T X (`hessian`, SparseGPT and GPTQ), and always the
+    largest |x| seen (`absmax`, static activation scales; alone with kind `absmax`). Each batch's
     product is computed in float32 (twice as fast as float64 on CPUs) and the batches are summed in
     float64."""
 
     def __init__(self, columns: int, kind: str):
         import torch
 
-        self.kind, self.rows = kind, 0
-        self.value = torch.zeros(columns, dtype=torch.float64) if kind == "norms" else \
-            torch.zeros(columns, columns, dtype=torch.float64)
+        self.kind, self.rows, self.absmax = kind, 0, 0.0
+        if kind == "absmax":
+            self.value = None
+        else:
+            self.value = torch.zeros(columns, dtype=torch.float64) if kind == "norms" else \
+                torch.zeros(columns, columns, dtype=torch.float64)
 
     def add(self, x) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.rows += x.shape[0]
+        if x.numel():
+            self.absmax = max(self.absmax, float(x.abs().max()))
         if self.kind == "norms":
             self.value += (x * x).sum(0).double()
-        else:
+        elif self.kind == "hessian":
             self.value += (x.T @ x).double()
 
     def hessian(self):

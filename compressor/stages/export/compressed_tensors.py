@@ -10,7 +10,13 @@ What is written, per quantized nn.Linear `L` ("pack-quantized", compressed-tenso
 - weight = (q - zero point) * scale, which is compress's (code - zero) * scale with q = code - 8
   (int4) or q = the int8 value: the same numbers, so nothing is rounded again.
 config.json gets a `quantization_config` (quant_method compressed-tensors, one config group
-targeting Linear, every Linear left in float listed in `ignore`). A float model (pruned or not) is
+targeting Linear, every Linear left in float listed in `ignore`).
+
+An fp8 / w8a8-int8 result (8-bit weights and activations) is written `float-quantized` / `int-quantized`:
+`L.weight` holds the 8-bit values themselves (float8_e4m3fn or int8), `L.weight_scale` their scales and,
+for static activations, `L.input_scale`; the config group names the weights' and the input activations'
+strategies. compress's scales and codes are compressed-tensors' own (w8a8_layers.py), so transformers'
+reload, which quantizes activations per call, computes the same logits. A float model (pruned or not) is
 written as plain safetensors with an informational `sparsity_config` (dense storage, its 2:4 or
 unstructured pattern and sparsity) and no quantization groups.
 
@@ -33,13 +39,15 @@ from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, l
 from ...embeddings import dequantized_table, is_quantized_embedding
 from ...errors import StageFailed, UserError
 from ...linear_layers import conv1d_names, is_linear_like, out_in_weight, shape_of
-from ...torch_transforms import INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY
+from ...torch_transforms import EIGHT_BIT_ACTIVATIONS, FP8, INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY
+from ...w8a8_layers import BLOCK, is_w8a8_linear
 from ..base import Stage, StageConfigBase, StageContext
 from .export_onnx import max_abs_difference
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "0.19.0"  # the compressed-tensors release whose layout this writes
+WRITABLE_SCHEMES = (INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY) + EIGHT_BIT_ACTIVATIONS
 # Share of zeros above which a float model's sparsity is recorded as unstructured.
 SPARSE_ENOUGH = 0.05
 
@@ -60,9 +68,9 @@ class ExportCompressedTensors(Stage):
     def check_order(self, config, earlier):
         for index, stage in enumerate(earlier):
             scheme = getattr(stage, "scheme", None)
-            if stage.type == "quantize" and scheme not in ("int4-weight-only", "int8-weight-only"):
-                return f"compressed-tensors holds int4 and int8 weight-only models; stages[{index}] quantizes to " \
-                       f"{scheme}"
+            if stage.type == "quantize" and scheme not in WRITABLE_SCHEMES:
+                return f"compressed-tensors holds int4 / int8 weight-only, fp8 and w8a8-int8 models; stages[{index}] " \
+                       f"quantizes to {scheme}"
             if stage.type == "quantize" and scheme == "int4-weight-only" and not stage.symmetric:
                 return "write asymmetric int4 in compressed-tensors only where a loader reads it: transformers " \
                        f"4.57 with compressed-tensors 0.19 cannot (zero-point shape); set symmetric: true in " \
@@ -79,9 +87,9 @@ class ExportCompressedTensors(Stage):
         module = load_torch_model(artifact, ctx.allow_pickle, ctx.trust_remote_code)
         transforms = artifact.transforms
         if transforms and not (len(transforms) == 1 and transforms[0].get("stored")
-                               and transforms[0]["name"] in (INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY)):
+                               and transforms[0]["name"] in WRITABLE_SCHEMES):
             raise UserError(f"export_compressed_tensors: {transforms[-1].get('name')} has no compressed-tensors form; "
-                            "int4-weight-only and int8-weight-only do")
+                            "int4-weight-only, int8-weight-only, fp8 and w8a8-int8 do")
         if not transforms:
             existing = quantization_method(artifact.path)
             if existing:
@@ -93,6 +101,8 @@ class ExportCompressedTensors(Stage):
                             "compressed-tensors 0.19 cannot read its zero points); quantize with symmetric: true")
         if transform is not None:
             _refuse_unloadable(empty_model(artifact.path, artifact.task, ctx.trust_remote_code), transform["layers"])
+        if transform is not None and transform["name"] in EIGHT_BIT_ACTIVATIONS:
+            _refuse_unmatched_activations(module)
         architecture = architecture_of(module)
         tensors, quantized, dequantized = {}, set(), set()
         table = (transform or {}).get("embeddings")
@@ -116,6 +126,8 @@ class ExportCompressedTensors(Stage):
                     tensors.update(_int4_tensors(stored, layer, transform["symmetric"]))
                 elif kind == "Int8WeightOnlyLinear":
                     tensors.update(_int8_tensors(stored, layer))
+                elif is_w8a8_linear(layer):
+                    tensors.update(_w8a8_tensors(stored, layer))
                 else:
                     continue
                 quantized.add(name)
@@ -149,7 +161,7 @@ class ExportCompressedTensors(Stage):
         except UserError:
             shutil.rmtree(out, ignore_errors=True)
             raise
-        ctx.details.update({"format": "pack-quantized" if transform else "dense",
+        ctx.details.update({"format": storage_format(transform),
                             "quantized_linear_layers": len(quantized), "ignored_linear_layers": len(ignore),
                             "reload_max_abs_diff": diff, "atol": config.atol,
                             "size_mb_before": round(artifact.size_mb(), 3), "size_mb_after": round(result.size_mb(), 3),
@@ -180,6 +192,34 @@ def _refuse_unloadable(skeleton, quantized: list[str]) -> None:
                         "with their own forward on `weight`, which compressed-tensors' loader replaces with packed "
                         "tensors, so transformers could not run the folder; keep compress's own int4 / int8 result, "
                         "or write the float model")
+
+
+def _refuse_unmatched_activations(module) -> None:
+    """Where transformers' compressed-tensors loader would not quantize activations as compress evaluated them.
+    - Mixture-of-experts: transformers loads the experts as fused tensors and runs them with float inputs (no
+      activation quantization inside experts); on qwen3_moe and mixtral the reloaded logits differed by 0.01.
+    - Layers called with 2-D inputs (OPT flattens tokens before its MLP): compressed-tensors' per-token
+      strategy keeps dimensions 0 and 1, so a (tokens, features) input gets one scale for all tokens."""
+    import torch
+
+    if any(is_fused_experts(m) or type(m).__name__ == "LinearExperts" for m in module.modules()):
+        raise UserError(f"export_compressed_tensors: transformers loads {architecture_of(module)}'s experts as fused "
+                        "tensors and runs them without 8-bit activations, so the folder would not compute what "
+                        "compress evaluated; keep compress's own result, or write int4 / int8 weight-only")
+    flat = []
+    handles = [layer.register_forward_pre_hook(lambda _m, args, n=name: flat.append(n) if args[0].ndim == 2 else None)
+               for name, layer in module.named_modules() if is_w8a8_linear(layer)]
+    try:
+        with torch.no_grad():
+            module(input_ids=torch.tensor([[2, 40, 41, 42]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if flat:
+        raise UserError(f"export_compressed_tensors: {architecture_of(module)} calls {flat[0]} (and "
+                        f"{len(flat) - 1} more) with (tokens, features) inputs, which compressed-tensors' per-token "
+                        "activation quantization scales as one tensor, so the reloaded folder would not compute what "
+                        "compress evaluated; keep compress's own result, or write int4 / int8 weight-only")
 
 
 def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
@@ -220,6 +260,40 @@ def _int8_tensors(name: str, layer) -> dict:
             f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
 
 
+def _w8a8_tensors(name: str, layer) -> dict:
+    """`float-quantized` / `int-quantized`: the 8-bit weight itself under `weight`, its scales, and a static
+    input scale; compress's codes and scales are compressed-tensors' (w8a8_layers.py), written as they are."""
+    tensors = {f"{name}.weight": layer.weight_q.contiguous(),
+               f"{name}.weight_scale": layer.weight_scale.detach().float().contiguous()}
+    if layer.input_scale is not None:
+        tensors[f"{name}.input_scale"] = layer.input_scale.detach().float().contiguous()
+    return tensors
+
+
+def storage_format(transform: Optional[dict]) -> str:
+    if transform is None:
+        return "dense"
+    if transform["name"] in EIGHT_BIT_ACTIVATIONS:
+        return "float-quantized" if transform["name"] == FP8 else "int-quantized"
+    return "pack-quantized"
+
+
+def _eight_bit_group(transform: dict) -> dict:
+    """The config group of an fp8 / w8a8-int8 result: 8-bit weights and input activations of one type."""
+    kind = "float" if transform["name"] == FP8 else "int"
+    weights = {"num_bits": 8, "type": kind, "symmetric": True, "strategy": transform["weights"],
+               "dynamic": False, "group_size": None, "block_structure": None, "actorder": None}
+    if transform["weights"] == "block":
+        weights["block_structure"] = [BLOCK, BLOCK]
+    activations = {"num_bits": 8, "type": kind, "symmetric": True, "strategy": transform["activations"],
+                   "dynamic": transform["activations"] != "tensor", "group_size": None, "block_structure": None,
+                   "actorder": None}
+    if transform["activations"] == "group":
+        activations["group_size"] = BLOCK
+    return {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+            "output_activations": None, "format": storage_format(transform)}
+
+
 def _drop_tied_copies(tensors: dict) -> None:
     """safetensors refuses tensors sharing memory: keep the first name of each tied weight (the
     embedding's, which state_dict lists before lm_head; transformers ties them again on load)."""
@@ -257,7 +331,9 @@ def _sparsity(module, ignore: list[str]) -> dict:
 def quantization_config(transform: Optional[dict], ignore: list[str], sparsity: dict) -> dict:
     """config.json's `quantization_config` for compressed-tensors."""
     groups = {}
-    if transform is not None:
+    if transform is not None and transform["name"] in EIGHT_BIT_ACTIVATIONS:
+        groups = {"group_0": _eight_bit_group(transform)}
+    elif transform is not None:
         if transform["name"] == INT4_WEIGHT_ONLY:
             weights = {"num_bits": 4, "symmetric": transform["symmetric"], "strategy": "group",
                        "group_size": transform["group_size"]}
@@ -266,7 +342,7 @@ def quantization_config(transform: Optional[dict], ignore: list[str], sparsity: 
         weights.update({"type": "int", "dynamic": False, "actorder": None})
         groups = {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                               "output_activations": None, "format": "pack-quantized"}}
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized" if groups else "dense",
+    return {"quant_method": "compressed-tensors", "format": storage_format(transform),
             "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
             "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": sparsity,
             "version": FORMAT_VERSION}

@@ -55,7 +55,27 @@ def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: 
     module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
     grids = {}
     with torch.no_grad():
-        for name in transform["layers"]:
+        for name, (quantized, key) in swap_to_float(module, transform["layers"]).items():
+            grids[name] = (key, quantized.codes().numpy(), quantized.weight_scale.numpy(),
+                           quantized.weight_zero_point.numpy())
+        _float_table(module, transform.get("embeddings"), ctx)
+    # GPT-2's layers back to Conv1D, experts back to their fused tensors: the layout the model's class loads
+    # (the exporter then writes a Conv1D as a Gemm or MatMul reading (inputs, outputs), matched below)
+    restore_layout(module, describe(module), conv1d)
+    folder.mkdir(parents=True)
+    module.save_pretrained(folder, safe_serialization=True)
+    copy_checkpoint_files(artifact.path, folder)
+    return grids
+
+
+def swap_to_float(module, names: list[str]) -> dict[str, tuple]:
+    """Replace each named quantized layer (anything with `dequantized_weight`) by an nn.Linear holding its
+    dequantized float32 weight, in place; returns, per name, (the quantized layer, the weight's key)."""
+    import torch
+
+    swapped = {}
+    with torch.no_grad():
+        for name in names:
             parent_name, _, child_name = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             quantized = getattr(parent, child_name)
@@ -65,16 +85,8 @@ def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: 
             if quantized.bias is not None:
                 linear.bias.copy_(quantized.bias)
             setattr(parent, child_name, linear)
-            grids[name] = (_weight_key(weight.numpy()), quantized.codes().numpy(),
-                           quantized.weight_scale.numpy(), quantized.weight_zero_point.numpy())
-        _float_table(module, transform.get("embeddings"), ctx)
-    # GPT-2's layers back to Conv1D, experts back to their fused tensors: the layout the model's class loads
-    # (the exporter then writes a Conv1D as a Gemm or MatMul reading (inputs, outputs), matched below)
-    restore_layout(module, describe(module), conv1d)
-    folder.mkdir(parents=True)
-    module.save_pretrained(folder, safe_serialization=True)
-    copy_checkpoint_files(artifact.path, folder)
-    return grids
+            swapped[name] = (quantized, _weight_key(weight.numpy()))
+    return swapped
 
 
 def _float_table(module, table: Optional[dict], ctx) -> None:

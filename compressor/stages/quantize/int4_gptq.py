@@ -19,9 +19,9 @@ COLUMN_BATCH = 128  # rows of W quantized together before the rest are updated (
 GRIDS = ("asymmetric", "absmax", "signed-max")
 
 
-def fit_grid(columns, grid: str):
+def fit_grid(columns, grid: str, bits: int = 4):
     """Per-row scale and zero point of a group of columns (rows = output channels), on the 16 codes
-    0..15. `grid`:
+    0..15 (2^bits codes 0..2^bits - 1 for other widths: int8's absmax grid is compressed-tensors' int8). `grid`:
     - asymmetric spans [min(w, 0), max(w, 0)] with an integer zero point;
     - absmax (symmetric, as the GPTQ reference and compressed-tensors fit it) spreads
       [-max|w|, max|w|] over 15 steps around code 8, so the largest positive weight may clip by half
@@ -31,18 +31,19 @@ def fit_grid(columns, grid: str):
       15/16 of absmax's; weights of the other sign clip at 7/8 of |m|."""
     import torch
 
+    top, middle = 2 ** bits - 1, 2 ** (bits - 1)
     if grid == "asymmetric":
         low = columns.amin(dim=1).clamp(max=0)
         high = columns.amax(dim=1).clamp(min=0)
-        scale = (high - low) / 15
-        zero = torch.round(-low / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, 15)
+        scale = (high - low) / top
+        zero = torch.round(-low / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, top)
     elif grid == "absmax":
-        scale = columns.abs().amax(dim=1) * 2 / 15
-        zero = torch.full_like(scale, 8.0)
+        scale = columns.abs().amax(dim=1) * 2 / top
+        zero = torch.full_like(scale, float(middle))
     elif grid == "signed-max":
         extreme = columns.gather(1, columns.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-        scale = extreme / -8
-        zero = torch.full_like(scale, 8.0)
+        scale = extreme / -middle
+        zero = torch.full_like(scale, float(middle))
     else:
         raise ValueError(f"unknown int4 grid {grid!r}; one of {GRIDS}")
     scale = torch.where(scale != 0, scale, torch.ones_like(scale))
@@ -57,10 +58,11 @@ def dequantize(codes, scales, zeros, group_size: int):
     return (codes.to(scales.dtype) - zero) * scale
 
 
-def rtn_quantize(weight, group_size: int, grid: str):
+def rtn_quantize(weight, group_size: int, grid: str, bits: int = 4):
     """Round to nearest on each group's grid. weight: N x K. Returns codes, scales, zeros (N x groups)."""
     import torch
 
+    top = 2 ** bits - 1
     w = weight.detach().float()
     n, k = w.shape
     groups = -(-k // group_size)
@@ -68,15 +70,15 @@ def rtn_quantize(weight, group_size: int, grid: str):
     scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
     for g in range(groups):
         part = w[:, g * group_size:(g + 1) * group_size]
-        scale, zero = fit_grid(part, grid)
+        scale, zero = fit_grid(part, grid, bits)
         scales[:, g], zeros[:, g] = scale, zero
         codes[:, g * group_size:(g + 1) * group_size] = torch.clamp(
-            torch.round(part / scale[:, None]) + zero[:, None], 0, 15).to(torch.uint8)
+            torch.round(part / scale[:, None]) + zero[:, None], 0, top).to(torch.uint8)
     return codes, scales, zeros
 
 
 def gptq_quantize(weight, hessian, group_size: int, grid: str, dampening: float = 0.01,
-                  act_order: bool = False):
+                  act_order: bool = False, bits: int = 4):
     """GPTQ (Frantar et al., 2022) of one layer. weight: N x K (rows = output channels); hessian:
     K x K, the mean of x x^T over the layer's calibration inputs. Columns are quantized in order (or,
     with `act_order`, by decreasing Hessian diagonal) and each one's rounding error is spread over
@@ -88,6 +90,7 @@ def gptq_quantize(weight, hessian, group_size: int, grid: str, dampening: float 
     order, so every grid is fitted on the original weights first ("static groups")."""
     import torch
 
+    top = 2 ** bits - 1
     w = weight.detach().float().clone()
     h = hessian.float().clone()
     n, k = w.shape
@@ -98,7 +101,7 @@ def gptq_quantize(weight, hessian, group_size: int, grid: str, dampening: float 
     scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
     if act_order:
         for g in range(groups):
-            scales[:, g], zeros[:, g] = fit_grid(w[:, g * group_size:(g + 1) * group_size], grid)
+            scales[:, g], zeros[:, g] = fit_grid(w[:, g * group_size:(g + 1) * group_size], grid, bits)
         order = torch.argsort(torch.diag(h), descending=True)
     else:
         order = torch.arange(k)
@@ -120,9 +123,9 @@ def gptq_quantize(weight, hessian, group_size: int, grid: str, dampening: float 
             column = int(order[start + i])
             group = column // group_size
             if not act_order and column % group_size == 0:  # a new group: fit it to the weights as they are now
-                scales[:, group], zeros[:, group] = fit_grid(part[:, i:i + group_size], grid)
+                scales[:, group], zeros[:, group] = fit_grid(part[:, i:i + group_size], grid, bits)
             scale, zero = scales[:, group], zeros[:, group]
-            q = torch.clamp(torch.round(part[:, i] / scale) + zero, 0, 15)
+            q = torch.clamp(torch.round(part[:, i] / scale) + zero, 0, top)
             codes[:, column] = q.to(torch.uint8)
             error = (part[:, i] - (q - zero) * scale) / inverse[i, i]
             part[:, i:] -= error[:, None] * inverse[i, i:][None, :]

@@ -24,6 +24,7 @@ from .int4_onnx import Int4WeightOnlyConfig, int4_weight_only_onnx
 from .int4_torch import int4_weight_only_torch
 from .onnx_static_config import Int8StaticConfig
 from .quantize_base import QuantizeConfigBase
+from .w8a8 import Fp8Config, W8A8Int8Config, quantize_w8a8
 from .weight_only import Int8WeightOnlyConfig, quantize_weight_only
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class Int8DynamicConfig(QuantizeConfigBase):
 
 # One class per scheme; `scheme` picks the class, so an option of another scheme is an unknown field.
 QuantizeConfig = Annotated[
-    Union[Int8DynamicConfig, Int8StaticConfig, Int8WeightOnlyConfig, Int4WeightOnlyConfig, Bnb4bitConfig],
+    Union[Int8DynamicConfig, Int8StaticConfig, Int8WeightOnlyConfig, Int4WeightOnlyConfig, Bnb4bitConfig, Fp8Config,
+          W8A8Int8Config],
     Field(discriminator="scheme"),
 ]
 
@@ -66,10 +68,11 @@ class Quantize(Stage):
     type = "quantize"
     summary = ("Quantize: int8 dynamic, static with calibration (ONNX) or weight-only; int4 weight-only (RTN or "
                "GPTQ; HQQ on ONNX); "
-               "nf4 / fp4 (torch, bitsandbytes)")
+               "nf4 / fp4 (torch, bitsandbytes); FP8 and int8 weights with activations (W8A8, torch)")
     config_model = QuantizeConfig
     accepts = ("onnx", "torch")
-    needs_calibration = "with scheme int8-static, or int4-weight-only with algorithm gptq or awq"
+    needs_calibration = "with scheme int8-static, int4-weight-only with algorithm gptq or awq, w8a8-int8 (smoothing, " \
+                        "gptq) or static activations"
 
     def check(self, config: QuantizeConfigBase, input_kind, task):
         return config.problem(input_kind)
@@ -115,7 +118,8 @@ def _int8_static(config: Int8StaticConfig, artifact, ctx: StageContext):
 
 # What quantizes with each config class; the same classes as QuantizeConfig (a test checks).
 RUNS = {Int8DynamicConfig: _int8_dynamic, Int8StaticConfig: _int8_static, Int8WeightOnlyConfig: quantize_weight_only,
-        Int4WeightOnlyConfig: _int4_weight_only, Bnb4bitConfig: quantize_bnb_4bit}
+        Int4WeightOnlyConfig: _int4_weight_only, Bnb4bitConfig: quantize_bnb_4bit, Fp8Config: quantize_w8a8,
+        W8A8Int8Config: quantize_w8a8}
 
 
 def _quantize_onnx(config: Int8DynamicConfig, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:
