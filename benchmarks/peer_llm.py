@@ -24,6 +24,18 @@ Methods (4-bit ones symmetric int4 in groups of g inputs; lm_head and embeddings
                                           Runtime's grid, which compressed-tensors does not fit): no peer row;
                                           every other symmetric row uses absmax, the peer's grid
   rtn-asym-g32, gptq-act-asym-g32, ...    compress with asymmetric grids (the shipped ONNX recipes'): no peer row
+  fp8-dynamic                             compress `quantize fp8` (E4M3 weights per output channel, activations
+                                          per token at run time; no data) / QuantizationModifier FP8_DYNAMIC
+  w8a8-int8                               compress `quantize w8a8-int8` (SmoothQuant alpha 0.8, then gptq int8
+                                          weights per output channel, int8 activations per token) /
+                                          SmoothQuantModifier(0.8) + GPTQModifier W8A8
+The two 8-bit-activation methods are evaluated with their activations quantized on both sides: compress's
+result is its own W8A8Linear folder (activations quantized and dequantized per call); llm-compressor's is
+saved in the compressed-tensors format and loaded here through transformers' compressed-tensors loader,
+which quantizes each Linear's input per token on the fly. Fake-quantized float weights (the other methods'
+peer folders) would drop the activation half of the scheme. The reload is checked: every quantized Linear
+must carry a compressed-tensors scheme with dynamic input activations, its logits must match the peer's own
+model, and switching the activation quantization off must change them.
 Groups of 64, not 128: SmolLM2's hidden size is 576 = 4.5 x 128, and llm-compressor refuses groups
 that do not divide a layer's input size (compress quantizes the last, shorter group as it comes).
 
@@ -51,6 +63,8 @@ EVALUATION = {"data": {"dataset": "lee-background"}, "max_length": 256, "max_sam
 # ONNX Runtime's rtn, for the record (the peer has no ONNX output); compress's signed-max and asymmetric grids
 COMPRESS_ONLY = {"rtn-onnx", "rtn-smax", "gptq-smax", "gptq-act-smax", "awq-smax", "rtn-asym", "gptq-asym",
                  "gptq-act-asym", "awq-asym", "rtn-onnx-asym"}
+# 8-bit weights and 8-bit activations: the peer saves these compressed (compressed-tensors), not as float weights
+ACTIVATION_METHODS = ("fp8-dynamic", "w8a8-int8")
 
 
 def calibration(dataset: str, samples: int) -> dict:
@@ -62,7 +76,13 @@ def compress_stage(method: str, calib: dict):
     """The compress stage config of a method, and whether it starts from the ONNX export."""
     from compressor.stages.quantize.int4_onnx import Int4WeightOnlyConfig
     from compressor.stages.prune.prune import PruneConfig
+    from compressor.stages.quantize.w8a8 import Fp8Config, W8A8Int8Config
 
+    if method == "fp8-dynamic":  # llm-compressor's FP8_DYNAMIC: round to nearest, no calibration data
+        return Fp8Config(type="quantize", scheme="fp8", weights="channel", activations="dynamic"), False
+    if method == "w8a8-int8":  # llm-compressor's W8A8 example: SmoothQuant 0.8, then GPTQ on the same windows
+        return W8A8Int8Config(type="quantize", scheme="w8a8-int8", algorithm="gptq", smoothing_strength=0.8,
+                              activations="dynamic", calibration=calib), False
     kind, _, variant = method.rpartition("-")
     if kind in ("sparsegpt", "wanda"):
         pattern = "2:4" if variant == "2:4" else "unstructured"
@@ -100,7 +120,9 @@ def compress_worker(args) -> None:
     record = {"tool": "compress", "method": args.worker, "seconds": seconds,
               "peak_rss_mb": peak_rss_mb(),
               "artifact": str(result.path), "kind": result.kind}
-    (out / "compress.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.worker in ACTIVATION_METHODS:  # how the stage says it evaluates, smoothing's record among them
+        record["stage_details"] = ctx.details
+    (out / "compress.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def cell(side, key: str, spec: str, scale: float = 1.0) -> str:
@@ -117,21 +139,71 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def cross_check(artifact, probe, out: Path) -> float:
+def cross_check(artifact, probe, out: Path, record: dict) -> dict:
     """The largest logit difference between llm-compressor's model in its own process and its saved
-    folder as this process loads it (another transformers); a model read differently fails here."""
+    folder as this process loads it (another transformers); a model read differently fails here. For the
+    8-bit-activation methods also how the folder was loaded: it must come back through compressed-tensors
+    with every quantized Linear quantizing its input per token (activation_path)."""
     import numpy as np
     import torch
 
     from compressor.checkpoint import load_torch_model
 
+    module = load_torch_model(artifact)
+    checks = {}
     with torch.no_grad():
-        here = load_torch_model(artifact)(input_ids=torch.from_numpy(probe)).logits.numpy()
+        here = module(input_ids=torch.from_numpy(probe)).logits.numpy()
+        if record.get("saved_as") == "compressed-tensors":
+            checks = activation_path(module, torch.from_numpy(probe), here, record["quantized_layers"], out)
     artifact.module = None
     difference = float(np.abs(here - np.load(out / "probe_logits.npy")).max())
     if difference > 1e-3:
         raise SystemExit(f"{out}: reloads with logits {difference:.3g} away from llm-compressor's own model")
-    return difference
+    return {"cross_reload_max_abs_logit_diff": difference, **checks}
+
+
+def simulated_layers(artifact, out: Path) -> str:
+    """That compress's 8-bit-activation folder loads as its own W8A8Linear layers (each quantizing its input
+    per call), kept loaded for the evaluation."""
+    from compressor.checkpoint import load_torch_model
+    from compressor.w8a8_layers import is_w8a8_linear
+
+    layers = [m for m in load_torch_model(artifact).modules() if is_w8a8_linear(m)]
+    if not layers or any(m.activations != "token" for m in layers):
+        raise SystemExit(f"{out}: {len(layers)} W8A8Linear layers, not all with per-token activations")
+    return f"compress W8A8Linear, {len(layers)} layers, {layers[0].fmt} weights per {layers[0].weights}, " \
+           f"{layers[0].fmt} inputs per {layers[0].activations} (simulated: quantize-dequantize, float32 matmul)"
+
+
+def activation_path(module, probe, logits, expected_layers: int, out: Path) -> dict:
+    """That a compressed-tensors folder evaluates with its activations quantized: the Linear layers carry
+    compressed-tensors' scheme with dynamic per-token input activations, as many as the peer quantized, and
+    turning only the input quantization off moves the logits (so the forward really applies it)."""
+    import numpy as np
+    from compressed_tensors.quantization import disable_quantization, enable_quantization
+
+    layers = [(name, m) for name, m in module.named_modules()
+              if getattr(m, "quantization_scheme", None) is not None and m.quantization_scheme.input_activations]
+    dynamic = [name for name, m in layers if m.quantization_scheme.input_activations.dynamic is True
+               and m.quantization_scheme.input_activations.strategy == "token"]
+    if len(layers) != expected_layers or len(dynamic) != expected_layers:
+        raise SystemExit(f"{out}: {len(layers)} Linear layers reload with quantized inputs ({len(dynamic)} per "
+                         f"token, dynamic); llm-compressor quantized {expected_layers}")
+    args = layers[0][1].quantization_scheme.input_activations
+    # compressed-tensors' switch covers weights and inputs together, but after the first forward the weights
+    # are decompressed (float values on the 8-bit grid, status `decompressed`) and no longer fake-quantized,
+    # so what the switch changes is the input quantization alone
+    module.apply(disable_quantization)
+    try:
+        unquantized = module(input_ids=probe).logits.numpy()
+    finally:
+        module.apply(enable_quantization)
+    moved = float(np.abs(logits - unquantized).max())
+    if not moved > 0:
+        raise SystemExit(f"{out}: turning the activation quantization off changes nothing; it is not applied")
+    return {"reload_path": f"transformers + compressed-tensors, {len(layers)} Linear layers with input_activations "
+                           f"{args.type}{args.num_bits} {args.strategy} dynamic",
+            "logit_change_without_activation_quantization": moved}
 
 
 def run_child(command: list[str], log: Path) -> None:
@@ -215,13 +287,15 @@ def main() -> None:
                     record = json.loads((out / "compress.json").read_text())
                     artifact = (OnnxModel(Path(record["artifact"]), TASK) if record["kind"] == "onnx"
                                 else TorchModel(Path(record["artifact"]), TASK))
+                    if method in ACTIVATION_METHODS:
+                        record["reload_path"] = simulated_layers(artifact, out)
                 else:
                     run_child([str(PEER_PYTHON), str(ROOT / "benchmarks" / "peer_llm_worker.py"), "--model",
                                str(checkpoint), "--windows", str(work / f"calibration-{size}.npy"), "--method",
                                method, "--out", str(out)], out / "log.txt")
                     record = json.loads((out / "peer.json").read_text())
                     artifact = TorchModel(out, TASK)
-                    record["cross_reload_max_abs_logit_diff"] = cross_check(artifact, windows[:2], out)
+                    record.update(cross_check(artifact, windows[:2], out, record))
                 metrics = evaluate(TASK, make_runner(artifact, f"{tool} {method}", threads=2), tokenizer, samples,
                                    evaluation, reference=base).metrics
                 row[tool] = {**record, **metrics}
@@ -243,6 +317,10 @@ def main() -> None:
               f"{cell(mine, 'top1_agreement', '.3f'):>5}/{cell(peer, 'top1_agreement', '.3f'):<5} "
               f"{cell(mine, 'seconds', '.0f'):>5}/{cell(peer, 'seconds', '.0f'):<6} "
               f"{cell(mine, 'peak_rss_mb', '.0f'):>5}/{cell(peer, 'peak_rss_mb', '.0f'):<6}")
+    for row in rows:  # the 8-bit-activation rows: how each side's result was loaded and evaluated
+        for tool in tools:
+            if row["method"] in ACTIVATION_METHODS and tool in row:
+                print(f"{row['method']} {tool} evaluated as: {row[tool]['reload_path']}")
     versions = package_versions()
     print(f"machine: {describe()}")
     line = f"compress: torch {versions['torch']}, transformers {versions['transformers']}"

@@ -9,6 +9,12 @@ computes them (what a W4A16 kernel would multiply by). It checks that folder aga
 compressed model in memory on two calibration windows and records the largest logit difference,
 the wall time of `oneshot` and the process's peak resident memory in `peer.json`.
 
+The 8-bit-activation methods (fp8-dynamic: FP8_DYNAMIC, no data; w8a8-int8: SmoothQuant 0.8 and
+GPTQ W8A8) are written differently: float weights would lose the per-token activation quantization,
+half of the scheme. Their folder is llm-compressor's own compressed-tensors checkpoint
+(`save_pretrained(save_compressed=True)`, with the tokenizer), which transformers loads back with
+each Linear quantizing its input on the fly; the check reloads it in this environment too.
+
 Usage: python peer_llm_worker.py --model CKPT --windows calib.npy --method gptq-g128 --out DIR
 """
 
@@ -20,7 +26,9 @@ import shutil
 import time
 from pathlib import Path
 
-from peer_llm import peak_rss_mb  # beside this script; it imports nothing from compress at load
+from peer_llm import ACTIVATION_METHODS, peak_rss_mb  # beside this script; it imports nothing from compress at load
+
+DATA_FREE = ("fp8-dynamic",)  # weights rounded, activation scales computed per call: oneshot needs no dataset
 
 
 def recipe_for(method: str):
@@ -28,9 +36,15 @@ def recipe_for(method: str):
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.obcq import SparseGPTModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-    kind, _, variant = method.rpartition("-")
     ignore = ["lm_head"]
+    if method == "fp8-dynamic":  # per-channel E4M3 weights by rounding, per-token activations at run time
+        return QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore)
+    if method == "w8a8-int8":  # llm-compressor's int8 W8A8 example: smoothing first, then GPTQ per channel
+        return [SmoothQuantModifier(smoothing_strength=0.8),
+                GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
+    kind, _, variant = method.rpartition("-")
     if kind in ("sparsegpt", "wanda"):
         structure = "2:4" if variant == "2:4" else "0:0"
         modifier = SparseGPTModifier if kind == "sparsegpt" else WandaPruningModifier
@@ -66,6 +80,40 @@ def effective_weights(model) -> dict:
     return weights
 
 
+def save_compressed(model, args, windows, seconds: float, peak_mb: float) -> None:
+    """The 8-bit-activation methods: llm-compressor's compressed-tensors folder, checked by reloading it here."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    layers = [name for name, m in model.named_modules()
+              if getattr(m, "quantization_scheme", None) is not None and m.quantization_scheme.input_activations]
+    probe = torch.from_numpy(windows[:2])
+    with torch.no_grad():  # before saving: saving compresses the model in memory
+        expected = model(input_ids=probe).logits
+    out = Path(args.out)
+    saving = time.perf_counter()
+    model.save_pretrained(out, save_compressed=True)  # the 8-bit codes are cast here, after oneshot's clock
+    save_seconds = time.perf_counter() - saving
+    AutoTokenizer.from_pretrained(args.model).save_pretrained(out)
+    # The checkpoint's own config plus the quantization_config just written, for the reason given in main():
+    # the same config every other method's folder is read with
+    written = json.loads((out / "config.json").read_text())
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    config["quantization_config"] = written["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        got = reloaded(input_ids=probe).logits
+    np.save(out / "probe_logits.npy", expected.numpy())
+    (out / "peer.json").write_text(json.dumps({
+        "tool": "llm-compressor", "method": args.method, "seconds": seconds, "peak_rss_mb": peak_mb,
+        "saved_as": "compressed-tensors", "format": written["quantization_config"].get("format"),
+        "save_seconds": save_seconds,
+        "reload_max_abs_logit_diff": float((expected - got).abs().max()), "quantized_layers": len(layers)},
+        indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -93,10 +141,15 @@ def main() -> None:
     dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": np.ones_like(windows).tolist()})
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     started = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=recipe_for(args.method), num_calibration_samples=len(windows),
-            max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
+    if args.method in DATA_FREE:  # oneshot without a dataset: no calibration loader, modifiers applied directly
+        oneshot(model=model, recipe=recipe_for(args.method))
+    else:
+        oneshot(model=model, dataset=dataset, recipe=recipe_for(args.method), num_calibration_samples=len(windows),
+                max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - started
     peak_mb = peak_rss_mb()
+    if args.method in ACTIVATION_METHODS:
+        return save_compressed(model, args, windows, seconds, peak_mb)
 
     weights = effective_weights(model)
     plain = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

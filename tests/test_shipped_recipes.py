@@ -266,16 +266,31 @@ def test_smollm2_compressed_tensors_folder_is_the_gptq_model_as_transformers_rel
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
 
 
+@shipped("smollm2-fp8-dynamic.yaml", every=True)
+def test_smollm2_fp8_dynamic_fails_its_near_lossless_goal_as_llm_compressor_does(smollm2):
+    report = smollm2.report("smollm2-fp8-dynamic")
+    quantize, export = report["stages"]
+    assert quantize["quantized_linear_layers"] == 210 and quantize["format"] == "fp8"
+    assert export["format"] == "float-quantized" and export["reload_max_abs_diff"] <= 1e-4
+    verdicts = goals(report)
+    assert report["verdict"] == "fail" and verdicts["size.max_ratio"] is True
+    assert verdicts["accuracy.perplexity.max_drop_pct"] is False
+    base, result = report["baseline"]["metrics"], report["result"]["metrics"]
+    # measured: 1.041x perplexity, top-1 agreement 0.892; llm-compressor's FP8_DYNAMIC: the same codes and
+    # the same 1.041x (docs/BENCHMARKS.md), so the loss is this 135M model's, not the tool's
+    assert 1.03 < result["perplexity"] / base["perplexity"] < 1.05 and 0.87 < result["top1_agreement"] < 0.91
+
+
 @shipped("smollm2-w8a8-int8.yaml", every=True)
 def test_smollm2_w8a8_int8_passes_with_every_block_linear_at_8_bits(smollm2):
     report = smollm2.report("smollm2-w8a8-int8")
     quantize, export = report["stages"]
     assert quantize["quantized_linear_layers"] == 210 and quantize["smoothed_groups"] == 60
-    assert quantize["smoothing_logit_change"] < 1e-4  # smoothing kept the float function
+    assert quantize["smoothing_output_change"] < 1e-4  # smoothing kept the float function
     assert export["format"] == "int-quantized" and export["reload_max_abs_diff"] <= 1e-4
     assert all(goals(report).values()), report["gate"]
     base, result = report["baseline"]["metrics"], report["result"]["metrics"]
-    # measured (docs/BENCHMARKS.md): 1.0115x perplexity, top-1 agreement 0.928, 0.409x size
+    # measured (docs/BENCHMARKS.md): 1.012x perplexity, top-1 agreement 0.926, 0.409x size
     assert 1.0 < result["perplexity"] / base["perplexity"] < 1.03 and 0.9 < result["top1_agreement"] < 0.96
 
 

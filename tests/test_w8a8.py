@@ -186,7 +186,7 @@ def test_smoothing_that_would_change_the_model_is_refused(tmp_path, monkeypatch)
         groups, unsmoothed = real(*args)
         return [(norm, readers[:-1]) for norm, readers in groups], unsmoothed
     monkeypatch.setattr(smoothquant, "smoothing_groups", missing_one)
-    with pytest.raises(StageFailed, match="smoothing changed the float model's logits"):
+    with pytest.raises(StageFailed, match="smoothing changed the float model's hidden states"):
         smoothquant.smooth(module, open_for_compression(module), feeds, TASK, 0.8, "t")
 
 

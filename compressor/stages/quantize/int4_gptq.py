@@ -99,12 +99,13 @@ def gptq_quantize(weight, hessian, group_size: int, grid: str, dampening: float 
     w[:, dead] = 0
     groups = -(-k // group_size)
     scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
-    if act_order:
+    # Grids fitted on the original weights up front: with act_order (static groups), and with one group per
+    # row (per-channel int8), whose only grid would be fitted at column 0 anyway, before any update
+    upfront = act_order or groups == 1
+    if upfront:
         for g in range(groups):
             scales[:, g], zeros[:, g] = fit_grid(w[:, g * group_size:(g + 1) * group_size], grid, bits)
-        order = torch.argsort(torch.diag(h), descending=True)
-    else:
-        order = torch.arange(k)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, order], h[order][:, order]
     h += torch.eye(k) * dampening * torch.mean(torch.diag(h))
     try:
@@ -113,7 +114,8 @@ def gptq_quantize(weight, hessian, group_size: int, grid: str, dampening: float 
         raise StageFailed(f"gptq: a layer's Hessian is not positive definite even after dampening ({exc}); "
                           "raise `dampening` or calibrate on more tokens") from None
     codes = torch.zeros(n, k, dtype=torch.uint8)
-    batch = max(COLUMN_BATCH, group_size)
+    # a group fitted in the loop must lie within one batch of columns; grids fitted up front need no such room
+    batch = COLUMN_BATCH if upfront else max(COLUMN_BATCH, group_size)
     for start in range(0, k, batch):
         end = min(start + batch, k)
         part = w[:, start:end].clone()
@@ -122,7 +124,7 @@ def gptq_quantize(weight, hessian, group_size: int, grid: str, dampening: float 
         for i in range(end - start):
             column = int(order[start + i])
             group = column // group_size
-            if not act_order and column % group_size == 0:  # a new group: fit it to the weights as they are now
+            if not upfront and column % group_size == 0:  # a new group: fit it to the weights as they are now
                 scales[:, group], zeros[:, group] = fit_grid(part[:, i:i + group_size], grid, bits)
             scale, zero = scales[:, group], zeros[:, group]
             q = torch.clamp(torch.round(part[:, i] / scale) + zero, 0, top)

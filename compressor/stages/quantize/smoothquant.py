@@ -15,8 +15,8 @@ linear layer, and a norm's group is the linear layers that read its output tenso
 from input_layernorm and gate, up from post_attention_layernorm; GPT-2's c_attn from ln_1; Phi's q, k, v and
 fc1 from its one shared norm; Falcon's fused query_key_value). A norm whose output feeds a mixture-of-experts
 MLP (its router and each expert read copies of it) is left unsmoothed, and the record says so; a norm computing
-x * (1 + w) (Gemma's) has its gain divided as (1 + w) / s - 1. After smoothing the same batch runs again and is
-compared with the logits before: a norm whose output also goes somewhere the groups do not see would change
+x * (1 + w) (Gemma's) has its gain divided as (1 + w) / s - 1. After smoothing the same batch runs again and the last block's output is
+compared with what it was before: a norm whose output also goes somewhere the groups do not see would change
 the model, and the stage refuses instead of quantizing it.
 """
 
@@ -31,7 +31,8 @@ from ...errors import StageFailed, UserError
 log = logging.getLogger(__name__)
 
 MIN_SCALE = 1e-5
-# Smoothing is exact in real arithmetic; float32 rounding moves logits by far less than this share of their range.
+# Smoothing is exact in real arithmetic; float32 rounding moves the hidden states by far less than this share of
+# their range.
 FUNCTION_TOLERANCE = 1e-3
 
 
@@ -74,7 +75,7 @@ def smoothing_groups(module, parts: Anatomy, feed: dict, task: str, what: str) -
     handles += [m.register_forward_pre_hook(reader_hook(n, True), with_kwargs=True) for n, m in moe.items()]
     try:
         with torch.no_grad():
-            _logits(module, feed, task)
+            _last_hidden(module, parts, feed, task)
     finally:
         for handle in handles:
             handle.remove()
@@ -91,10 +92,28 @@ def _offset_gain(norm) -> bool:
     return type(norm).__name__.startswith("Gemma") and getattr(norm, "weight", None) is not None
 
 
-def _logits(module, feed, task: str):
-    inputs = torch_inputs(feed)
-    output = module(**inputs, use_cache=False) if task == "text-generation" else module(**inputs)
-    return output.logits.float()
+class _Reached(Exception):
+    """Raised by the hook on the last block: what smoothing compares ends there."""
+
+
+def _last_hidden(module, parts: Anatomy, feed, task: str):
+    """The last transformer block's output on one batch. The run stops there: the head (a 49k-262k-word
+    vocabulary) would cost a large share of the time and a logit tensor of hundreds of MB, and smoothing
+    changes nothing after the blocks."""
+    seen = []
+
+    def hook(_module, _args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output).detach().float())
+        raise _Reached
+    handle = parts.blocks[len(parts.blocks) - 1].register_forward_hook(hook)
+    try:
+        inputs = torch_inputs(feed)
+        module(**inputs, use_cache=False) if task == "text-generation" else module(**inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def smooth(module, parts: Anatomy, feeds: list[dict], task: str, alpha: float, what: str, progress=None) -> dict:
@@ -120,7 +139,7 @@ def smooth(module, parts: Anatomy, feeds: list[dict], task: str, alpha: float, w
         for handle in handles:
             handle.remove()
     with torch.no_grad():
-        before = _logits(module, feeds[0], task)
+        before = _last_hidden(module, parts, feeds[0], task)
         largest = 0.0
         for norm_name, balance in groups:
             if peaks[norm_name] is None:
@@ -139,12 +158,13 @@ def smooth(module, parts: Anatomy, feeds: list[dict], task: str, alpha: float, w
             for layer in layers:
                 layer.weight.mul_(scales[None, :].to(layer.weight.dtype))
             largest = max(largest, float(scales.max()))
-        after = _logits(module, feeds[0], task)
+        after = _last_hidden(module, parts, feeds[0], task)
     change = float((after - before).abs().max()) / max(float(before.abs().max()), 1e-12)
     if not change <= FUNCTION_TOLERANCE:
-        raise StageFailed(f"{what}: smoothing changed the float model's logits by {change:.2%} of their range (it "
+        raise StageFailed(f"{what}: smoothing changed the float model's hidden states by {change:.2%} of their "
+                          "range (it "
                           f"should change nothing): {parts.architecture}'s blocks are not laid out as the smoothing "
                           "groups assume; set smoothing_strength: null")
     return {"smoothing_strength": alpha, "smoothed_groups": len(groups), "largest_smoothing_scale": round(largest, 4),
-            "smoothing_logit_change": round(change, 8),
+            "smoothing_output_change": round(change, 8),
             **({"unsmoothed_expert_inputs": len(unsmoothed)} if unsmoothed else {})}
