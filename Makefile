@@ -26,7 +26,7 @@ demo: $(STAMP)
 		--model "$$($(BIN)/compress fixtures --only sentiment-classifier --path)" --out runs/demo
 
 # The suite CI runs: unit tests, and shipped recipes on the real models, one recipe per kind of stage
-# (ONNX int8, torch int4 GPTQ, SparseGPT, nf4, LoRA, the classifier set). One process: two
+# (ONNX int8 dynamic and static, torch int4 GPTQ, SparseGPT, LoRA, structured pruning). One process: two
 # test workers on two cores measured slower (torch's and ONNX Runtime's threads spin while they wait).
 test: fixtures
 	$(BIN)/python -m pytest -q -ra --durations=15 -m "not every_recipe"

@@ -101,8 +101,8 @@ def check_graph(op_counts: Counter, precision: str, input_names: list[str]) -> N
     quantized = op_counts.get("QuantizeLinear", 0) and op_counts.get("DequantizeLinear", 0)
     if precision in ("int8", "fp8") and not quantized:
         raise UserError(f"build_engine precision {precision}: the graph has no QuantizeLinear/DequantizeLinear "
-                        "pairs; add `quantize scheme: int8-static` before build_engine (fp8: Q/DQ nodes from a "
-                        "tool that writes FP8 ones)")
+                        "pairs; add `quantize scheme: int8-static` before build_engine (fp8: `quantize scheme: fp8` "
+                        "with `activations: static` on the torch model, then export_onnx)")
     past = [name for name in input_names if name not in TOKEN_INPUTS]
     if past:
         raise UserError(f"build_engine: inputs {past[:3]} are not [batch, sequence] token inputs; export without "

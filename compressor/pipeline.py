@@ -57,6 +57,9 @@ class RunOptions:
     max_remeasure_seconds: Optional[float] = None
     # Overrides every recipe's benchmark.memory when set (False: no child processes measuring peak memory).
     measure_memory: Optional[bool] = None
+    # Overrides every recipe's benchmark.iterations when set (and holds warmup to at most 2 calls): latency is
+    # still measured and reported with its interval, from fewer calls, for checks that do not judge it.
+    benchmark_iterations: Optional[int] = None
 
     def runner_args(self, threads: int) -> dict:
         """make_runner's arguments for the baseline; a result adds torch_dtype."""
@@ -327,6 +330,9 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
         bench = bench.model_copy(update={"max_remeasure_seconds": options.max_remeasure_seconds})
     if options.measure_memory is not None:
         bench = bench.model_copy(update={"memory": options.measure_memory})
+    if options.benchmark_iterations is not None:
+        bench = bench.model_copy(update={"iterations": options.benchmark_iterations,
+                                         "warmup": min(bench.warmup, 2)})
     with OtherLoad() as load:
         timings, speedups, remeasured = measure([baseline.runner] + runners, feed, bench, thresholds, progress)
     generation = {}

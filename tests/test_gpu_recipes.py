@@ -1,4 +1,4 @@
-"""The shipped GPU recipes: TensorRT fp16 and int8 engines of the sentiment classifier, the SmolLM2
+"""The shipped GPU recipes: TensorRT fp16, int8 and fp8 engines of the sentiment classifier, the SmolLM2
 AOTInductor bf16 package, and SmolLM2 SparseGPT 2:4 on sparse kernels. Everywhere: each is valid, and
 `compress validate` says why it cannot run where it cannot. Where the GPU and backend are (marked gpu):
 each runs end to end on its real model with --device cuda and is gated."""
@@ -23,6 +23,7 @@ RECIPES = Path(__file__).parent.parent / "recipes"
 NO_TENSORRT = cuda_problem() or (None if tensorrt_version() else "the tensorrt package is not installed")
 # recipe -> why it cannot run here (None where it can)
 GPU_RECIPES = {"minilm-sentiment-trt-fp16.yaml": NO_TENSORRT, "minilm-sentiment-trt-int8.yaml": NO_TENSORRT,
+               "minilm-sentiment-trt-fp8.yaml": NO_TENSORRT,
                "smollm2-aoti-bf16-gpu.yaml": aoti_problem("cuda"),
                "smollm2-sparsegpt-2-4-gpu.yaml": sparse_kernels_problem()}
 
@@ -52,7 +53,8 @@ def accuracy_goals(report: dict) -> dict[str, bool]:
 @pytest.mark.integration
 @pytest.mark.skipif(NO_TENSORRT is not None, reason=f"TensorRT engines need a GPU and TensorRT: {NO_TENSORRT}")
 @pytest.mark.parametrize("recipe, precision", [shipped_param("minilm-sentiment-trt-fp16.yaml", "fp16"),
-                                               shipped_param("minilm-sentiment-trt-int8.yaml", "int8")])
+                                               shipped_param("minilm-sentiment-trt-int8.yaml", "int8"),
+                                               shipped_param("minilm-sentiment-trt-fp8.yaml", "fp8")])
 def test_tensorrt_recipes_run_and_keep_accuracy(recipe, precision, tmp_path):
     report = run_on_cuda(recipe, "sentiment-classifier", tmp_path).json
     assert report["result"]["backend"] == f"tensorrt-{precision}"

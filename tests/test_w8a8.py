@@ -252,7 +252,6 @@ def test_w8a8_gptq_is_closer_to_float_than_rounding(tmp_path, text_file):
     ({"scheme": "fp8", "weights": "block", "activations": "static", "calibration": "CAL"}, "block weights go with"),
     ({"scheme": "w8a8-int8"}, "smoothing and algorithm gptq needs"),
     ({"scheme": "w8a8-int8", "algorithm": "rtn", "smoothing_strength": None, "dampening": 0.1}, "dampening"),
-    ({"scheme": "fp8", "activations": "static", "quantize_head": True, "calibration": "CAL"}, "head's inputs"),
 ])
 def test_config_problems_are_named(raw, problem, text_file):
     raw = {"type": "quantize", **raw}
@@ -351,3 +350,59 @@ def test_fp8_static_exports_to_onnx_qdq_that_onnx_runtime_runs_as_torch_does(wei
     codes = module.model.layers[0].self_attn.q_proj.weight_q
     stored = {bytes(i.raw_data) for i in fp8}
     assert codes.t().contiguous().view(torch.uint8).numpy().tobytes() in stored
+
+
+def test_fp8_static_classifier_calibrates_its_pooler_and_classifier_and_exports(tiny_classifier, tmp_path,
+                                                                              sentences_jsonl):
+    """An encoder's layers outside the blocks get input scales from a pass of the calibration data."""
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
+
+    config = Fp8Config.model_validate({"type": "quantize", "scheme": "fp8", "activations": "static",
+                                       "calibration": {"data": {"path": str(sentences_jsonl)}, "samples": 16,
+                                                       "batch_size": 8}})
+    task = "text-classification"
+    quantized, details = run_stage(config, TorchModel(tiny_classifier, task), tmp_path / "q", task)
+    module = load_torch_model(quantized)
+    assert type(module.classifier).__name__ == "W8A8Linear" and float(module.classifier.input_scale) != 1.0
+    assert type(module.bert.pooler.dense).__name__ == "W8A8Linear"
+    exported, onnx_details = run_stage(ExportOnnxConfig(type="export_onnx"), quantized, tmp_path / "onnx", task)
+    assert onnx_details["qdq_matmuls"] == details["quantized_linear_layers"] == 14
+    assert onnx_details["max_abs_diff"] < 1e-4
+
+
+def test_fp8_refuses_a_quantized_checkpoint_and_an_fp8_engine_needs_fp8_qdq(tmp_path, tiny_llama):
+    import shutil
+
+    from compressor.planning import plan
+    from compressor.recipe import parse_recipe
+
+    folder = tmp_path / "quantized"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="holds quantized weights"):
+        run_stage(Fp8Config(type="quantize", scheme="fp8"), TorchModel(folder, TASK), tmp_path / "q", TASK)
+    text = ("name: r\ntask: text-classification\nstages:\n  - {type: export_onnx}\n"
+            "  - {type: quantize, scheme: int8-static, calibration: {data: {dataset: sentiment-train}}}\n"
+            "  - {type: build_engine, precision: fp8}\n"
+            "evaluation: {data: {dataset: sentiment-test}}\ngoals: {size: {max_ratio: 0.5}}\n")
+    with pytest.raises(UserError, match="precision fp8 needs FP8 Q/DQ nodes"):
+        plan(parse_recipe(text, "r.yaml"))
+
+
+@pytest.mark.parametrize("later,words", [
+    ("{type: prune, method: magnitude, sparsity: 0.5}", "prune scores and zeroes float weights"),
+    ("{type: cast, dtype: bfloat16}", "cast the float model"),
+    ("{type: export_aoti}", "export_aoti compiles float weights"),
+    ("{type: sparsify}", "sparsify needs float weights"),
+    ("{type: quantize, scheme: int8-weight-only}", "already quantized by an earlier stage (fp8)"),
+])
+def test_a_stage_that_needs_float_weights_after_fp8_is_refused_when_planning(later, words):
+    from compressor.planning import plan
+    from compressor.recipe import parse_recipe
+
+    text = (f"name: r\ntask: text-generation\nstages:\n  - {{type: quantize, scheme: fp8}}\n  - {later}\n"
+            "evaluation: {data: {dataset: lee-background}}\ngoals: {size: {max_ratio: 0.5}}\n")
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        plan(parse_recipe(text, "r.yaml"))

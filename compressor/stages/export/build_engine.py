@@ -53,7 +53,8 @@ class BuildEngineConfig(StageConfigBase):
     precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = Field(
         "fp16", description="fp32; fp16 / bf16 (bf16 needs compute capability 8.0+); int8 from an explicitly "
                             "quantized (QDQ) ONNX made by `quantize scheme: int8-static`; fp8 from an ONNX with "
-                            "FP8 Q/DQ nodes, on compute capability 8.9+")
+                            "FP8 Q/DQ nodes (`quantize scheme: fp8` with static activations, then export_onnx), "
+                            "on compute capability 8.9+")
     strongly_typed: Optional[bool] = Field(
         None, description="build a strongly typed network (types from the ONNX graph, no precision flags); "
                           "default: yes for fp8 and on TensorRT 11+, where it is the only mode; no otherwise")
@@ -104,6 +105,10 @@ class BuildEngine(Stage):
             if stage.type == "quantize" and stage.scheme in ("int8-dynamic", "int4-weight-only"):
                 return (f"stages[{index}] (quantize {stage.scheme}) writes ONNX Runtime-only operators that TensorRT "
                         "cannot parse; use int8-static (QDQ) with precision int8, or build from the float graph")
+        quantized = [s for s in earlier if s.type == "quantize"]
+        if config.precision == "fp8" and quantized and quantized[-1].scheme != "fp8":
+            return (f"precision fp8 needs FP8 Q/DQ nodes, and this recipe quantizes to {quantized[-1].scheme}: use "
+                    "`quantize scheme: fp8` with `activations: static` on the torch model, then export_onnx")
         if config.precision == "int8" and not any(s.type == "quantize" and s.scheme == "int8-static" for s in earlier):
             return ("precision int8 needs an explicitly quantized (QDQ) ONNX graph: add `quantize scheme: "
                     "int8-static` before build_engine")

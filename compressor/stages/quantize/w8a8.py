@@ -28,7 +28,7 @@ from ...data import CalibrationConfig, calibration_batches
 from ...errors import UserError
 from ...torch_transforms import FP8, W8A8_INT8, swap_modules
 from ...w8a8_layers import BLOCK, divisor, expand_scale, quantize_weight, w8a8_linear_class
-from ..base import StageContext
+from ..base import StageContext, refuse_quantized_checkpoint
 from ..blockwise.sequential import compress_sequentially, split_by_blocks
 from .embedding_tables import float_parameter_share
 from .int4_gptq import gptq_quantize
@@ -57,9 +57,6 @@ class _EightBitConfig(QuantizeConfigBase):
             return f"{self.scheme} with {self.calibration_reason()} needs `calibration:` data"
         if not self.needs_calibration() and self.calibration is not None:
             return f"calibration applies to static activations{self.calibration_uses()}; this stage uses no data"
-        if self.activations == "static" and self.quantize_head:
-            return "static activations are calibrated inside the transformer blocks; the head's inputs are not, so " \
-                   "keep quantize_head false or use dynamic activations"
         return None
 
     def backends(self, input_kind: ArtifactKind) -> list[str]:
@@ -144,6 +141,7 @@ def quantize_w8a8(config, artifact: TorchModel, ctx: StageContext) -> TorchModel
     what = f"quantize {config.scheme}"
     if artifact.transforms:
         raise UserError(f"{what}: the model is already quantized ({artifact.transforms[-1]['name']}); quantize once")
+    refuse_quantized_checkpoint(artifact, f"{what} needs")  # a bitsandbytes or compressed-tensors folder
     module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
     parts = open_for_compression(module)  # Conv1D as Linear, fused experts one Linear each
     layers = parts.select([], config.exclude, what, head=config.quantize_head and not parts.head_tied)
@@ -157,7 +155,7 @@ def quantize_w8a8(config, artifact: TorchModel, ctx: StageContext) -> TorchModel
     gptq = config.scheme == "w8a8-int8" and config.algorithm == "gptq"
 
     def quantize_layer(name, layer, stats=None) -> None:
-        if gptq and stats is not None:
+        if gptq and stats is not None and stats.kind == "hessian":
             k = layer.in_features
             quantized, scales, _ = gptq_quantize(layer.weight, stats.hessian(), k, "absmax", config.dampening,
                                                  bits=8)
@@ -184,8 +182,11 @@ def quantize_w8a8(config, artifact: TorchModel, ctx: StageContext) -> TorchModel
             compress_sequentially(module, inside, feeds, artifact.task, "hessian" if gptq else "absmax", what,
                                   quantize_layer, ctx.progress, spill_dir=ctx.workdir / "activations",
                                   details=ctx.details, all_experts=config.calibration.all_experts)
-            for name, layer in outside.items():  # the head, when asked for (dynamic activations only)
-                quantize_layer(name, layer)
+            # outside the blocks (an encoder's pooler and classifier, a head asked for): their inputs come from
+            # one pass over the calibration data with the blocks already quantized
+            seen = _input_peaks(module, outside, feeds, artifact.task) if activations == "tensor" else {}
+            for name, layer in outside.items():
+                quantize_layer(name, layer, seen.get(name))
         else:
             for name in ctx.progress.track(list(layers), len(layers), f"{what}: rounding"):
                 quantize_layer(name, layers[name])
@@ -215,3 +216,24 @@ def quantize_w8a8(config, artifact: TorchModel, ctx: StageContext) -> TorchModel
     record_coverage(parts, names, what, ctx, excluded_by(parts, layers))
     return result
 
+
+def _input_peaks(module, layers: dict, feeds: list[dict], task: str) -> dict:
+    """Per layer, its inputs' statistics (largest |x| and tokens seen) over the calibration batches, from
+    forward hooks on one pass of the whole model."""
+    import torch
+
+    from ...data import torch_inputs
+    from ..blockwise.sequential import LayerInputs
+
+    stats = {name: LayerInputs(layer.in_features, "absmax") for name, layer in layers.items()}
+    handles = [layer.register_forward_pre_hook(lambda _m, args, n=name: stats[n].add(args[0]))
+               for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            for feed in feeds:
+                inputs = torch_inputs(feed)
+                module(**inputs, use_cache=False) if task == "text-generation" else module(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s for name, s in stats.items() if s.rows}
