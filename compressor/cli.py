@@ -33,6 +33,7 @@ from .fixtures import NAMES as FIXTURE_NAMES
 from .pipeline import RunOptions, calibrate_as_worker, prepare
 from .pipeline import run as run_pipeline
 from .planning import plan
+from .lm_tasks import LOCAL_TASKS
 from .recipe import BenchmarkConfig, EvaluationConfig, Goals, load_recipe
 from .recipe_sources import check_sources
 from .report import measured_text
@@ -530,6 +531,13 @@ def data() -> None:
         table.add_row(name, card.get("format", ""), " ".join(card.get("description", "").split()).split(". ")[0],
                       card.get("licence", ""))
     stdout.print(table)
+    tasks = Table(title="local lm-eval tasks (evaluation.lm_eval.tasks; cut from lee-background unless "
+                        "lm_eval.data says otherwise)", title_justify="left")
+    for column in ("name", "what"):
+        tasks.add_column(column, overflow="fold")
+    for name, what in LOCAL_TASKS.items():
+        tasks.add_row(name, what)
+    stdout.print(tasks)
 
 
 @main.command()

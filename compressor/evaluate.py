@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from .data import Samples, encode, token_windows
+from .lm_tasks import TaskRef, known_direction
 from .progress import Progress, Silent
 from .runners import Runner
 
@@ -18,7 +19,10 @@ log = logging.getLogger(__name__)
 # Direction of every metric a task reports; the gate reads "worse" from here (higher_is_better).
 HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "precision_macro": True, "recall_macro": True,
                     "agreement": True, "cosine_mean": True, "cosine_min": True, "perplexity": False,
-                    "top1_agreement": True, "precision": True, "recall": True, "f1": True}
+                    "top1_agreement": True, "precision": True, "recall": True, "f1": True,
+                    "generation_exact_match": True, "generation_prefix_tokens": True}
+# Metrics of evaluation.generation_fidelity (text-generation, when configured).
+FIDELITY_METRICS = ("generation_exact_match", "generation_prefix_tokens")
 TASK_METRICS = {
     "text-classification": ("accuracy", "f1_macro", "precision_macro", "recall_macro", "agreement"),
     "feature-extraction": ("cosine_mean", "cosine_min"),
@@ -33,6 +37,10 @@ PER_CLASS_METRIC = re.compile(r"(precision|recall|f1)\[(.+)\]")
 
 
 def higher_is_better(metric: str) -> bool:
+    if "/" in metric:  # an lm-eval task's metric, TASK/METRIC (planning refuses one of unknown direction)
+        task, name = metric.split("/", 1)
+        direction = known_direction(TaskRef(task), name)
+        return True if direction is None else direction
     per_class = PER_CLASS_METRIC.fullmatch(metric)
     return HIGHER_IS_BETTER[per_class.group(1) if per_class else metric]
 

@@ -40,11 +40,13 @@ def check_goals(goals, baseline: BaselineSide, result: ResultSide) -> list[GateR
         base, cand = baseline.metrics[goal.metric], result.metrics[goal.metric]
         worse = (base - cand) if higher_is_better(goal.metric) else (cand - base)
         name = f"accuracy.{goal.metric}"
+        spread = _two_standard_errors(goal.metric, baseline, result)
         if goal.max_drop is not None:
-            verdicts.append(_at_most(f"{name}.max_drop", worse, goal.max_drop))
+            verdicts.append(_significance(_at_most(f"{name}.max_drop", worse, goal.max_drop), spread))
         if goal.max_drop_pct is not None:
             pct = 100.0 * worse / abs(base) if base else float("inf") if worse > 0 else 0.0
-            verdicts.append(_at_most(f"{name}.max_drop_pct", pct, goal.max_drop_pct, "%"))
+            scaled = None if spread is None or not base else 100.0 * spread / abs(base)
+            verdicts.append(_significance(_at_most(f"{name}.max_drop_pct", pct, goal.max_drop_pct, "%"), scaled))
         if goal.min is not None:
             verdicts.append(_at_least(f"{name}.min", cand, goal.min))
         if goal.max is not None:
@@ -71,6 +73,28 @@ def check_goals(goals, baseline: BaselineSide, result: ResultSide) -> list[GateR
         ratio = result.memory.peak_rss_mb / baseline.memory.peak_rss_mb
         verdicts.append(_at_most("memory.max_ratio", ratio, goals.memory.max_ratio, "x"))
     return verdicts
+
+
+def _two_standard_errors(metric: str, baseline: BaselineSide, result: ResultSide) -> Optional[float]:
+    """Twice the standard error of the difference between the sides, where both report one (lm-eval task
+    metrics). The sides score the same documents, so their errors are correlated and this overstates the
+    difference's own error: a change beyond it is significant, one inside it may still be."""
+    if metric not in baseline.metric_stderr or metric not in result.metric_stderr:
+        return None
+    return 2.0 * (baseline.metric_stderr[metric] ** 2 + result.metric_stderr[metric] ** 2) ** 0.5
+
+
+def _significance(row: GateRow, spread: Optional[float]) -> GateRow:
+    """Mark a worsening within two standard errors as not significant: the verdict stands, as goals are
+    promises, but a reader learns that the documents scored cannot tell the sides apart."""
+    if spread is None:
+        return row
+    row.interval = (row.measured - spread, row.measured + spread)
+    row.significant = abs(row.measured) > spread
+    if not row.significant:
+        row.note = (f"the change ({row.measured:.4g}{row.unit}) is within two standard errors ({spread:.4g}{row.unit}) "
+                    "of the documents scored: not significant; raise lm_eval.limit to tell the sides apart")
+    return row
 
 
 # Below this share of top-1 predictions agreeing with the baseline, a language model that "improves"

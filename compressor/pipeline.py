@@ -27,7 +27,8 @@ from .gate import (check_coverage, check_evaluation, check_goals, check_regressi
                    machine_differences, machine_facts_known, speedup_thresholds)
 from .machine import has_int8_dot_product
 from .onnx_graph import tidy_external_data
-from .planning import PlannedStage, check_calibration_sources, check_device, plan, run_shapes
+from .lm_harness import task_manager
+from .planning import PlannedStage, check_calibration_sources, check_device, lm_eval_tasks, plan, run_shapes
 from .progress import Progress, Silent
 from .recipe import Recipe
 from .recipe_sources import check_sources
@@ -36,6 +37,7 @@ from .report_schema import (Against, BaselineSide, Classes, Environment, GateRow
 from .run_folder import RunFolder, place
 from .runners import Runner, make_runner
 from .stages import REGISTRY, StageContext
+from .task_scores import extra_scores
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,7 @@ def prepare(recipes: list[Recipe], model: str | Path, options: RunOptions) -> Pr
         check_sources(recipe)  # a wrong data or adapter path stops here, before any stage runs
         _check_class_goals(recipe, class_names(checkpoint))
         _check_generation_length(recipe, checkpoint)
+        _check_task_evaluations(recipe, checkpoint)
         if options.measure_memory is False and recipe.goals.memory.max_ratio is not None:
             raise UserError(f"{recipe.where('goals', 'memory')}: goals.memory needs peak memory, which --no-memory "
                             "turns off")
@@ -253,6 +256,23 @@ def _classes(evaluation: Evaluation) -> Optional[Classes]:
     return None if table is None else Classes(rows=[asdict(row) for row in table.rows], confusion=table.confusion)
 
 
+def _check_task_evaluations(recipe: Recipe, checkpoint: Path) -> None:
+    """generation_fidelity and lm_eval run the model many times over: it must be in memory; and every
+    lm-eval task named must exist here, before any stage runs."""
+    evaluation = recipe.evaluation
+    for extra in ("generation_fidelity", "lm_eval"):
+        if getattr(evaluation, extra) is not None and evaluation_holding(checkpoint, recipe.task).streamed:
+            raise UserError(f"{recipe.where('evaluation', extra)}: evaluation.{extra} runs the model once per "
+                            f"token or document, but {checkpoint.name} does not fit in memory and is evaluated "
+                            "block by block from disk; remove it")
+    tasks = lm_eval_tasks(recipe)
+    if tasks:
+        try:
+            task_manager([t for t in tasks if not t.local], None)
+        except UserError as exc:
+            raise UserError(f"{recipe.where('evaluation', 'lm_eval', 'tasks')}: {exc}") from None
+
+
 def _check_generation_length(recipe: Recipe, checkpoint: Path) -> None:
     """benchmark.generate needs the model in memory, and its prompt and new tokens must fit its positions."""
     import json
@@ -318,6 +338,9 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                for recipe, final in zip(recipes, finals)]
     evaluations = [evaluate(task, runner, tokenizer, samples, first.evaluation, reference=base_eval,
                             progress=progress, class_names=names) for runner in runners]
+    extras = extra_scores(first, prepared.checkpoint, tokenizer, samples, baseline.runner, runners, progress)
+    for evaluation, extra in zip([base_eval] + evaluations, extras):
+        evaluation.metrics.update(extra.metrics)
 
     env = reporting.environment(threads=bench.threads, device=options.device)
     differences = machine_differences(prepared.previous, env) if prepared.previous else []
@@ -349,13 +372,14 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
     base_side = BaselineSide(model=baseline.model, metrics=base_eval.metrics, classes=_classes(base_eval),
                              latency_ms=timings.latency(baseline.runner.name).as_dict(),
                              size_mb=round(baseline.size_mb, 3), backend=baseline.runner.backend,
-                             memory=peaks.get(BASELINE_SIDE), generation=generation.get(baseline.runner.name))
+                             memory=peaks.get(BASELINE_SIDE), generation=generation.get(baseline.runner.name),
+                             metric_stderr=extras[0].stderr)
     outcomes, checkpoint_digest = [], None
     held_in = evaluation_holding(prepared.checkpoint, task).why  # why not float32 in memory, if not
-    for recipe, runner, final, evaluation, stage_records, folder in zip(recipes, runners, finals, evaluations,
-                                                                         records, folders):
+    for recipe, runner, final, evaluation, extra, stage_records, folder in zip(
+            recipes, runners, finals, evaluations, extras[1:], records, folders):
         final_folder = out / recipe.name if nested else out
-        result_side = ResultSide(metrics=evaluation.metrics, classes=_classes(evaluation),
+        result_side = ResultSide(metrics=evaluation.metrics, classes=_classes(evaluation), metric_stderr=extra.stderr,
                                  memory=peaks.get(runner.name), generation=generation.get(runner.name),
                                  latency_ms=timings.latency(runner.name).as_dict(),
                                  speedup=Speedup(**speedups[runner.name].as_dict()),
@@ -371,6 +395,7 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                                         data_source=samples.source, env=env, other_cpu_share=load.share,
                                         remeasured_seconds=remeasured, benchmark=bench)
         report.notes += _machine_notes(recipe, runner, env) + ([held_in] if held_in else [])
+        report.notes += extras[0].notes + extra.notes  # what the baseline's notes say holds for every side
         regression = recipe.goals.regression
         if prepared.previous is not None:
             known = machine_facts_known(prepared.previous.environment)

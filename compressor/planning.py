@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from .artifacts import ArtifactKind
 from .data import read
 from .doctor import cuda_problem, ort_provider_problem
 from .errors import BackendMissing, UserError
-from .evaluate import PER_CLASS, TASK_METRICS, is_task_metric
+from .evaluate import FIDELITY_METRICS, PER_CLASS, TASK_METRICS, is_task_metric
+from .lm_harness import harness_problem
+from .lm_tasks import HARNESS_METRICS, LOCAL_METRICS, TaskRef, known_direction, parse_task
 from .recipe import Recipe
 from .stages import REGISTRY, Stage
 
@@ -68,6 +71,8 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
         missing = step.stage.unavailable(step.config, step.input_kind)
         if missing:
             raise BackendMissing(f"{where}: {missing}")
+    if recipe.evaluation.lm_eval is not None and harness_problem():
+        raise BackendMissing(f"{recipe.where('evaluation', 'lm_eval')}: {harness_problem()}")
     return planned
 
 
@@ -97,9 +102,48 @@ def _check_generation(recipe: Recipe, planned: list[PlannedStage]) -> None:
                         "decodes with the KV cache; export with `with_past: true`")
 
 
+def lm_eval_tasks(recipe: Recipe) -> list[TaskRef]:
+    """The recipe's lm-eval tasks, task YAML paths read relative to the recipe's folder."""
+    config = recipe.evaluation.lm_eval
+    if config is None:
+        return []
+    folder = Path(recipe.source).parent if recipe.source != "<recipe>" else Path.cwd()
+    refs = []
+    for index, entry in enumerate(config.tasks):
+        try:
+            refs.append(parse_task(entry, folder))
+        except UserError as exc:
+            raise UserError(f"{recipe.where('evaluation', 'lm_eval', 'tasks', index)}: evaluation.lm_eval.tasks"
+                            f"[{index}]: {exc}") from None
+    return refs
+
+
+def _check_extra_metric(recipe: Recipe, index: int, metric: str, tasks: list[TaskRef]) -> Optional[str]:
+    """Why a goal on a generation-fidelity or lm-eval metric cannot be judged, or None."""
+    if metric in FIDELITY_METRICS:
+        return None if recipe.evaluation.generation_fidelity is not None else \
+            f"{metric} is measured with evaluation.generation_fidelity; add it"
+    task, _, name = metric.partition("/")
+    ref = next((t for t in tasks if t.name == task), None)
+    if ref is None:
+        listed = ", ".join(t.name for t in tasks) or "none: add evaluation.lm_eval"
+        return f"{metric!r} names lm-eval task {task!r}, which evaluation.lm_eval.tasks does not list ({listed})"
+    if known_direction(ref, name) is None:
+        known = sorted(LOCAL_METRICS[ref.name]) if ref.local else sorted(HARNESS_METRICS)
+        return f"{metric!r}: a goal can use metric {', '.join(known)} of {task} (`TASK/METRIC`)"
+    return None
+
+
 def _check_goal_metrics(recipe: Recipe) -> None:
     measured = TASK_METRICS[recipe.task]
+    tasks = lm_eval_tasks(recipe)
     for index, goal in enumerate(recipe.goals.accuracy):
+        if recipe.task == "text-generation" and (goal.metric in FIDELITY_METRICS or "/" in goal.metric):
+            problem = _check_extra_metric(recipe, index, goal.metric, tasks)
+            if problem:
+                raise UserError(f"{recipe.where('goals', 'accuracy', index, 'metric')}: goals.accuracy[{index}]"
+                                f".metric: {problem}")
+            continue
         if not is_task_metric(recipe.task, goal.metric):
             where = recipe.where("goals", "accuracy", index, "metric")
             per_class = f" and per class {', '.join(m + '[LABEL]' for m in PER_CLASS)}" \

@@ -40,6 +40,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LmEvalConfig(Strict):
+    tasks: list[str] = Field(
+        min_length=1, max_length=64,
+        description="lm-eval task names (resolved as lm-eval resolves them here: hub data must be in the local "
+                    "cache), paths of task YAML files (relative to the recipe), or the local tasks "
+                    "compress_next_word and compress_sentence_ending (`compress data` lists them)")
+    num_fewshot: Optional[int] = Field(None, ge=0, le=64, description="few-shot examples per document (default: "
+                                                                      "each task's own)")
+    limit: Optional[int] = Field(None, gt=0, le=1_000_000,
+                                 description="score the first N documents of each task (default: all)")
+    batch_size: int = Field(8, gt=0, le=1024, description="documents per forward pass")
+    apply_chat_template: bool = Field(False, description="render every document with the tokenizer's chat template")
+    max_length: Optional[int] = Field(
+        None, gt=1, le=131_072, description="longest sequence scored, longer ones cut from the left (default: the "
+                                            "model's positions, at most 2048)")
+    data: Optional[DataConfig] = Field(
+        None, description="text the local tasks are cut from (default: the lee-background card, the text the "
+                          "language-model recipes are evaluated on, which no calibration set shares)")
+
+
+class GenerationFidelityConfig(Strict):
+    prompts: int = Field(16, gt=0, le=10_000, description="prompts, each from the start of one evaluation text")
+    prompt_tokens: int = Field(32, gt=0, le=8192, description="tokens of text in each prompt")
+    new_tokens: int = Field(32, gt=0, le=4096, description="greedy tokens generated per prompt (fewer where "
+                                                           "the model ends its text)")
+    chat_template: Optional[bool] = Field(
+        None, description="wrap each prompt as a user message in the tokenizer's chat template (default: where "
+                          "the tokenizer has one)")
+
+
 class EvaluationConfig(Strict):
     data: DataConfig
     max_samples: Optional[int] = Field(
@@ -47,6 +77,12 @@ class EvaluationConfig(Strict):
         description="evaluate the first N samples (sentences, or token windows for text-generation)")
     max_length: int = Field(128, gt=0, le=8192, description="truncate / window length in tokens")
     batch_size: int = Field(32, gt=0, le=4096)
+    lm_eval: Optional[LmEvalConfig] = Field(
+        None, description="text-generation: also score baseline and result with lm-evaluation-harness tasks; "
+                          "each task metric becomes a gate metric `TASK/METRIC`")
+    generation_fidelity: Optional[GenerationFidelityConfig] = Field(
+        None, description="text-generation: greedy generations from the same prompts on both sides, compared: "
+                          "gate metrics generation_exact_match and generation_prefix_tokens")
 
 
 class GenerateConfig(Strict):
@@ -161,6 +197,9 @@ class Recipe(Strict):
             raise ValueError("goals.latency.min_decode_speedup and min_tokens_per_s need benchmark.generate")
         if self.benchmark.generate is not None and self.task != "text-generation":
             raise ValueError("benchmark.generate applies to text-generation recipes")
+        for extra in ("lm_eval", "generation_fidelity"):
+            if getattr(self.evaluation, extra) is not None and self.task != "text-generation":
+                raise ValueError(f"evaluation.{extra} applies to text-generation recipes")
         return self
 
     @field_validator("name")

@@ -88,7 +88,14 @@ def verdict_text(goal: GateRow) -> str:
     if not goal.judged:
         return "not judged"
     verdict = "pass" if goal.passed else "**FAIL**"
+    if goal.significant is False:
+        verdict += " (not significant)"
     return verdict + " (marginal)" if goal.marginal else verdict
+
+
+def _with_error(side, name: str) -> str:
+    text = _fmt(side.metrics.get(name, float("nan")))
+    return text + f" ± {_fmt(side.metric_stderr[name])}" if name in side.metric_stderr else text
 
 
 def machine_text(env: Environment) -> str:
@@ -110,7 +117,7 @@ def markdown(report: Report) -> str:
               f"| model | {base.model} | {report.recipe} |"]
     for name in base.metrics:
         if "[" not in name:  # per-class scores have their own table below
-            lines.append(f"| {name} | {_fmt(base.metrics[name])} | {_fmt(res.metrics.get(name, float('nan')))} |")
+            lines.append(f"| {name} | {_with_error(base, name)} | {_with_error(res, name)} |")
     for q in ("p50", "p90", "p95", "p99"):
         lines.append(f"| latency {q} (ms) | {_fmt(getattr(base.latency_ms, q))} | {_fmt(getattr(res.latency_ms, q))} |")
     lines.append(f"| throughput (samples/s) | {_fmt(base.latency_ms.throughput)} | {_fmt(res.latency_ms.throughput)} |")

@@ -85,6 +85,8 @@ class Side(Model):
                                                          "confusion matrix")
     memory: Optional[MemoryUse] = Field(None, description="peak memory, when the benchmark measured it")
     generation: Optional[GenerationStats] = Field(None, description="generation speed, with benchmark.generate")
+    metric_stderr: dict[str, float] = Field(default_factory=dict, description="standard error of the metrics that "
+                                                                              "have one (lm-eval task metrics)")
 
 
 class BaselineSide(Side):
@@ -104,11 +106,14 @@ class GateRow(Model):
     margin: float = Field(description="how far inside the threshold (positive) or outside it (negative)")
     unit: str = ""
     interval: Optional[tuple[float, float]] = Field(None, description="confidence interval of `measured` "
-                                                                      "(latency goals)")
+                                                                      "(latency goals; lm-eval metrics: plus or "
+                                                                      "minus two standard errors)")
     marginal: bool = Field(False, description="the interval still held the threshold after re-measuring")
     judged: bool = Field(True, description="false when the goal could not be judged fairly (e.g. a latency "
                                            "regression against a report from another machine); it then "
                                            "neither passes nor fails the run")
+    significant: Optional[bool] = Field(None, description="goals on metrics with a standard error: whether the "
+                                                          "change exceeds two standard errors")
     note: Optional[str] = None
 
 
