@@ -37,7 +37,7 @@ from .report_schema import (Against, BaselineSide, Classes, Environment, GateRow
 from .run_folder import RunFolder, place
 from .runners import Runner, make_runner
 from .stages import REGISTRY, StageContext
-from .task_scores import extra_scores
+from .task_scores import extra_scores, model_positions
 
 log = logging.getLogger(__name__)
 
@@ -265,18 +265,16 @@ def _check_task_evaluations(recipe: Recipe, checkpoint: Path) -> None:
             raise UserError(f"{recipe.where('evaluation', extra)}: evaluation.{extra} runs the model once per "
                             f"token or document, but {checkpoint.name} does not fit in memory and is evaluated "
                             "block by block from disk; remove it")
-    tasks = lm_eval_tasks(recipe)
-    if tasks:
+    named = [t for t in lm_eval_tasks(recipe) if not t.local]  # local tasks are built at run time
+    if named:
         try:
-            task_manager([t for t in tasks if not t.local], None)
+            task_manager(named, None)
         except UserError as exc:
             raise UserError(f"{recipe.where('evaluation', 'lm_eval', 'tasks')}: {exc}") from None
 
 
 def _check_generation_length(recipe: Recipe, checkpoint: Path) -> None:
     """benchmark.generate needs the model in memory, and its prompt and new tokens must fit its positions."""
-    import json
-
     wanted = recipe.benchmark.generate
     if wanted is None:
         return
@@ -284,11 +282,7 @@ def _check_generation_length(recipe: Recipe, checkpoint: Path) -> None:
         raise UserError(f"{recipe.where('benchmark', 'generate')}: benchmark.generate times decoding with a key/value "
                         f"cache, but {checkpoint.name} does not fit in memory and is evaluated block by block, "
                         "reading every block from disk for each token; remove benchmark.generate")
-    try:
-        config = json.loads((checkpoint / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # inspect_checkpoint has read it already; a model without the field sets no limit
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    limit = model_positions(checkpoint)  # None: a model without the field sets no limit
     if limit and wanted.prompt_tokens + wanted.new_tokens > limit:
         raise UserError(f"{recipe.where('benchmark', 'generate')}: benchmark.generate: {wanted.prompt_tokens} prompt "
                         f"+ {wanted.new_tokens} new tokens exceed the model's {limit} positions")
