@@ -77,8 +77,11 @@ def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, ref
         return _evaluate_generation(runner, tokenizer, samples.texts, config, reference, progress)
     texts = samples.texts[: config.max_samples] if config.max_samples else samples.texts
     fixed_batch, fixed_len = runner.fixed_shape
+    # Batches of texts of similar length: each batch is padded to its longest text only, so the model
+    # computes on far fewer padding positions. The outputs are put back in the texts' order.
+    order = np.arange(len(texts)) if fixed_len else _by_length(tokenizer, texts, config.max_length)
     outputs = []
-    batches = list(_fixed_batches(texts, config.batch_size, fixed_batch))
+    batches = list(_fixed_batches([texts[i] for i in order], config.batch_size, fixed_batch))
     for chunk, real in progress.track(batches, len(batches), f"evaluating {runner.name}"):
         feed = encode(tokenizer, chunk, config.max_length, pad_to=fixed_len)
         result = runner(feed)[:real]
@@ -88,7 +91,8 @@ def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, ref
         else:
             result = result.argmax(-1)
         outputs.append(result)
-    reduced = np.concatenate(outputs)
+    reduced = np.empty_like(np.concatenate(outputs))
+    reduced[order] = np.concatenate(outputs)
     if task == "text-classification":
         labels = np.asarray(samples.labels[: len(texts)])
         table = class_table(reduced, labels, class_names or [])
@@ -105,6 +109,12 @@ def evaluate(task: str, runner: Runner, tokenizer, samples: Samples, config, ref
         cosine = np.ones(len(reduced)) if reference is None else _cosine(reduced, reference.outputs)
         metrics = {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
     return Evaluation(metrics, len(texts), reduced)
+
+
+def _by_length(tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """Indices of `texts` by increasing token count (stable: equal lengths keep their order)."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return np.argsort(np.asarray(lengths), kind="stable")
 
 
 def first_batch(task: str, tokenizer, samples: Samples, config) -> dict[str, np.ndarray]:
@@ -140,8 +150,14 @@ def _evaluate_generation(runner, tokenizer, texts, config, reference, progress) 
 
 
 def _logsumexp(logits: np.ndarray) -> np.ndarray:
-    peak = logits.max(-1, keepdims=True)
-    return (peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True)))[..., 0]
+    # torch's kernel: threaded and vectorized, where numpy's exp over (batch, positions, vocabulary) took
+    # longer than the model's forward pass for a 49k vocabulary
+    import torch
+
+    values = torch.from_numpy(np.ascontiguousarray(logits))
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()  # half-precision logits (an fp16 ONNX model): summed in float32
+    return values.logsumexp(-1).numpy()
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -38,6 +39,7 @@ from .run_folder import RunFolder, place
 from .runners import Runner, make_runner
 from .stages import REGISTRY, StageContext
 from .task_scores import extra_scores, model_positions
+from .weight_reuse import WeightBudget, reused_weights
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +332,13 @@ def execute(prepared: Prepared, partial: Path, out: Path, progress: Progress = S
                          class_names=names)
     runners = [make_runner(final, recipe.name if nested else "result", **runner_args, torch_dtype=options.torch_dtype)
                for recipe, final in zip(recipes, finals)]
-    evaluations = [evaluate(task, runner, tokenizer, samples, first.evaluation, reference=base_eval,
-                            progress=progress, class_names=names) for runner in runners]
-    extras = extra_scores(first, prepared.checkpoint, tokenizer, samples, baseline.runner, runners, progress)
+    with ExitStack() as reuse:  # scores are unchanged by it, only sooner (weight_reuse's docstring)
+        budget = WeightBudget()
+        for runner in runners:
+            reuse.enter_context(reused_weights(getattr(runner, "module", None), budget))
+        evaluations = [evaluate(task, runner, tokenizer, samples, first.evaluation, reference=base_eval,
+                                progress=progress, class_names=names) for runner in runners]
+        extras = extra_scores(first, prepared.checkpoint, tokenizer, samples, baseline.runner, runners, progress)
     for evaluation, extra in zip([base_eval] + evaluations, extras):
         evaluation.metrics.update(extra.metrics)
 
