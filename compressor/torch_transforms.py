@@ -17,6 +17,7 @@ from .anatomy import is_fused_experts, open_for_compression
 from .artifacts import TorchModel
 from .embeddings import empty_quantized_embedding, tie_head_to_table
 from .int4_codes import dequantize_packed, pack_codes, unpack_codes
+from .kv_cache import install_fp8_kv
 from .errors import UserError
 from .linear_layers import conv1d_names
 from .shards import read_state
@@ -213,6 +214,8 @@ def load_weight_only_torch(artifact: TorchModel, transform: dict, model_cls, tru
         table = transform.get("embeddings")
         if table:
             _empty_quantized_table(module, table, transform)
+        if transform.get("kv_cache"):  # scale buffers the state dict fills, and the hooks that use them
+            install_fp8_kv(module, transform["kv_cache"]["attention"])
     # One file or shards (a layer-by-layer result keeps float tensors in the checkpoint's dtype)
     # (8-bit float codes stay as they are)
     state = {name: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -38,6 +38,7 @@ from ...artifacts import TorchModel
 from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, load_torch_model, quantization_method
 from ...embeddings import dequantized_table, is_quantized_embedding
 from ...errors import StageFailed, UserError
+from ...kv_cache import SCALES, cached_attention, float_kv_cache
 from ...linear_layers import conv1d_names, is_linear_like, out_in_weight, shape_of
 from ...torch_transforms import EIGHT_BIT_ACTIVATIONS, FP8, INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY
 from ...w8a8_layers import BLOCK, is_w8a8_linear
@@ -157,7 +158,7 @@ class ExportCompressedTensors(Stage):
         config_file.write_text(json.dumps(model_config, indent=2) + "\n")
         result = TorchModel(out, artifact.task)
         try:
-            diff = max_abs_difference(artifact, result, ctx)
+            diff = _reload_difference(artifact, module, result, (transform or {}).get("kv_cache"), tensors, ctx)
         except UserError:
             shutil.rmtree(out, ignore_errors=True)
             raise
@@ -176,6 +177,38 @@ class ExportCompressedTensors(Stage):
             raise StageFailed(f"export_compressed_tensors: transformers reloads the folder with logits {diff:.3g} away "
                               f"from the model it was written from (atol {config.atol:g})")
         return result
+
+
+def _reload_difference(artifact, module, result, kv_cache: Optional[dict], tensors: dict, ctx) -> float:
+    """Largest |logit| difference between the folder as transformers loads it and the model it came from. An
+    FP8 KV cache is compared as the loader runs it: quantized where compressed-tensors hooks the attention
+    (its `kv_cache` submodule), float where it does not (compressed-tensors 0.20 looks for a `past_key_values`
+    argument that transformers 5.2x's attention calls `cache`), and then its scheme and scales are checked as
+    written, one k_scale and v_scale per layer, the values compress evaluated with."""
+    if not kv_cache:
+        return max_abs_difference(artifact, result, ctx)
+    architecture = architecture_of(module)
+    layers = cached_attention(module)
+    for name in kv_cache["attention"]:
+        for scale in SCALES:
+            stored = tensors.get(f"{checkpoint_name(architecture, name)}.{scale}")
+            if stored is None or not torch_equal(stored, getattr(layers[name], scale)):
+                raise StageFailed(f"export_compressed_tensors: {name}.{scale} was not written as evaluated")
+    loaded = load_torch_model(result)
+    if any(hasattr(layer, "kv_cache") for layer in cached_attention(loaded).values()):
+        ctx.details["kv_cache"] = "fp8, run by the reload"
+        return max_abs_difference(artifact, result, ctx)
+    ctx.details["kv_cache"] = "fp8, scales checked as written (the reload keeps the cache float)"
+    ctx.notes.append("export_compressed_tensors: transformers with compressed-tensors on this machine does not "
+                     "quantize the KV cache (its attention takes `cache`, which compressed-tensors' KV hook does not "
+                     "look for), so the reload was compared with compress's model with its cache float, and the "
+                     "kv_cache_scheme and every layer's k_scale / v_scale were checked as written; vLLM reads them")
+    with float_kv_cache(module):
+        return max_abs_difference(artifact, result, ctx)
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
 
 
 def _refuse_unloadable(skeleton, quantized: list[str]) -> None:
@@ -294,6 +327,15 @@ def _eight_bit_group(transform: dict) -> dict:
             "output_activations": None, "format": storage_format(transform)}
 
 
+def _kv_cache_scheme(transform: Optional[dict]) -> Optional[dict]:
+    """compressed-tensors' `kv_cache_scheme` for an FP8 KV cache (kv_cache.py): E4M3, one static scale per
+    layer for keys and one for values, read from `<attention>.k_scale` / `.v_scale` (written with the state)."""
+    if not (transform or {}).get("kv_cache"):
+        return None
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
+            "group_size": None, "block_structure": None, "actorder": None}
+
+
 def _drop_tied_copies(tensors: dict) -> None:
     """safetensors refuses tensors sharing memory: keep the first name of each tied weight (the
     embedding's, which state_dict lists before lm_head; transformers ties them again on load)."""
@@ -344,5 +386,5 @@ def quantization_config(transform: Optional[dict], ignore: list[str], sparsity: 
                               "output_activations": None, "format": "pack-quantized"}}
     return {"quant_method": "compressed-tensors", "format": storage_format(transform),
             "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
-            "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": sparsity,
+            "kv_cache_scheme": _kv_cache_scheme(transform), "global_compression_ratio": None, "sparsity_config": sparsity,
             "version": FORMAT_VERSION}

@@ -44,6 +44,10 @@ def onnx_problem(quantize_config) -> Optional[str]:
     """Why export_onnx cannot follow this fp8 / w8a8-int8 quantize stage, or None."""
     if quantize_config.scheme == "w8a8-int8":
         return f"export_onnx does not write w8a8-int8: {INT8_REFUSAL}"
+    if quantize_config.kv_cache != "float":
+        return (f"export_onnx does not write an {quantize_config.kv_cache} KV cache (the graph's past key / value "
+                "inputs and outputs stay float): set kv_cache: float, or keep the torch result / write "
+                "compressed-tensors")
     if quantize_config.activations != "static":
         return (f"export_onnx writes {quantize_config.scheme} as Q/DQ with static activation scales (TensorRT's FP8 "
                 "and int8 take per-tensor scales; per-token scales have no standard Q/DQ form): set activations: "

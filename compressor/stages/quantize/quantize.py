@@ -75,6 +75,9 @@ class Quantize(Stage):
                         "gptq) or static activations"
 
     def check(self, config: QuantizeConfigBase, input_kind, task):
+        if getattr(config, "kv_cache", "float") != "float" and task != "text-generation":
+            return f"kv_cache {config.kv_cache} applies to language models (text-generation), which cache keys " \
+                   f"and values; this recipe's task is {task}"
         return config.problem(input_kind)
 
     def check_order(self, config: QuantizeConfigBase, earlier):

@@ -21,11 +21,12 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from ...anatomy import excluded_by, open_for_compression, record_coverage
+from ...anatomy import architecture_of, excluded_by, open_for_compression, record_coverage
 from ...artifacts import ArtifactKind, TorchModel
 from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer, module_to_change
 from ...data import CalibrationConfig, calibration_batches
 from ...errors import UserError
+from ...kv_cache import cached_attention, fp8_scales, install_fp8_kv, observed_kv
 from ...torch_transforms import FP8, W8A8_INT8, swap_modules
 from ...w8a8_layers import BLOCK, divisor, expand_scale, quantize_weight, w8a8_linear_class
 from ..base import StageContext, refuse_quantized_checkpoint
@@ -45,9 +46,14 @@ class _EightBitConfig(QuantizeConfigBase):
     quantize_head: bool = Field(
         False, description="quantize an untied output head (lm_head) too; default no, as llm-compressor's FP8 and "
                            "W8A8 recipes leave it. A head tied to the embedding table always stays float")
+    kv_cache: Literal["float", "fp8"] = Field(
+        "float", description="fp8 stores each attention layer's cached keys and values in E4M3 with one static "
+                             "scale each (k_scale / v_scale, max |x| / 448 on `calibration` data), as vLLM's "
+                             "kv_cache_dtype fp8 and compressed-tensors' kv_cache_scheme do; evaluated with the "
+                             "cache quantized. float leaves the cache in the model's precision")
     calibration: Optional[CalibrationConfig] = Field(
-        None, description="the samples for static activation scales (and, for w8a8-int8, smoothing and gptq); "
-                          "see Calibration data")
+        None, description="the samples for static activation and KV cache scales (and, for w8a8-int8, smoothing "
+                          "and gptq); see Calibration data")
 
     def problem(self, input_kind: ArtifactKind) -> Optional[str]:
         if input_kind == "onnx":
@@ -63,13 +69,17 @@ class _EightBitConfig(QuantizeConfigBase):
         return ["safetensors"]
 
     def needs_calibration(self) -> bool:
-        return self.activations == "static"
+        return bool(self._data_uses())
+
+    def _data_uses(self) -> list[str]:
+        return [use for use, on in (("static activations", self.activations == "static"),
+                                    ("an fp8 kv_cache", self.kv_cache == "fp8")) if on]
 
     def calibration_reason(self) -> str:
-        return "static activations"
+        return " and ".join(self._data_uses())
 
     def calibration_uses(self) -> str:
-        return ""
+        return " and an fp8 kv_cache"
 
 
 class Fp8Config(_EightBitConfig):
@@ -110,17 +120,12 @@ class W8A8Int8Config(_EightBitConfig):
             return "dampening applies to algorithm gptq"
         return super().problem(input_kind)
 
-    def needs_calibration(self) -> bool:
-        return self.activations == "static" or self.algorithm == "gptq" or self.smoothing_strength is not None
-
-    def calibration_reason(self) -> str:
-        uses = [w for w, on in (("smoothing", self.smoothing_strength is not None),
-                                ("algorithm gptq", self.algorithm == "gptq"),
-                                ("static activations", self.activations == "static")) if on]
-        return " and ".join(uses)
+    def _data_uses(self) -> list[str]:
+        return [w for w, on in (("smoothing", self.smoothing_strength is not None),
+                                ("algorithm gptq", self.algorithm == "gptq")) if on] + super()._data_uses()
 
     def calibration_uses(self) -> str:
-        return ", smoothing and gptq"
+        return ", smoothing, gptq and an fp8 kv_cache"
 
 
 def _layout(config) -> tuple[str, str, str]:
@@ -195,12 +200,15 @@ def quantize_w8a8(config, artifact: TorchModel, ctx: StageContext) -> TorchModel
     code_of = {id(layers[name]): codes.pop(name) for name in names}
     swap_modules(module, names, lambda old: linear.from_codes(old, *code_of[id(old)][:2], fmt, weights, activations,
                                                               code_of[id(old)][2]))
+    kv_layers = _fp8_kv_cache(module, feeds, what, ctx) if config.kv_cache == "fp8" else []
     out = ctx.workdir / "model"
     out.mkdir()
     copy_checkpoint_files(artifact.path, out)
     save_model(module, str(out / "model.safetensors"), metadata={"format": "pt"})
     transform = {"name": FP8 if fmt == "fp8" else W8A8_INT8, "layers": names, "weights": weights,
                  "activations": activations, "stored": True}
+    if kv_layers:
+        transform["kv_cache"] = {"format": "fp8", "attention": kv_layers}
     (out / TRANSFORMS_FILE).write_text(json.dumps({"transforms": [transform]}, indent=2))
     result = TorchModel(out, artifact.task, transforms=[transform], module=module.eval())
     ctx.details.update({"backend": "torch", "format": fmt, "weights": weights, "activations": activations,
@@ -215,6 +223,30 @@ def quantize_w8a8(config, artifact: TorchModel, ctx: StageContext) -> TorchModel
         ctx.details["calibration_samples"] = config.calibration.samples
     record_coverage(parts, names, what, ctx, excluded_by(parts, layers))
     return result
+
+
+def _fp8_kv_cache(module, feeds: list[dict], what: str, ctx: StageContext) -> list[str]:
+    """Calibrate per-layer FP8 scales for the cached keys and values on the quantized model, then make its
+    attention layers quantize what enters the cache with them (kv_cache.py). Returns the layers' names."""
+    import torch
+
+    from ...data import torch_inputs
+
+    attention = cached_attention(module)
+    if not attention:
+        raise UserError(f"{what}: kv_cache fp8 found no attention layer with a key / value cache in "
+                        f"{architecture_of(module)} (it looks for attention modules with k_proj / v_proj or "
+                        "qkv_proj, as compressed-tensors does); use kv_cache: float")
+    with observed_kv(attention) as peaks, torch.no_grad():
+        for feed in ctx.progress.track(feeds, len(feeds), f"{what}: KV cache scales"):
+            module(**torch_inputs(feed), use_cache=False)
+    scales = fp8_scales(peaks, what)
+    install_fp8_kv(module, list(attention), scales)
+    keys, values = [s[0] for s in scales.values()], [s[1] for s in scales.values()]
+    ctx.details["kv_cache"] = {"format": "fp8", "attention_layers": len(scales),
+                               "tokens_seen": min(p[2] for p in peaks.values()),
+                               "k_scale_range": [min(keys), max(keys)], "v_scale_range": [min(values), max(values)]}
+    return list(scales)
 
 
 def _input_peaks(module, layers: dict, feeds: list[dict], task: str) -> dict:
