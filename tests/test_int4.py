@@ -347,3 +347,30 @@ def test_signed_max_grid_is_onnxruntimes_and_keeps_the_extreme_weight_exact(tiny
     theirs = decode_matmulnbits(ort_rtn.path)
     theirs = sorted(w.tobytes() for name, (w, _) in theirs.items() if "lm_head" not in name)
     assert len(ours) == len(theirs) == 14 and ours == theirs
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "qwen3", "mistral"])
+def test_awq_scaling_keeps_the_float_function_of_other_llama_style_blocks(kind, tmp_path):
+    """Gemma 2 / 3 norm the MLP's input with pre_feedforward_layernorm (post_attention_layernorm norms the
+    attention's output) and multiply by (1 + w): balancing must divide that norm, that way."""
+    import torch
+
+    from compressor.checkpoint import load_torch_model
+    from compressor.stages.quantize.awq import _apply, block_mappings
+
+    from .architectures import build_architecture
+
+    model = load_torch_model(TorchModel(build_architecture(tmp_path / kind, kind), "text-generation"))
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        reference = model(ids).logits
+        for block in model.model.layers:
+            mappings = block_mappings(block)
+            assert len(mappings) >= 3
+            if kind.startswith("gemma"):
+                assert "pre_feedforward_layernorm" in [m.smooth for m in mappings]
+            for mapping in mappings:
+                width = block.get_submodule(mapping.balance[0]).in_features
+                _apply(block, mapping, torch.linspace(0.5, 2.0, width))
+        change = float((model(ids).logits - reference).abs().max()) / float(reference.abs().max())
+    assert change < 1e-4, change

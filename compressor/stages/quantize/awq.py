@@ -10,18 +10,22 @@ round-to-nearest weights on the calibration data.
 Groups (layers that share an input, the module whose output is compared, the layer that absorbs 1/s):
   q, k, v projections <- input_layernorm          (compared at self_attn's output)
   o projection        <- v projection             (only when their widths match: no grouped KV heads)
-  gate, up            <- post_attention_layernorm (compared at mlp's output)
+  gate, up            <- post_attention_layernorm (compared at mlp's output; Gemma 2 / 3: the
+                         pre_feedforward_layernorm, since their post_attention_layernorm norms the
+                         attention's output)
   down projection     <- up projection            (compared at down_proj's output)
+A norm's gain is divided by s (Gemma's x * (1 + w) as (1 + w) / s - 1, smoothquant.divide_norm).
 The walk is block by block, each block calibrated on the outputs of the blocks already quantized."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ...errors import UserError
 from .int4_gptq import dequantize, rtn_quantize
+from .smoothquant import divide_norm
 from ..blockwise.activations import BlockInputs, block_inputs_store
 from ..blockwise.sequential import block_inputs, find_blocks, hidden_of
 
@@ -61,6 +65,10 @@ def block_mappings(block) -> list[Mapping]:
                         f"post_attention_layernorm, mlp.gate/up/down_proj); this block lacks {missing}")
     usable = []
     for mapping in LLAMA_MAPPINGS:
+        if mapping.smooth == "post_attention_layernorm" and _has(block, "pre_feedforward_layernorm"):
+            # Gemma 2 / 3 norm the attention's output with post_attention_layernorm and the MLP's input with
+            # pre_feedforward_layernorm: the gate and up projections read the latter
+            mapping = replace(mapping, smooth="pre_feedforward_layernorm")
         smooth = block.get_submodule(mapping.smooth)
         width = smooth.out_features if hasattr(smooth, "out_features") else smooth.weight.shape[0]
         if all(block.get_submodule(b).in_features == width for b in mapping.balance):
@@ -136,10 +144,10 @@ def _apply(block, mapping: Mapping, scales) -> None:
     for name in mapping.balance:
         layer = block.get_submodule(name)
         layer.weight.mul_(scales[None, :].to(layer.weight.dtype))
-    if smooth.weight.ndim == 1:  # a norm's per-channel gain
-        smooth.weight.div_(scales.to(smooth.weight.dtype))
-    else:  # a Linear producing the input: its output rows
-        smooth.weight.div_(scales[:, None].to(smooth.weight.dtype))
+    if smooth.weight.ndim == 1:  # a norm's per-channel gain (Gemma's (1 + w) included)
+        divide_norm(smooth, scales)
+        return
+    smooth.weight.div_(scales[:, None].to(smooth.weight.dtype))  # a Linear producing the input: its output rows
     if getattr(smooth, "bias", None) is not None:
         smooth.bias.div_(scales.to(smooth.bias.dtype))
 

@@ -92,6 +92,17 @@ def _offset_gain(norm) -> bool:
     return type(norm).__name__.startswith("Gemma") and getattr(norm, "weight", None) is not None
 
 
+def divide_norm(norm, scales) -> None:
+    """Divide a norm's output channels by `scales` in place: its gain (and bias), Gemma's (1 + w) gain as
+    (1 + w) / s - 1. SmoothQuant and AWQ multiply the layers reading it by the same scales."""
+    if _offset_gain(norm):
+        norm.weight.copy_(((1 + norm.weight.float()) / scales - 1).to(norm.weight.dtype))
+    else:
+        norm.weight.div_(scales.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(scales.to(norm.bias.dtype))
+
+
 class _Reached(Exception):
     """Raised by the hook on the last block: what smoothing compares ends there."""
 
@@ -148,13 +159,7 @@ def smooth(module, parts: Anatomy, feeds: list[dict], task: str, alpha: float, w
             weight_peak = torch.stack([layer.weight.detach().abs().amax(dim=0).float() for layer in layers]).amax(0)
             scales = (peaks[norm_name].clamp(min=MIN_SCALE).pow(alpha)
                       / weight_peak.clamp(min=MIN_SCALE).pow(1 - alpha)).clamp(min=MIN_SCALE)
-            norm = module.get_submodule(norm_name)
-            if _offset_gain(norm):
-                norm.weight.copy_(((1 + norm.weight.float()) / scales - 1).to(norm.weight.dtype))
-            else:
-                norm.weight.div_(scales.to(norm.weight.dtype))
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(scales.to(norm.bias.dtype))
+            divide_norm(module.get_submodule(norm_name), scales)
             for layer in layers:
                 layer.weight.mul_(scales[None, :].to(layer.weight.dtype))
             largest = max(largest, float(scales.max()))
