@@ -61,6 +61,7 @@ CELLS = {
     "int4 gptq -> compressed-tensors": lambda cal: [CELLS["int4 gptq"](cal)[0], {"type": "export_compressed_tensors"}],
     "fp8 -> compressed-tensors": lambda cal: [CELLS["fp8"](cal)[0], {"type": "export_compressed_tensors"}],
     "w8a8-int8 -> compressed-tensors": lambda cal: [CELLS["w8a8-int8"](cal)[0], {"type": "export_compressed_tensors"}],
+    "fp8 + FP8 KV cache": lambda cal: [{"type": "quantize", "scheme": "fp8", "kv_cache": "fp8", "calibration": cal}],
     "fp8 static -> ONNX Q/DQ": lambda cal: [{"type": "quantize", "scheme": "fp8", "activations": "static",
                                              "calibration": cal}, {"type": "export_onnx"}],
     "export_aoti": lambda cal: [{"type": "export_aoti"}],
@@ -74,6 +75,8 @@ EXPECTED_REFUSALS = {
     ("olmo2", "w8a8-int8 -> compressed-tensors"): "no norm inside olmo2's blocks",
     ("opt", "fp8 -> compressed-tensors"): "(tokens, features) inputs",
     ("opt", "w8a8-int8 -> compressed-tensors"): "(tokens, features) inputs",
+    **{(kind, "fp8 + FP8 KV cache"): "found no attention layer with a key / value cache"
+       for kind in ("gpt2", "falcon", "gpt_neox")},
     **{(kind, f"{scheme} -> compressed-tensors"): "experts as fused tensors"
        for kind in ("qwen3_moe", "mixtral", "deepseek_v3") for scheme in ("fp8", "w8a8-int8")},
 }
@@ -118,6 +121,8 @@ def _check(cell: str, kind: str, source: Path, result, records: list[dict]) -> s
         assert quantized and quantized > 0
         if kind in MOE and records[0].get("block_weights_changed_share") is not None:
             assert records[0]["experts_changed_share"] == 1.0
+        if "KV cache" in cell:  # every block's attention calibrated, not just some
+            assert records[0]["kv_cache"]["attention_layers"] == 2 and records[0]["kv_cache"]["tokens_seen"] > 0
         if not cell.startswith(("int8 dynamic", "fp8", "w8a8")):  # weight-only: the token table too (int8 default)
             assert records[0]["embeddings"] == "int8", records[0].get("embeddings")
     if isinstance(result, OnnxModel):
