@@ -9,6 +9,7 @@ from pathlib import Path
 from .artifacts import TorchModel
 from .errors import BackendMissing, UserError
 from .fit import evaluation_holding
+from .kv_cache import apply_written_kv_scheme
 from .shards import INDEX_FILE, ShardedCheckpoint
 from .torch_transforms import CAST, apply_torch_transform, load_weight_only_torch
 
@@ -154,6 +155,7 @@ def load_torch_model(artifact: TorchModel, allow_pickle: bool = False, trust_rem
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{artifact.path}: transformers could not load it as a {artifact.task} model: {exc}") from None
     module.eval()
+    apply_written_kv_scheme(module, artifact.path)  # a compressed-tensors FP8 KV cache the loader left float
     for name in transforms:
         module = apply_torch_transform(module, name)
     artifact.module = module

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from .errors import UserError
@@ -116,8 +117,6 @@ def fp8_scales(peaks: dict, what: str) -> dict:
 
 def _quantizer(attention):
     def quantize(keys, values):
-        if attention.__dict__.get("_kv_cache_float"):
-            return keys, values
         return (fake_quantize_activations(keys, "fp8", "tensor", attention.k_scale),
                 fake_quantize_activations(values, "fp8", "tensor", attention.v_scale))
     return quantize
@@ -140,15 +139,37 @@ def install_fp8_kv(module, names: list[str], scales: Optional[dict] = None) -> N
         _gate(layer, _quantizer(layer))
 
 
-@contextmanager
-def float_kv_cache(module) -> Iterator[int]:
-    """Within the block, the model's FP8 KV cache (if it has one) keeps keys and values float: for comparing
-    with a loader that does not quantize the cache. Yields the number of layers switched."""
-    layers = [m for m in cached_attention(module).values() if hasattr(m, "k_scale")]
-    for layer in layers:
-        layer.__dict__["_kv_cache_float"] = True
-    try:
-        yield len(layers)
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("_kv_cache_float", None)
+
+def apply_written_kv_scheme(module, folder: Path) -> int:
+    """A compressed-tensors folder whose config asks for an FP8 KV cache (`kv_cache_scheme`), loaded by a
+    transformers whose compressed-tensors did not hook the attention (0.20 looks for a `past_key_values`
+    argument that transformers 5.2x's attention calls `cache`): quantize the cache here, with the scales the
+    folder holds, so that the model computes what a server loading the folder does. Returns the number of
+    layers hooked here; 0 where nothing is asked or the loader already quantizes the cache."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    scheme = config.get("kv_cache_scheme")
+    if not scheme:
+        return 0
+    if (scheme.get("type"), scheme.get("num_bits"), scheme.get("strategy"), bool(scheme.get("dynamic"))) != \
+            ("float", 8, "tensor", False):
+        raise UserError(f"{folder}: kv_cache_scheme {scheme} is not one compress evaluates (8-bit float, one static "
+                        "scale per tensor)")
+    attention = cached_attention(module)
+    if any(hasattr(layer, "kv_cache") for layer in attention.values()):  # compressed-tensors' own hook
+        return 0
+    from safetensors import safe_open
+
+    wanted = {f"{name}.{scale}" for name in attention for scale in SCALES}
+    found = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            found.update({key: float(handle.get_tensor(key).reshape(-1)[0]) for key in handle.keys() if key in wanted})
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise UserError(f"{folder}: kv_cache_scheme asks for an FP8 KV cache, but {missing[:2]} are not in its "
+                        "weights")
+    install_fp8_kv(module, list(attention), {name: (found[f"{name}.k_scale"], found[f"{name}.v_scale"])
+                                             for name in attention})
+    return len(attention)

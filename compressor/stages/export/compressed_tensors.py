@@ -38,7 +38,7 @@ from ...artifacts import TorchModel
 from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, load_torch_model, quantization_method
 from ...embeddings import dequantized_table, is_quantized_embedding
 from ...errors import StageFailed, UserError
-from ...kv_cache import SCALES, cached_attention, float_kv_cache
+from ...kv_cache import SCALES, cached_attention
 from ...linear_layers import conv1d_names, is_linear_like, out_in_weight, shape_of
 from ...torch_transforms import EIGHT_BIT_ACTIVATIONS, FP8, INT4_WEIGHT_ONLY, INT8_WEIGHT_ONLY
 from ...w8a8_layers import BLOCK, is_w8a8_linear
@@ -180,31 +180,29 @@ class ExportCompressedTensors(Stage):
 
 
 def _reload_difference(artifact, module, result, kv_cache: Optional[dict], tensors: dict, ctx) -> float:
-    """Largest |logit| difference between the folder as transformers loads it and the model it came from. An
-    FP8 KV cache is compared as the loader runs it: quantized where compressed-tensors hooks the attention
-    (its `kv_cache` submodule), float where it does not (compressed-tensors 0.20 looks for a `past_key_values`
-    argument that transformers 5.2x's attention calls `cache`), and then its scheme and scales are checked as
-    written, one k_scale and v_scale per layer, the values compress evaluated with."""
-    if not kv_cache:
-        return max_abs_difference(artifact, result, ctx)
-    architecture = architecture_of(module)
-    layers = cached_attention(module)
-    for name in kv_cache["attention"]:
-        for scale in SCALES:
-            stored = tensors.get(f"{checkpoint_name(architecture, name)}.{scale}")
-            if stored is None or not torch_equal(stored, getattr(layers[name], scale)):
-                raise StageFailed(f"export_compressed_tensors: {name}.{scale} was not written as evaluated")
-    loaded = load_torch_model(result)
-    if any(hasattr(layer, "kv_cache") for layer in cached_attention(loaded).values()):
-        ctx.details["kv_cache"] = "fp8, run by the reload"
-        return max_abs_difference(artifact, result, ctx)
-    ctx.details["kv_cache"] = "fp8, scales checked as written (the reload keeps the cache float)"
-    ctx.notes.append("export_compressed_tensors: transformers with compressed-tensors on this machine does not "
-                     "quantize the KV cache (its attention takes `cache`, which compressed-tensors' KV hook does not "
-                     "look for), so the reload was compared with compress's model with its cache float, and the "
-                     "kv_cache_scheme and every layer's k_scale / v_scale were checked as written; vLLM reads them")
-    with float_kv_cache(module):
-        return max_abs_difference(artifact, result, ctx)
+    """Largest |logit| difference between the folder as it loads and the model it came from. With an FP8 KV
+    cache, its scales are first checked as written (one k_scale and v_scale per layer, the values compress
+    evaluated with), and the loaded model must quantize its cache: through compressed-tensors' hook where
+    transformers' loader installs it, else through compress's from the written scales (kv_cache.py)."""
+    if kv_cache:
+        layers = cached_attention(module)
+        for name in kv_cache["attention"]:
+            for scale in SCALES:
+                stored = tensors.get(f"{name}.{scale}")
+                if stored is None or not torch_equal(stored, getattr(layers[name], scale)):
+                    raise StageFailed(f"export_compressed_tensors: {name}.{scale} was not written as evaluated")
+        loaded = cached_attention(load_torch_model(result))
+        if any(hasattr(layer, "kv_cache") for layer in loaded.values()):
+            ctx.details["kv_cache"] = "fp8, run by transformers' compressed-tensors loader"
+        elif all(hasattr(layer, "k_scale") for layer in loaded.values()):
+            ctx.details["kv_cache"] = "fp8, run by compress from the written scales"
+            ctx.notes.append("export_compressed_tensors: transformers with compressed-tensors here loads the folder "
+                             "with its KV cache float (compressed-tensors' hook looks for an attention argument "
+                             "transformers now calls `cache`); compress quantizes the cache from the written "
+                             "kv_cache_scheme and scales when it loads the folder, as vLLM does")
+        else:
+            raise StageFailed("export_compressed_tensors: the reloaded folder does not quantize its KV cache")
+    return max_abs_difference(artifact, result, ctx)
 
 
 def torch_equal(a, b) -> bool:
