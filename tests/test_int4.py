@@ -349,18 +349,22 @@ def test_signed_max_grid_is_onnxruntimes_and_keeps_the_extreme_weight_exact(tiny
     assert len(ours) == len(theirs) == 14 and ours == theirs
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "qwen3", "mistral", "qwen3_moe", "mixtral"])
 def test_awq_scaling_keeps_the_float_function_of_other_llama_style_blocks(kind, tmp_path):
     """Gemma 2 / 3 norm the MLP's input with pre_feedforward_layernorm (post_attention_layernorm norms the
-    attention's output) and multiply by (1 + w): balancing must divide that norm, that way."""
+    attention's output) and multiply by (1 + w): balancing must divide that norm, that way. In a
+    mixture-of-experts block every expert and the router read the norm's output: the router is scaled with
+    the experts (float), so the routing does not move."""
     import torch
 
+    from compressor.anatomy import open_for_compression
     from compressor.checkpoint import load_torch_model
     from compressor.stages.quantize.awq import _apply, block_mappings
 
     from .architectures import build_architecture
 
     model = load_torch_model(TorchModel(build_architecture(tmp_path / kind, kind), "text-generation"))
+    open_for_compression(model)  # experts one Linear each
     ids = torch.tensor([[2, 40, 41, 42, 43, 44, 45, 46]])
     with torch.no_grad():
         reference = model(ids).logits
@@ -369,8 +373,26 @@ def test_awq_scaling_keeps_the_float_function_of_other_llama_style_blocks(kind, 
             assert len(mappings) >= 3
             if kind.startswith("gemma"):
                 assert "pre_feedforward_layernorm" in [m.smooth for m in mappings]
+            if kind in ("qwen3_moe", "mixtral"):  # 4 experts' gate and up; the router scaled alongside
+                moe = next(m for m in mappings if m.parent == "mlp")
+                assert len(moe.balance) == 8 and moe.scaled_only == ("mlp.gate",)
+                assert sum(m.parent.endswith("down_proj") for m in mappings) == 4
             for mapping in mappings:
                 width = block.get_submodule(mapping.balance[0]).in_features
                 _apply(block, mapping, torch.linspace(0.5, 2.0, width))
         change = float((model(ids).logits - reference).abs().max()) / float(reference.abs().max())
     assert change < 1e-4, change
+
+
+def test_awq_on_experts_searches_every_expert_and_counts_their_tokens(text_file, tmp_path):
+    from .architectures import build_architecture
+
+    source = build_architecture(tmp_path / "moe", "qwen3_moe")
+    result, details = torch_quantize(source, tmp_path / "a", algorithm="awq", block_size=16, symmetric=True,
+                                     calibration=calibration_for(text_file))
+    assert details["experts_changed_share"] == 1.0 and details["calibrate_all_experts"] is True
+    counts = details["routed_tokens_per_expert"]
+    assert len(counts) == 2 and all(len(v) == 4 and sum(v) > 0 for v in counts.values())
+    # per block: attention, the experts' shared input, and each expert's down projection (v -> o is skipped:
+    # two KV heads make v narrower than o's input)
+    assert details["awq_groups_scaled"] > 2

@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from typing import Optional
 
-from ...errors import UserError
+from ...anatomy import MIN_EXPERT_TOKENS, CalibratingExperts, is_linear_experts
+from ...errors import StageFailed, UserError
 from .int4_gptq import dequantize, rtn_quantize
 from .smoothquant import divide_norm
 from ..blockwise.activations import BlockInputs, block_inputs_store
@@ -39,6 +41,7 @@ class Mapping:
     smooth: str        # module producing the shared input (an RMSNorm or a Linear), relative to the block
     balance: tuple     # Linear layers reading that input
     parent: str        # module whose output is compared while searching
+    scaled_only: tuple = ()  # other readers of that input, kept float: multiplied by s so they compute as before
 
 
 LLAMA_MAPPINGS = (
@@ -57,14 +60,44 @@ def _has(block, name: str) -> bool:
         return False
 
 
+def _experts_of(block) -> Optional[str]:
+    """The name, in the block, of its linearized routed experts (anatomy.LinearExperts), if it has them."""
+    return next((name for name, child in block.named_modules() if is_linear_experts(child)), None)
+
+
+def _moe_mappings(block, norm: str, experts: str) -> list[Mapping]:
+    """A mixture-of-experts MLP: every expert's gate and up projections (and a shared expert's) read the
+    norm's output, compared at the MoE block's output; the router reads it too and stays float, so it is
+    scaled with them (its logits, and so the routing, unchanged). Then each expert's down projection
+    against its own up projection."""
+    moe = experts.rpartition(".")[0]
+    count = len(block.get_submodule(experts))
+    readers = [f"{experts}.{i}.{p}" for i in range(count) for p in ("gate_proj", "up_proj")]
+    shared = [f"{moe}.{name}" for name in ("shared_expert", "shared_experts") if _has(block, f"{moe}.{name}.up_proj")]
+    readers += [f"{s}.{p}" for s in shared for p in ("gate_proj", "up_proj")]
+    float_readers = tuple(f"{moe}.{name}" for name in ("gate", "shared_expert_gate")
+                          if _has(block, f"{moe}.{name}")
+                          and getattr(block.get_submodule(f"{moe}.{name}"), "weight", None) is not None)
+    mappings = [Mapping(norm, tuple(readers), moe, float_readers)]
+    for owner in [f"{experts}.{i}" for i in range(count)] + shared:
+        mappings.append(Mapping(f"{owner}.up_proj", (f"{owner}.down_proj",), f"{owner}.down_proj"))
+    return mappings
+
+
 def block_mappings(block) -> list[Mapping]:
     """The groups AWQ can balance in this block; a v -> o group only when widths match."""
-    missing = [m.smooth for m in LLAMA_MAPPINGS if not _has(block, m.smooth)]
+    experts = _experts_of(block)
+    wanted = LLAMA_MAPPINGS[:2] if experts else LLAMA_MAPPINGS
+    missing = [m.smooth for m in wanted if not _has(block, m.smooth)]
+    if experts and not _has(block, "post_attention_layernorm"):
+        missing.append("post_attention_layernorm")
     if missing:
         raise UserError(f"quantize int4 awq: knows Llama-style decoder blocks (input_layernorm, self_attn.q/k/v/o_proj, "
-                        f"post_attention_layernorm, mlp.gate/up/down_proj); this block lacks {missing}")
+                        f"post_attention_layernorm, mlp.gate/up/down_proj or routed experts); this block lacks "
+                        f"{missing}")
+    candidates = list(wanted) + (_moe_mappings(block, "post_attention_layernorm", experts) if experts else [])
     usable = []
-    for mapping in LLAMA_MAPPINGS:
+    for mapping in candidates:
         if mapping.smooth == "post_attention_layernorm" and _has(block, "pre_feedforward_layernorm"):
             # Gemma 2 / 3 norm the attention's output with post_attention_layernorm and the MLP's input with
             # pre_feedforward_layernorm: the gate and up projections read the latter
@@ -141,7 +174,7 @@ def _search_scales(block, mapping: Mapping, calls: list, x_mean, group_size: int
 
 def _apply(block, mapping: Mapping, scales) -> None:
     smooth = block.get_submodule(mapping.smooth)
-    for name in mapping.balance:
+    for name in mapping.balance + mapping.scaled_only:
         layer = block.get_submodule(name)
         layer.weight.mul_(scales[None, :].to(layer.weight.dtype))
     if smooth.weight.ndim == 1:  # a norm's per-channel gain (Gemma's (1 + w) included)
@@ -154,7 +187,7 @@ def _apply(block, mapping: Mapping, scales) -> None:
 
 def awq_smooth(module, layers: dict, feeds: list[dict], task: str, group_size: int, grid: str,
                quantize_block, progress=None, block_loaded=None, block_done=None, spill_dir=None,
-               details=None) -> dict:
+               details=None, all_experts: bool = True) -> dict:
     """Balance every block's groups in place, then call `quantize_block(name_prefix)` to round that
     block's layers before the next block is calibrated on its outputs. Returns, per compared module,
     the output error with the chosen scales as a share of plain round-to-nearest's. Layer by layer,
@@ -166,9 +199,10 @@ def awq_smooth(module, layers: dict, feeds: list[dict], task: str, group_size: i
     prefix, blocks = find_blocks(module, layers, "quantize int4 awq")
     hidden_size = getattr(getattr(module, "config", None), "hidden_size", None)
     recorded = block_inputs_store(feeds, hidden_size, spill_dir, "quantize int4 awq", details)
+    experts = CalibratingExperts(module, all_experts)  # every expert searched on every token, routing kept
     reductions = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), experts:
             block_inputs(module, blocks, feeds, task, recorded)
             indices = range(len(blocks))
             for index in (progress.track(indices, len(blocks), "quantize int4 awq: block by block") if progress
@@ -176,16 +210,39 @@ def awq_smooth(module, layers: dict, feeds: list[dict], task: str, group_size: i
                 block = blocks[index]
                 if block_loaded:
                     block_loaded(index, block)
+                if experts.groups:  # the tokens the router chose per expert, over one pass of the data
+                    experts.counting(True)
+                    for args, kwargs in recorded.calls():
+                        block(*args, **kwargs)
+                    experts.counting(False)
+                args, kwargs = next(iter(recorded.calls()))
+                before = hidden_of(block(*args, **kwargs))
                 for mapping in block_mappings(block):
                     key = f"{prefix}.{index}.{mapping.parent}"
                     reductions[key] = _balance(block, mapping, recorded, group_size, grid)
+                _check_function(before, hidden_of(block(*args, **kwargs)), f"{prefix}.{index}")
                 quantize_block(f"{prefix}.{index}.")
                 recorded.advance(block)
                 if block_done:
                     block_done(index, block)
     finally:
         recorded.close()
+    if details is not None:
+        details.update(experts.record(MIN_EXPERT_TOKENS))
     return reductions
+
+
+FUNCTION_TOLERANCE = 1e-3  # of the block output's range: scaling alone is exact up to float rounding
+
+
+def _check_function(before, after, block: str) -> None:
+    """Balancing multiplies weights by s and divides what feeds them by s: the block's float function must not
+    move. A block laid out otherwise than the mappings assume (a reader of the scaled input left out) would."""
+    change = float((after - before).abs().max()) / max(float(before.abs().max()), 1e-12)
+    if not change <= FUNCTION_TOLERANCE:
+        raise StageFailed(f"quantize int4 awq: balancing changed {block}'s float output by {change:.2%} of its range "
+                          "(it should change nothing): its layout is not the one the AWQ groups assume; use "
+                          "algorithm gptq")
 
 
 def _balance(block, mapping: Mapping, recorded: BlockInputs, group_size: int, grid: str) -> float:
@@ -196,11 +253,15 @@ def _balance(block, mapping: Mapping, recorded: BlockInputs, group_size: int, gr
     sums = torch.zeros(first.in_features, dtype=torch.float64)
     count = [0]
 
-    def record(_m, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+    def add(x):
+        x = x.detach().reshape(-1, x.shape[-1]).double()
         sums.add_(x.abs().sum(0))
         count[0] += x.shape[0]
-    handle = first.register_forward_pre_hook(record)
+    smooth = block.get_submodule(mapping.smooth)
+    if smooth.weight.ndim == 1:  # a norm: its output, which every reader sees (routed experts included)
+        handle = smooth.register_forward_hook(lambda _m, _args, output: add(hidden_of(output)))
+    else:
+        handle = first.register_forward_pre_hook(lambda _m, args: add(args[0]))
 
     def runs():
         for args, kwargs in recorded.calls():

@@ -76,7 +76,8 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
                     if name.startswith(prefix):
                         quantize_layer(name, layer)
             record_awq(awq_smooth(module, split_by_blocks(module, layers)[0], feeds, artifact.task, group, config.grid(), quantize_block,
-                                  ctx.progress, spill_dir=ctx.workdir / "activations", details=ctx.details), ctx)
+                                  ctx.progress, spill_dir=ctx.workdir / "activations", details=ctx.details,
+                                  all_experts=config.calibration.all_experts), ctx)
             missed = [name for name in layers if name not in grids]
             for name in missed:  # layers no balanced group covers (and the head, if asked for): plain rounding
                 quantize_layer(name, layers[name])
