@@ -33,8 +33,8 @@ def test_second_run_on_the_same_out_exits_2_naming_the_holder(tiny_classifier, s
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"] == "tiny-cls"
     assert not (tmp_path / ".shared.lock").exists()  # released and removed with the run
-    third = subprocess.run(command, capture_output=True, text=True, timeout=300)  # free again
-    assert third.returncode in (0, 1), third.stderr
+    with RunFolder(out) as again:  # free again: a new run may take the folder
+        assert again.partial.is_dir()
 
 
 def test_lock_is_released_when_the_run_fails(tmp_path):
