@@ -135,3 +135,21 @@ def test_compress_run_on_cuda_converts_and_compares(tiny_llama, text_file, tmp_p
     assert stage["relative_diff"] <= stage["rtol"] and stage["max_abs_diff_sparse_vs_dense"] < 1e-2
     assert report["result"]["backend"].startswith("torch-cuda-float16-2:4-")
     assert np.isfinite(report["result"]["metrics"]["perplexity"])
+
+
+def test_fused_experts_that_stay_dense_are_named_in_the_report(tmp_path):
+    """The kernels take nn.Linear weights; an MoE model's fused expert tensors run dense, and the record and a
+    note say so (the stage itself runs on CUDA only)."""
+    from compressor.stages import StageContext
+    from compressor.stages.prune.sparsify import _note_dense_experts
+
+    from .architectures import build_architecture
+
+    ctx = StageContext(tmp_path, "text-generation", threads=2)
+    moe = load_torch_model(TorchModel(build_architecture(tmp_path / "moe", "qwen3_moe"), "text-generation"))
+    _note_dense_experts(moe, ctx)
+    assert ctx.details["dense_expert_groups"] == 2 and "experts not compressed" in ctx.notes[0]
+    dense = StageContext(tmp_path, "text-generation", threads=2)
+    _note_dense_experts(load_torch_model(TorchModel(build_architecture(tmp_path / "llama", "llama"),
+                                                    "text-generation")), dense)
+    assert not dense.notes and "dense_expert_groups" not in dense.details

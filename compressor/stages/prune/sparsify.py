@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from ... import aoti, sparse_kernels
+from ...anatomy import is_fused_experts
 from ...artifacts import TorchModel
 from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer, load_torch_model, module_to_change
 from ...data import encode
@@ -97,6 +98,7 @@ class Sparsify(Stage):
         if not layers:
             raise StageFailed(f"sparsify: no nn.Linear layer is 2:4 sparse with a shape the kernels take "
                               f"({_first(skipped)}); prune with pattern 2:4 first")
+        _note_dense_experts(module, ctx)
         out = ctx.workdir / "model"
         module = module.to(getattr(torch, config.dtype))
         module.save_pretrained(out, safe_serialization=True)
@@ -144,3 +146,16 @@ def _compare(artifact: TorchModel, module, record: dict, ctx: StageContext) -> d
     return {"kernel": kernel, "max_abs_diff": float(np.max(np.abs(sparse - reference))),
             "relative_diff": float(np.max(np.abs(sparse - reference))) / max(peak, 1e-12),
             "max_abs_diff_sparse_vs_dense": float(np.max(np.abs(sparse - dense)))}
+
+
+def _note_dense_experts(module, ctx: StageContext) -> None:
+    """Fused expert tensors (transformers 5's mixture-of-experts layout) are 3-D parameters, not nn.Linear
+    layers: the semi-structured kernels cannot hold them, so they run dense, and the report says so."""
+    fused = [name for name, child in module.named_modules() if is_fused_experts(child)]
+    if not fused:
+        return
+    total = sum(p.numel() for p in module.parameters())
+    dense = sum(p.numel() for name in fused for p in module.get_submodule(name).parameters())
+    ctx.details["dense_expert_groups"] = len(fused)
+    ctx.notes.append(f"sparsify: experts not compressed: {len(fused)} fused expert groups ({dense / total:.0%} of "
+                     "the parameters) have no semi-structured kernel and run dense")
