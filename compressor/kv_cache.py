@@ -27,8 +27,6 @@ from .w8a8_layers import FP8_MAX, fake_quantize_activations
 
 KV_PROJECTIONS = ("k_proj", "v_proj", "qkv_proj", "kv_b_proj")  # compressed-tensors' test for a cached attention
 SCALES = ("k_scale", "v_scale")
-
-
 # What attention modules call the cache they are handed: `cache` from transformers 5.2x on (which still takes
 # `past_key_values`, deprecated), `past_key_values` / `past_key_value` before.
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
@@ -137,7 +135,6 @@ def install_fp8_kv(module, names: list[str], scales: Optional[dict] = None) -> N
             value = scales[name][index] if scales else 1.0
             layer.register_buffer(buffer, torch.full((1,), float(value), dtype=torch.float32))
         _gate(layer, _quantizer(layer))
-
 
 
 def apply_written_kv_scheme(module, folder: Path) -> int:

@@ -8,7 +8,7 @@ import torch
 from compressor.checkpoint import load_torch_model
 from compressor.weight_reuse import WeightBudget, reused_weights
 
-from .test_embeddings import IDS, TASK, quantize, tied_llama  # noqa: F401  (the fixture)
+from .test_embeddings import IDS, quantize, tied_llama  # noqa: F401  (the fixture)
 
 
 def _count_dequantizations(model) -> dict:

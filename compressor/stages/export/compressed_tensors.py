@@ -184,12 +184,14 @@ def _reload_difference(artifact, module, result, kv_cache: Optional[dict], tenso
     cache, its scales are first checked as written (one k_scale and v_scale per layer, the values compress
     evaluated with), and the loaded model must quantize its cache: through compressed-tensors' hook where
     transformers' loader installs it, else through compress's from the written scales (kv_cache.py)."""
+    import torch
+
     if kv_cache:
         layers = cached_attention(module)
         for name in kv_cache["attention"]:
             for scale in SCALES:
                 stored = tensors.get(f"{name}.{scale}")
-                if stored is None or not torch_equal(stored, getattr(layers[name], scale)):
+                if stored is None or not torch.equal(stored, getattr(layers[name], scale)):
                     raise StageFailed(f"export_compressed_tensors: {name}.{scale} was not written as evaluated")
         loaded = cached_attention(load_torch_model(result))
         if any(hasattr(layer, "kv_cache") for layer in loaded.values()):
@@ -203,10 +205,6 @@ def _reload_difference(artifact, module, result, kv_cache: Optional[dict], tenso
         else:
             raise StageFailed("export_compressed_tensors: the reloaded folder does not quantize its KV cache")
     return max_abs_difference(artifact, result, ctx)
-
-
-def torch_equal(a, b) -> bool:
-    return a.shape == b.shape and bool((a == b).all())
 
 
 def _refuse_unloadable(skeleton, quantized: list[str]) -> None:
