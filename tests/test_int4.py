@@ -230,6 +230,30 @@ def test_torch_gptq_beats_rtn_on_every_layer_and_round_trips(tiny_llama, text_fi
     assert on_disk < 0.5 * sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors"))
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_of_layers_sharing_an_input_gives_each_the_codes_it_gets_alone(act_order):
+    import torch
+
+    from compressor.stages.blockwise.sequential import LayerInputs
+    from compressor.stages.quantize.int4_gptq import gptq_quantize
+    from compressor.stages.quantize.int4_layers import layers_quantizer
+
+    torch.manual_seed(2)
+    inputs = torch.randn(512, 64) * torch.rand(64) * 3
+    stats = LayerInputs(64, "hessian")
+    stats.add(inputs)
+    layers = [torch.nn.Linear(64, rows, bias=False) for rows in (64, 32, 32)]
+    config = Int4WeightOnlyConfig(type="quantize", scheme="int4-weight-only", algorithm="gptq",
+                                  block_size=32, act_order=act_order, calibration={"data": {"path": "x"}})
+    alone = [gptq_quantize(layer.weight, stats.hessian(), 32, config.grid(), config.dampening, act_order)
+             for layer in layers]
+    grids = {}
+    with torch.no_grad():
+        layers_quantizer(config, grids)([(str(i), layer) for i, layer in enumerate(layers)], stats)
+    for i, expected in enumerate(alone):
+        assert all(torch.equal(got, want) for got, want in zip(grids[str(i)], expected))
+
+
 def test_torch_gptq_is_sequential_and_act_order_changes_the_result(tiny_llama, text_file, tmp_path):
     """Block 1 is quantized on the outputs of the already quantized block 0, not on the float model's:
     the same layer quantized with one-pass Hessians from the float model gives other codes."""

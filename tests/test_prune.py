@@ -100,6 +100,34 @@ def test_sparsegpt_reconstructs_better_than_wanda():
     assert errors["sparsegpt"] < 0.8 * errors["wanda"], errors
 
 
+def _sharing_layers(columns=64, rows=(64, 32, 32)):
+    """Layers reading one input (as q, k and v do) and that input's statistics."""
+    torch.manual_seed(1)
+    inputs = torch.randn(512, columns) @ (torch.randn(columns, columns) * 0.3 + torch.eye(columns))
+    stats = LayerInputs(columns, "hessian")
+    stats.add(inputs)
+    return [torch.nn.Linear(columns, n, bias=False) for n in rows], stats
+
+
+def test_sparsegpt_2_4_of_layers_sharing_an_input_prunes_each_as_it_would_alone():
+    from compressor.stages.prune.prune_calibrated import calibrated_layers_pruner
+
+    layers, stats = _sharing_layers()
+    alone = [torch.nn.Linear(64, layer.out_features, bias=False) for layer in layers]
+    config = PruneConfig(type="prune", method="sparsegpt", pattern="2:4", block_size=16,
+                         calibration={"data": {"path": "x"}})
+    with torch.no_grad():
+        for copy, layer in zip(alone, layers):
+            copy.weight.copy_(layer.weight)
+            _sparsegpt(copy, stats, 0.5, (2, 4), block_size=16, dampening=config.dampening)
+        calibrated_layers_pruner(config)([(str(i), layer) for i, layer in enumerate(layers)], stats)
+    for copy, layer in zip(alone, layers):
+        assert torch.equal(layer.weight, copy.weight) and zero_share(layer.weight) == 0.5
+    # unstructured SparseGPT picks its mask over each layer's columns, Wanda has no loop: one layer at a time
+    assert calibrated_layers_pruner(config.model_copy(update={"pattern": "unstructured"})) is None
+    assert calibrated_layers_pruner(config.model_copy(update={"method": "wanda"})) is None
+
+
 def test_sparsegpt_2_4_on_a_model(tiny_llama, calibration, tmp_path):
     result, details = prune(tiny_llama, "text-generation", tmp_path, method="sparsegpt", pattern="2:4",
                             calibration=calibration, block_size=16)

@@ -106,7 +106,9 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
                           block_loaded: Optional[Callable[[int, object], None]] = None,
                           block_done: Optional[Callable[[int, object], None]] = None,
                           spill_dir: Optional[Path] = None, details: Optional[dict] = None,
-                          all_experts: bool = True) -> int:
+                          all_experts: bool = True,
+                          compress_together: Optional[Callable[[list[tuple[str, object]], LayerInputs], None]] = None
+                          ) -> int:
     """Walk the blocks in order; `compress_layer(name, layer, inputs)` changes each targeted layer's
     weight in place. Returns the number of blocks. Layer by layer (layerwise.py), the blocks are empty
     until `block_loaded(index, block)` reads their weights, and `block_done(index, block)` writes and
@@ -120,7 +122,12 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
     when `all_experts` (the block's output still uses the router's choice), and count the tokens the
     router chose per expert into `details`. A layer whose statistics saw no token (an expert nothing was
     routed to, with `all_experts` off) gets `compress_layer(name, layer, None)`: the method's data-free
-    fallback, never statistics of zeros (whose scales are NaN or whose weights would be zeroed)."""
+    fallback, never statistics of zeros (whose scales are NaN or whose weights would be zeroed).
+
+    Layers reading the same input (q, k and v; gate and up) share one statistic. With `compress_together`,
+    each such group is compressed in one call, for methods whose rows are independent given the statistic
+    (GPTQ, SparseGPT with an N:M pattern): their weights stacked row-wise go through one column loop and
+    one factorization of the Hessian, where one per layer would repeat both."""
     import torch
 
     prefix, blocks = find_blocks(module, layers, stage)
@@ -142,13 +149,19 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
                 stats = _block_statistics(block, in_block, recorded, kind)
                 experts.counting(False)
                 distributed.sum_statistics(stats.values())
-                for name, layer in in_block.items():
+                for names in _sharing_one_input(in_block, stats):
                     if distributed.leads():
-                        seen = stats[name].rows > 0
-                        compress_layer(name, layer, stats[name] if seen else None)
+                        shared = stats[names[0]]
+                        seen = shared.rows > 0
+                        if seen and compress_together is not None and len(names) > 1:
+                            compress_together([(name, in_block[name]) for name in names], shared)
+                        else:
+                            for name in names:
+                                compress_layer(name, in_block[name], shared if seen else None)
                         if not seen:
-                            uncalibrated.append(name)
-                    distributed.broadcast_weights(layer)
+                            uncalibrated.extend(names)
+                    for name in names:
+                        distributed.broadcast_weights(in_block[name])
                 # the next block sees this block's outputs with its weights compressed
                 recorded.advance(block)
                 if block_done:
@@ -160,6 +173,26 @@ def compress_sequentially(module, layers: dict, feeds: list[dict], task: str, ki
         if uncalibrated:
             details["layers_without_calibration_tokens"] = uncalibrated
     return len(blocks)
+
+
+def _sharing_one_input(in_block: dict, stats: dict[str, LayerInputs]) -> list[list[str]]:
+    """The block's layers grouped by the statistic they share, in the block's order."""
+    groups: dict[int, list[str]] = {}
+    for name in in_block:
+        groups.setdefault(id(stats[name]), []).append(name)
+    return list(groups.values())
+
+
+def stacked_rows(named: list[tuple[str, object]]):
+    """The weights of layers reading one input, stacked row-wise (float32), and each layer's rows in it."""
+    import torch
+
+    weights = [layer.weight.detach().float() for _, layer in named]
+    bounds, start = [], 0
+    for weight in weights:
+        bounds.append(slice(start, start + weight.shape[0]))
+        start += weight.shape[0]
+    return torch.cat(weights), bounds
 
 
 def _block_statistics(block, in_block: dict, recorded: BlockInputs, kind: str) -> dict[str, LayerInputs]:

@@ -10,7 +10,7 @@ from ...errors import UserError
 from ...sparsity import prune_magnitude, select_linears
 from ...streamed import LayerwiseModel
 from ..blockwise.layerwise import new_writer
-from .prune_calibrated import calibrated_layer_pruner
+from .prune_calibrated import calibrated_layer_pruner, calibrated_layers_pruner
 from ..blockwise.sequential import compress_sequentially
 
 
@@ -45,7 +45,8 @@ def prune_layerwise(config, artifact, ctx) -> tuple:
         model.load_embeddings()
         compress_sequentially(model.module, layers, feeds, artifact.task, kind, "prune", prune_layer,
                               progress=ctx.progress, block_loaded=model.load_block, block_done=done,
-                              spill_dir=ctx.workdir / "activations", details=ctx.details)
+                              spill_dir=ctx.workdir / "activations", details=ctx.details,
+                              compress_together=calibrated_layers_pruner(config))
         ctx.details["calibration_samples"] = config.calibration.samples
     model.load_outside()
     if outside:  # magnitude only (checked above): an output head the recipe chose to prune

@@ -10,6 +10,7 @@ from ...anatomy import Anatomy, matches_any
 from ...artifacts import TorchModel
 from ...torch_transforms import INT4_WEIGHT_ONLY, int4_linear_class, swap_modules
 from ..base import StageContext
+from ..blockwise.sequential import stacked_rows
 from .int4_gptq import dequantize, gptq_quantize, rtn_quantize
 
 
@@ -46,6 +47,22 @@ def layer_quantizer(config, grids: dict):
         grids[name] = (codes, scales, zeros)
         layer.weight.copy_(dequantize(codes, scales, zeros, group).to(layer.weight.dtype))
     return quantize_layer
+
+
+def layers_quantizer(config, grids: dict):
+    """`quantize_together(named, stats)`: GPTQ of layers reading one input (sequential.compress_sequentially),
+    their rows stacked: each row's codes depend only on the row and the shared Hessian, so the codes are
+    those of one layer at a time, from one column loop."""
+    group = config.block_size
+
+    def quantize_together(named: list, stats) -> None:
+        stacked, bounds = stacked_rows(named)
+        codes, scales, zeros = gptq_quantize(stacked, stats.hessian(), group, config.grid(), config.dampening,
+                                             config.act_order)
+        for (name, layer), rows in zip(named, bounds):
+            grids[name] = (codes[rows].contiguous(), scales[rows].contiguous(), zeros[rows].contiguous())
+            layer.weight.copy_(dequantize(*grids[name], group).to(layer.weight.dtype))
+    return quantize_together
 
 
 def swap_to_int4(module, layers: dict, names: list[str], grids: dict, group: int) -> None:

@@ -16,7 +16,8 @@ from ...data import calibration_batches
 from .awq import awq_smooth
 from ..base import StageContext
 from .embedding_tables import quantize_embedding_table
-from .int4_layers import int4_transform, layer_quantizer, quantized_targets, record_awq, record_int4, swap_to_int4
+from .int4_layers import (int4_transform, layer_quantizer, layers_quantizer, quantized_targets, record_awq,
+                          record_int4, swap_to_int4)
 from ...streamed import LayerwiseModel
 from ..blockwise.layerwise import new_writer
 from ..blockwise.sequential import compress_sequentially
@@ -57,7 +58,7 @@ def int4_layerwise(config, artifact: TorchModel, ctx: StageContext) -> TorchMode
                 model.load_block(index)
                 done(index, model.blocks[index])
         else:
-            _calibrate(config, artifact, model, layers, quantize_layer, done, ctx)
+            _calibrate(config, artifact, model, layers, quantize_layer, layers_quantizer(config, grids), done, ctx)
         if not distributed.leads():
             return artifact  # as in the whole path: process 0 writes the result
         model.load_outside()
@@ -79,7 +80,7 @@ def int4_layerwise(config, artifact: TorchModel, ctx: StageContext) -> TorchMode
     return result
 
 
-def _calibrate(config, artifact: TorchModel, model: LayerwiseModel, layers: dict, quantize_layer, done,
+def _calibrate(config, artifact: TorchModel, model: LayerwiseModel, layers: dict, quantize_layer, together, done,
                ctx: StageContext) -> None:
     feeds = calibration_batches(config.calibration, load_tokenizer(artifact.path))
     model.load_embeddings()
@@ -87,7 +88,8 @@ def _calibrate(config, artifact: TorchModel, model: LayerwiseModel, layers: dict
     layers = {name: layer for name, layer in layers.items() if name.startswith(model.prefix + ".")}
     if config.algorithm == "gptq":
         compress_sequentially(model.module, layers, feeds, artifact.task, "hessian", "quantize int4 gptq",
-                              quantize_layer, ctx.progress, block_loaded=model.load_block, block_done=done, **spill)
+                              quantize_layer, ctx.progress, block_loaded=model.load_block, block_done=done,
+                              compress_together=together, **spill)
         return
 
     def quantize_block(prefix: str) -> None:

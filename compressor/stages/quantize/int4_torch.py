@@ -28,7 +28,7 @@ from ...errors import UserError
 from .awq import awq_smooth
 from ..base import StageContext
 from .embedding_tables import float_parameter_share, quantize_embedding_table
-from .int4_layers import (int4_transform, layer_quantizer, quantized_targets, record_awq, record_int4,
+from .int4_layers import (int4_transform, layer_quantizer, layers_quantizer, quantized_targets, record_awq, record_int4,
                           swap_to_int4)
 from .int4_layerwise import int4_layerwise
 from ..blockwise.layerwise import choose_execution
@@ -61,7 +61,8 @@ def int4_weight_only_torch(config, artifact: TorchModel, ctx: StageContext) -> T
             inside, outside = split_by_blocks(module, layers)
             compress_sequentially(module, inside, feeds, artifact.task, "hessian", "quantize int4 gptq",
                                   quantize_layer, ctx.progress, spill_dir=ctx.workdir / "activations",
-                                  details=ctx.details, all_experts=config.calibration.all_experts)
+                                  details=ctx.details, all_experts=config.calibration.all_experts,
+                                  compress_together=layers_quantizer(config, grids))
             for name, layer in outside.items():  # the head, when asked for: no block's inputs reach it
                 quantize_layer(name, layer)
             if not distributed.leads():
