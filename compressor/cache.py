@@ -52,9 +52,17 @@ def _digest_folder(folder: Path) -> str:
     return digest.hexdigest()
 
 
+_checkpoint_keys: dict[tuple, str] = {}
+
+
 def checkpoint_key(checkpoint: Path) -> str:
-    """The first stage's input: every file in the checkpoint folder, weights, config and tokenizer."""
-    return _digest_folder(checkpoint)
+    """The first stage's input: every file in the checkpoint folder, weights, config and tokenizer.
+    Remembered for the process while no file's size or modification time changes: a run asks for it
+    for the stages and again for the baseline's scores, and a 7B checkpoint takes a minute to hash."""
+    stat = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoint.rglob("*") if p.is_file()))
+    if stat not in _checkpoint_keys:
+        _checkpoint_keys[stat] = _digest_folder(checkpoint)
+    return _checkpoint_keys[stat]
 
 
 _code_digest: Optional[str] = None
@@ -73,7 +81,7 @@ def code_digest() -> str:
     return _code_digest
 
 
-def _referenced_files(value: Any) -> dict[str, str]:
+def referenced_files(value: Any) -> dict[str, str]:
     """Digests of the files and folders a stage config names under a `path` key (adapters,
     calibration files): a changed file changes the key even when its name stays the same."""
     found: dict[str, str] = {}
@@ -83,20 +91,25 @@ def _referenced_files(value: Any) -> dict[str, str]:
                 path = Path(item).expanduser()
                 found[item] = sha256_file(path) if path.is_file() else _digest_folder(path)
             else:
-                found.update(_referenced_files(item))
+                found.update(referenced_files(item))
     elif isinstance(value, list):
         for item in value:
-            found.update(_referenced_files(item))
+            found.update(referenced_files(item))
     return found
+
+
+def payload_key(payload: dict) -> str:
+    """A key over `payload` and what every entry's key holds: the cache layout, the versions of the
+    packages that shape outputs, and compress's own source."""
+    payload = {**payload, "cache": CACHE_VERSION, "packages": package_versions(), "code": code_digest()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def stage_key(input_key: str, config: Any, task: str, threads: int, trust_remote_code: bool,
               salt: Optional[dict] = None) -> str:
     stage = config.model_dump(mode="json")
-    payload = {"cache": CACHE_VERSION, "input": input_key, "stage": stage, "task": task, "threads": threads,
-               "trust_remote_code": trust_remote_code, "files": _referenced_files(stage),
-               "packages": package_versions(), "code": code_digest(), "salt": salt or {}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return payload_key({"input": input_key, "stage": stage, "task": task, "threads": threads,
+                        "trust_remote_code": trust_remote_code, "files": referenced_files(stage), "salt": salt or {}})
 
 
 @dataclass
@@ -150,6 +163,49 @@ def store(key: str, artifact: Artifact, workdir: Path, record: dict, about: dict
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return lookup(key, root)
+
+
+def store_files(key: str, files: dict[str, bytes], record: dict, about: dict, root: Optional[Path] = None
+                ) -> Optional[Entry]:
+    """Store files that are not a stage's output (the baseline's scores) as an entry of their own, written
+    and renamed into place as a stage's is; `compress cache ls` lists it and `clear` removes it."""
+    root = root or cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    temporary = root / f"{TEMPORARY}{key}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        (temporary / "output").mkdir(parents=True)
+        for name, data in files.items():
+            (temporary / "output" / name).write_bytes(data)
+        meta = {"cache": CACHE_VERSION, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "record": record, "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+                **about}
+        (temporary / ENTRY).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            temporary.rename(root / key)
+        except OSError:  # stored by another run meanwhile
+            shutil.rmtree(temporary, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return lookup(key, root)
+
+
+def read_files(entry: Entry) -> Optional[dict[str, bytes]]:
+    """The files of an entry stored by store_files, or None (the entry is removed) when one no longer
+    matches the sha256 recorded when it was stored."""
+    found = {}
+    for name, expected in entry.meta["files"].items():
+        try:
+            data = (entry.output / name).read_bytes()
+        except OSError:
+            data = None
+        if data is None or hashlib.sha256(data).hexdigest() != expected:
+            log.warning("cache entry %s: %s changed since it was stored; computing it again", entry.key[:12], name)
+            shutil.rmtree(entry.folder, ignore_errors=True)
+            return None
+        found[name] = data
+    return found
 
 
 def restore(entry: Entry, workdir: Path) -> Optional[Artifact]:

@@ -344,13 +344,14 @@ def doctor(as_json: bool) -> None:
 
 @main.group()
 def cache() -> None:
-    """The stage cache that --resume and compare reuse ($COMPRESS_CACHE, default ~/.cache/compress/stages)."""
+    """The stage cache that --resume and compare reuse: stages' outputs and the baseline's scores
+    ($COMPRESS_CACHE, default ~/.cache/compress/stages)."""
 
 
 @cache.command("ls")
 @handle_errors
 def cache_ls() -> None:
-    """List stored stages: key, stage, recipe, when, how long the stage took, size."""
+    """List stored stages and baseline scores: key, stage, recipe, when, how long it took, size."""
     stored = entries()
     table = Table(title=f"stage cache: {_escape(str(cache_root()))}", title_justify="left")
     for column in ("key", "stage", "recipe", "created (UTC)", "stage seconds", "MB"):
@@ -365,16 +366,18 @@ def cache_ls() -> None:
                       f"{meta['record'].get('seconds', 0):.1f}", f"{size:.1f}")
     stdout.print(table)
     stale = stale_temporaries()
-    stdout.print(f"{len(stored)} stored stage(s), {total:.1f} MB"
+    baselines = sum(1 for entry in stored if entry.meta.get("baseline"))
+    stdout.print(f"{len(stored) - baselines} stored stage(s)"
+                 + (f" and {baselines} stored baseline score(s)" if baselines else "") + f", {total:.1f} MB"
                  + (f"; {len(stale)} half-written by killed runs (removed by `compress cache clear`)" if stale else ""))
 
 
 @cache.command("clear")
 @handle_errors
 def cache_clear() -> None:
-    """Remove every stored stage (and anything half-written by a killed run)."""
+    """Remove every stored stage and baseline score (and anything half-written by a killed run)."""
     removed, freed = clear()
-    stdout.print(f"removed {removed} stored stage(s) from {_escape(str(cache_root()))}, freed {freed:.1f} MB")
+    stdout.print(f"removed {removed} stored stage(s) and baseline score(s) from {_escape(str(cache_root()))}, freed {freed:.1f} MB")
 
 
 def _validate_checkpoint(model: Path, allow_pickle: bool) -> bool:

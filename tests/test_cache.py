@@ -45,6 +45,11 @@ def run_recipe(path, model, out, **options):
     return run(load_recipe(path), model, RunOptions(out=out, **options))
 
 
+def stages(root):
+    """The stored stages, the baseline's stored scores left out."""
+    return [entry for entry in cache.entries(root) if not entry.meta.get("baseline")]
+
+
 def test_key_follows_input_config_files_and_code(tmp_path):
     from compressor.stages.lora.merge_lora import MergeLoraConfig
     from compressor.stages.quantize.quantize import Int8DynamicConfig
@@ -72,7 +77,7 @@ def test_resume_reuses_every_unchanged_stage_and_reruns_from_the_first_change(
     path = recipe_file(tmp_path, sentences_jsonl)
     first = run_recipe(path, tiny_classifier, tmp_path / "first")
     assert [s["cached"] for s in first.json["stages"]] == [False, False]
-    assert len(cache.entries(stage_cache)) == 2
+    assert len(stages(stage_cache)) == 2
     again = run_recipe(path, tiny_classifier, tmp_path / "again", resume=True)
     assert [s["cached"] for s in again.json["stages"]] == [True, True]
     assert sha256_file(again.out / "model.onnx") == sha256_file(first.out / "model.onnx")
@@ -89,6 +94,43 @@ def test_resume_reuses_every_unchanged_stage_and_reruns_from_the_first_change(
     stored = len(cache.entries(stage_cache))
     run_recipe(changed, tiny_classifier, tmp_path / "uncached", cache=False)
     assert len(cache.entries(stage_cache)) == stored
+
+
+def test_the_baseline_is_evaluated_once_per_checkpoint_and_evaluation(tiny_classifier, sentences_jsonl, tmp_path,
+                                                                      stage_cache, monkeypatch):
+    import compressor.pipeline as pipeline
+
+    path = recipe_file(tmp_path, sentences_jsonl)
+    first = run_recipe(path, tiny_classifier, tmp_path / "first")
+    assert [e.meta["stage"] for e in cache.entries(stage_cache) if e.meta.get("baseline")] == ["baseline evaluation"]
+    evaluated, evaluate = [], pipeline.evaluate
+
+    def counted(task, runner, *args, **kwargs):
+        evaluated.append(runner.name)
+        return evaluate(task, runner, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "evaluate", counted)
+    # Another recipe on the same checkpoint and evaluation: only its result is evaluated, and it is judged
+    # against the stored baseline's predictions exactly as against freshly computed ones.
+    changed = recipe_file(tmp_path, sentences_jsonl, per_channel=True, name="changed.yaml")
+    reused = run_recipe(changed, tiny_classifier, tmp_path / "reused", resume=True).json
+    assert evaluated == ["result"]
+    assert any("reused from the stage cache" in note for note in reused["notes"])
+    fresh = run_recipe(changed, tiny_classifier, tmp_path / "fresh", cache=False).json
+    assert evaluated == ["result", "baseline", "result"]
+    assert reused["baseline"]["metrics"] == fresh["baseline"]["metrics"] == first.json["baseline"]["metrics"]
+    assert reused["result"]["metrics"] == fresh["result"]["metrics"]
+    assert reused["baseline"]["classes"] == fresh["baseline"]["classes"]
+    # Another evaluation setting is another baseline; without --resume the baseline is evaluated again.
+    other = write_recipe(tmp_path, changed.read_text().replace("batch_size: 8", "batch_size: 8\n  max_length: 16"),
+                         name="other.yaml")
+    run_recipe(other, tiny_classifier, tmp_path / "other", resume=True)
+    run_recipe(changed, tiny_classifier, tmp_path / "again")
+    assert evaluated == ["result", "baseline", "result", "baseline", "result", "baseline", "result"]
+    # A stored entry whose file changed is dropped and the baseline evaluated again.
+    stored = next(e for e in cache.entries(stage_cache) if e.meta.get("baseline"))
+    (stored.output / "evaluation.json").write_text("{}")
+    run_recipe(path, tiny_classifier, tmp_path / "after-damage", resume=True)
+    assert evaluated[-2:] == ["baseline", "result"]
 
 
 KILL_IN_QUANTIZE = textwrap.dedent("""
@@ -144,9 +186,10 @@ def test_cache_ls_and_clear(tiny_classifier, sentences_jsonl, tmp_path, stage_ca
     listed = CliRunner().invoke(main, ["cache", "ls"], terminal_width=200)
     assert listed.exit_code == 0, listed.output
     assert "export_onnx" in listed.output and "quantize" in listed.output and "tiny-cached" in listed.output
-    assert "2 stored stage(s)" in listed.output and "1 half-written" in listed.output
+    assert "baseline evaluation" in listed.output
+    assert "2 stored stage(s) and 1 stored baseline score(s)" in listed.output and "1 half-written" in listed.output
     cleared = CliRunner().invoke(main, ["cache", "clear"])
-    assert cleared.exit_code == 0 and "removed 2 stored stage(s)" in cleared.output
+    assert cleared.exit_code == 0 and "removed 3 stored stage(s) and baseline score(s)" in cleared.output
     assert not list(stage_cache.iterdir())
     assert "0 stored stage(s)" in CliRunner().invoke(main, ["cache", "ls"]).output
 

@@ -6,6 +6,7 @@ recipe is refused before a stage runs."""
 import json
 import random
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -165,6 +166,18 @@ def test_greedy_generation_recomputing_matches_the_kv_cache_path(bos_llama, tmp_
     assert reference.metrics() == {"generation_exact_match": 1.0, "generation_prefix_tokens": 8.0}
 
 
+def test_prompts_of_one_length_decode_together_as_each_would_alone(bos_llama, monkeypatch):
+    runner = make_runner(TorchModel(bos_llama, TASK), "t", threads=2)
+    ids = [[2, 9, 10, 11], [2, 30, 31, 32], [2, 9, 10, 11, 12, 13], [2, 40, 41, 42]]
+    alone = [greedy_tokens(runner, prompt, 10) for prompt in ids]
+    assert len({tuple(tokens) for tokens in alone}) > 1  # the prompts lead to different generations
+    eos = next(token for token in alone[1] if token not in alone[0])  # ends the second prompt's row only
+    expected = [greedy_tokens(runner, prompt, 10, stop=lambda tokens: tokens[-1] == eos) for prompt in ids]
+    assert len(expected[1]) < 10 and len(expected[0]) == 10
+    monkeypatch.setattr("compressor.generation_fidelity.greedy_tokens", None)  # only the batched path may run
+    assert generate(runner, SimpleNamespace(eos_token_id=eos), ids, 10).tokens == expected
+
+
 def test_fidelity_metrics_count_exact_generations_and_matching_prefixes():
     base = Generations([[1, 2, 3, 4], [5, 6, 7, 8], [9, 9]])
     other = Generations([[1, 2, 3, 4], [5, 6, 0, 8], [1, 9]])
@@ -227,6 +240,29 @@ def test_a_run_gates_on_task_metrics_and_generation_fidelity(bos_llama, sentence
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert "compress_sentence_ending/acc | " in markdown and " ± " in markdown
     assert result.report.verdict == "pass"
+
+
+def test_a_second_run_scores_only_its_result_and_reports_the_same(bos_llama, sentences_text, tmp_path, monkeypatch):
+    import compressor.task_scores as task_scores
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    recipe = write_recipe(tmp_path, _recipe(sentences_text, "  - {type: quantize, scheme: fp8}", GOALS,
+                                            LM_EVAL.format(data=sentences_text)))
+    first = run(parse_recipe(recipe.read_text(), str(recipe)), bos_llama, RunOptions(out=tmp_path / "first")).json
+    scored, generate_, score_ = [], task_scores.generate, task_scores.score
+    monkeypatch.setattr(task_scores, "generate", lambda runner, *a, **k: scored.append(("generate", runner.name))
+                        or generate_(runner, *a, **k))
+    monkeypatch.setattr(task_scores, "score", lambda runner, *a, **k: scored.append(("lm-eval", runner.name))
+                        or score_(runner, *a, **k))
+    again = run(parse_recipe(recipe.read_text(), str(recipe)), bos_llama,
+                RunOptions(out=tmp_path / "again", resume=True)).json
+    assert scored == [("generate", "result"), ("lm-eval", "result")]  # the baseline's came from the cache
+    for side in ("baseline", "result"):
+        assert again[side]["metrics"] == first[side]["metrics"]
+        assert again[side]["metric_stderr"] == first[side]["metric_stderr"]
+    assert any("reused from the stage cache" in note and "generation fidelity and lm-eval scores" in note
+               for note in again["notes"])
+    assert any("lm-eval on baseline" in note for note in again["notes"])
 
 
 def test_a_changed_model_loses_generation_fidelity(bos_llama, sentences_text, tmp_path):
