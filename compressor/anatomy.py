@@ -43,21 +43,36 @@ EXPERT_CHECKPOINT_NAMES = {
 MIN_EXPERT_TOKENS = 16
 
 
-def is_fused_experts(module) -> bool:
-    """transformers 5's fused expert layout that LinearExperts reproduces: gate_up_proj (E, 2I, H) and
-    down_proj (E, H, I) parameters, no biases, act(gate) * up."""
+def fused_experts_layout(module) -> Optional[str]:
+    """Which of transformers 5's fused expert layouts `module` holds, or None:
+    - "concatenated": gate_up_proj (E, 2I, H) as [gate; up] and down_proj (E, H, I), (out, in) per expert,
+      no biases, act_fn(gate) * up (Qwen-MoE, Mixtral, DeepSeek, OLMoE);
+    - "interleaved": GPT-OSS's gate_up_proj (E, H, 2I) with gate and up in alternate columns and down_proj
+      (E, I, H), (in, out) per expert, biases on both, and its clamped SwiGLU (up + 1) * gate * sigmoid(alpha
+      gate) with alpha and limit."""
     import torch
 
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter)
-            and gate_up.ndim == 3 and down.ndim == 3 and hasattr(module, "act_fn")
-            and getattr(module, "gate_up_proj_bias", None) is None and getattr(module, "down_proj_bias", None) is None
-            and gate_up.shape[0] == down.shape[0] and gate_up.shape[1] == 2 * down.shape[2]
-            and gate_up.shape[2] == down.shape[1]
+    if not (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter)
+            and gate_up.ndim == 3 and down.ndim == 3 and gate_up.shape[0] == down.shape[0]):
+        return None
+    biases = getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None)
+    if (hasattr(module, "act_fn") and biases == (None, None)
+            and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]
             # the flags transformers' experts dispatch sets: [gate; up] concatenated, (out, in) per expert
             and getattr(module, "is_concatenated", True) and not getattr(module, "is_transposed", False)
             and not getattr(module, "has_bias", False) and getattr(module, "has_gate", True)
-            and not getattr(module, "has_post_expert_norm", False))
+            and not getattr(module, "has_post_expert_norm", False)):
+        return "concatenated"
+    if (type(module).__name__ == "GptOssExperts" and all(isinstance(b, torch.nn.Parameter) for b in biases)
+            and hasattr(module, "alpha") and hasattr(module, "limit")
+            and gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]):
+        return "interleaved"
+    return None
+
+
+def is_fused_experts(module) -> bool:
+    return fused_experts_layout(module) is not None
 
 
 def linear_experts_class():
@@ -77,6 +92,57 @@ def linear_experts_class():
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
+    class ClampedSwiGLUExpert(torch.nn.Module):
+        """One GPT-OSS expert, with biases: down((clamp(up(x)) + 1) * g * sigmoid(alpha g)), g = gate(x) clamped
+        from above, in GPT-OSS's own order of operations."""
+
+        def __init__(self, hidden: int, intermediate: int, alpha: float, limit: float, dtype, device):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(hidden, intermediate, bias=True, dtype=dtype, device=device)
+            self.up_proj = torch.nn.Linear(hidden, intermediate, bias=True, dtype=dtype, device=device)
+            self.down_proj = torch.nn.Linear(intermediate, hidden, bias=True, dtype=dtype, device=device)
+            self.alpha, self.limit = alpha, limit
+
+        def forward(self, x):
+            gate = self.gate_proj(x).clamp(min=None, max=self.limit)
+            up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+            return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
+
+    def _expert(fused, layout: str, index: int):
+        if layout == "concatenated":
+            experts_count, double_intermediate, hidden = fused.gate_up_proj.shape
+            intermediate = double_intermediate // 2
+            expert = ExpertMLP(hidden, intermediate, fused.act_fn, fused.gate_up_proj.dtype, fused.gate_up_proj.device)
+            gate_up = fused.gate_up_proj[index]
+            if not gate_up.is_meta:  # an empty skeleton stays empty (loading fills it)
+                expert.gate_proj.weight.copy_(gate_up[:intermediate])
+                expert.up_proj.weight.copy_(gate_up[intermediate:])
+                expert.down_proj.weight.copy_(fused.down_proj[index])
+            return expert
+        _, hidden, double_intermediate = fused.gate_up_proj.shape
+        expert = ClampedSwiGLUExpert(hidden, double_intermediate // 2, fused.alpha, fused.limit,
+                                     fused.gate_up_proj.dtype, fused.gate_up_proj.device)
+        gate_up, bias = fused.gate_up_proj[index], fused.gate_up_proj_bias[index]
+        if not gate_up.is_meta:
+            expert.gate_proj.weight.copy_(gate_up[:, ::2].T)
+            expert.up_proj.weight.copy_(gate_up[:, 1::2].T)
+            expert.gate_proj.bias.copy_(bias[::2])
+            expert.up_proj.bias.copy_(bias[1::2])
+            expert.down_proj.weight.copy_(fused.down_proj[index].T)
+            expert.down_proj.bias.copy_(fused.down_proj_bias[index])
+        return expert
+
+    def _fused_tensors(experts, layout: str) -> dict:
+        if layout == "concatenated":
+            return {"gate_up_proj": torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts]),
+                    "down_proj": torch.stack([e.down_proj.weight for e in experts])}
+        gate_up = torch.stack([torch.stack([e.gate_proj.weight.T, e.up_proj.weight.T], -1).flatten(-2)
+                               for e in experts])
+        bias = torch.stack([torch.stack([e.gate_proj.bias, e.up_proj.bias], -1).flatten(-2) for e in experts])
+        return {"gate_up_proj": gate_up, "gate_up_proj_bias": bias,
+                "down_proj": torch.stack([e.down_proj.weight.T for e in experts]),
+                "down_proj_bias": torch.stack([e.down_proj.bias for e in experts])}
+
     class LinearExperts(torch.nn.ModuleList):
         """A fused expert module's function with one ExpertMLP per expert, called as the fused one is:
         (hidden (tokens, H), top_k_index (tokens, k), top_k_weights (tokens, k)).
@@ -86,9 +152,10 @@ def linear_experts_class():
         still sums only the router's top-k choices; `routed_tokens` counts, per expert, the tokens the
         router actually chose while `counting` is on."""
 
-        def __init__(self, experts: list, fused_class: type, fused_attributes: dict):
+        def __init__(self, experts: list, fused_class: type, fused_attributes: dict, layout: str = "concatenated"):
             super().__init__(experts)
             self.num_experts = len(experts)
+            self.layout = layout  # fused_experts_layout of the module it replaces
             self.calibrate_all = False
             self.counting = False
             self.routed_tokens = [0] * len(experts)
@@ -97,24 +164,15 @@ def linear_experts_class():
 
         @classmethod
         def from_fused(cls, fused):
-            experts_count, double_intermediate, hidden = fused.gate_up_proj.shape
-            intermediate = double_intermediate // 2
-            dtype, device = fused.gate_up_proj.dtype, fused.gate_up_proj.device
-            experts = []
+            layout = fused_experts_layout(fused)
             with torch.no_grad():
-                for index in range(experts_count):
-                    expert = ExpertMLP(hidden, intermediate, fused.act_fn, dtype, device)
-                    gate_up = fused.gate_up_proj[index]
-                    if not gate_up.is_meta:  # an empty skeleton stays empty (loading fills it)
-                        expert.gate_proj.weight.copy_(gate_up[:intermediate])
-                        expert.up_proj.weight.copy_(gate_up[intermediate:])
-                        expert.down_proj.weight.copy_(fused.down_proj[index])
-                    experts.append(expert)
+                experts = [_expert(fused, layout, index) for index in range(fused.gate_up_proj.shape[0])]
             # Plain attributes (sizes, config, the dispatch flags), not nn.Module's own bookkeeping
             bookkeeping = set(vars(torch.nn.Module()))
             attributes = {key: value for key, value in vars(fused).items() if key not in bookkeeping}
-            attributes["act_fn"] = fused.act_fn
-            return cls(experts, type(fused), attributes)
+            if hasattr(fused, "act_fn"):
+                attributes["act_fn"] = fused.act_fn
+            return cls(experts, type(fused), attributes, layout)
 
         def to_fused(self):
             fused_class, attributes = self._fused
@@ -123,10 +181,8 @@ def linear_experts_class():
             for key, value in attributes.items():
                 setattr(fused, key, value)
             with torch.no_grad():
-                gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
-                down = torch.stack([e.down_proj.weight for e in self])
-            fused.gate_up_proj = torch.nn.Parameter(gate_up.contiguous())
-            fused.down_proj = torch.nn.Parameter(down.contiguous())
+                for key, tensor in _fused_tensors(self, self.layout).items():
+                    setattr(fused, key, torch.nn.Parameter(tensor.contiguous()))
             return fused
 
         def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -290,8 +346,8 @@ def _refuse_unknown_layouts(module) -> None:
                 raise UserError(
                     f"{architecture_of(module)}: {name}.{key} ({type(child).__name__}, shape "
                     f"{tuple(parameter.shape)}) is a fused layout compress does not know (known: experts as "
-                    "gate_up_proj + down_proj without biases); its weights would be left untouched, so the "
-                    "model is refused rather than silently half-compressed")
+                    "gate_up_proj + down_proj without biases, and GPT-OSS's interleaved experts with biases); its "
+                    "weights would be left untouched, so the model is refused rather than silently half-compressed")
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:
@@ -410,7 +466,8 @@ def dense_routed_experts(module):
     (_dense_experts_forward): for export. Yields how many were switched."""
     import types
 
-    switched = [child for child in module.modules() if is_fused_experts(child)]
+    # GPT-OSS's interleaved layout keeps its eager loop: the ONNX exporters refuse it with their own reason
+    switched = [child for child in module.modules() if fused_experts_layout(child) == "concatenated"]
     for child in switched:
         child.forward = types.MethodType(_dense_experts_forward, child)
     try:

@@ -100,9 +100,32 @@ def test_an_expert_no_token_reached_is_rounded_without_data(moe, monkeypatch, tm
     assert all(stats is not None for name, stats in given.items() if name != starved)
 
 
-def test_an_unknown_fused_layout_is_refused_naming_it(tmp_path):
+def test_gpt_oss_interleaved_experts_with_biases_linearize_and_fuse_back(tmp_path):
     model = _load(build_architecture(tmp_path / "gpt_oss", "gpt_oss"))
-    with pytest.raises(UserError, match=r"gpt_oss: model.layers.0.mlp.experts.gate_up_proj \(GptOssExperts"):
+    with torch.no_grad():
+        reference = model(IDS).logits
+        parts = anatomy.open_for_compression(model)
+        assert anatomy.fused_experts_layout(model.model.layers[0].mlp.experts) is None  # replaced
+        assert model.model.layers[0].mlp.experts.layout == "interleaved"
+        assert parts.routers == ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
+        expert = model.model.layers[0].mlp.experts[1]
+        assert expert.up_proj.bias is not None and expert.down_proj.bias is not None
+        torch.testing.assert_close(model(IDS).logits, reference, atol=1e-5, rtol=0)
+        expert.up_proj.weight.zero_()
+        anatomy.restore_layout(model, parts)
+        assert anatomy.fused_experts_layout(model.model.layers[0].mlp.experts) == "interleaved"
+        model.save_pretrained(tmp_path / "saved")
+        reloaded = _load(tmp_path / "saved")
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, atol=1e-6, rtol=0)
+        gate_up = reloaded.model.layers[0].mlp.experts.gate_up_proj[1]  # (hidden, 2 x intermediate), interleaved
+        assert torch.count_nonzero(gate_up[:, 1::2]) == 0 and torch.count_nonzero(gate_up[:, ::2]) == gate_up.numel() // 2
+
+
+def test_an_unknown_fused_layout_is_refused_naming_it(moe):
+    model = _load(moe)
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(experts.gate_up_proj.shape[:2]))  # a bias: unknown
+    with pytest.raises(UserError, match=r"qwen3_moe: model.layers.0.mlp.experts.gate_up_proj \(Qwen3MoeExperts"):
         anatomy.open_for_compression(model)
 
 

@@ -71,6 +71,8 @@ CELLS = {
 EXPECTED_REFUSALS = {
     ("falcon", "int4 gptq -> compressed-tensors"): "FalconLinear",
     ("gpt2", "int4 gptq -> compressed-tensors"): "Conv1D",
+    ("gpt_oss", "int4 gptq -> compressed-tensors"): "gate and up interleaved",
+    ("gpt_oss", "int4 awq"): "balancing changed",  # its (up + 1) gating is not linear in up
     ("olmo2", "w8a8-int8"): "no norm inside olmo2's blocks",
     ("olmo2", "w8a8-int8 -> compressed-tensors"): "no norm inside olmo2's blocks",
     ("opt", "fp8 -> compressed-tensors"): "(tokens, features) inputs",

@@ -33,7 +33,8 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import Field
 
-from ...anatomy import architecture_of, checkpoint_name, is_fused_experts, overrides_linear_forward
+from ...anatomy import (architecture_of, checkpoint_name, fused_experts_layout, is_fused_experts,
+                        overrides_linear_forward)
 from ...artifacts import TorchModel
 from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, load_torch_model, quantization_method
 from ...embeddings import dequantized_table, is_quantized_embedding
@@ -102,6 +103,7 @@ class ExportCompressedTensors(Stage):
                             "compressed-tensors 0.19 cannot read its zero points); quantize with symmetric: true")
         if transform is not None:
             _refuse_unloadable(empty_model(artifact.path, artifact.task, ctx.trust_remote_code), transform["layers"])
+            _refuse_interleaved_experts(module)
         if transform is not None and transform["name"] in EIGHT_BIT_ACTIVATIONS:
             _refuse_unmatched_activations(module)
         architecture = architecture_of(module)
@@ -221,6 +223,16 @@ def _refuse_unloadable(skeleton, quantized: list[str]) -> None:
                         "with their own forward on `weight`, which compressed-tensors' loader replaces with packed "
                         "tensors, so transformers could not run the folder; keep compress's own int4 / int8 result, "
                         "or write the float model")
+
+
+def _refuse_interleaved_experts(module) -> None:
+    """GPT-OSS keeps its experts as fused tensors with gate and up interleaved (and biases): transformers
+    has no per-expert layers to load quantized experts into (on the tiny GPT-OSS the reload was 0.65 off)."""
+    if any(fused_experts_layout(m) == "interleaved" or getattr(m, "layout", None) == "interleaved"
+           for m in module.modules()):
+        raise UserError(f"export_compressed_tensors: {architecture_of(module)} keeps its experts as fused tensors "
+                        "(gate and up interleaved, with biases), which transformers' compressed-tensors loader cannot "
+                        "fill from quantized per-expert layers; keep compress's own result, or write the float model")
 
 
 def _refuse_unmatched_activations(module) -> None:
@@ -350,8 +362,11 @@ def _sparsity(module, ignore: list[str]) -> dict:
     weights = [out_in_weight(layer).detach() for name, layer in module.named_modules()
                if is_linear_like(layer) and name != "lm_head" and shape_of(layer)[0] % 4 == 0]
     for layer in module.modules():  # fused experts: each expert's (outputs, inputs) rows
-        if is_fused_experts(layer):
-            weights += [p.detach().reshape(-1, p.shape[-1]) for p in (layer.gate_up_proj, layer.down_proj)]
+        layout = fused_experts_layout(layer)
+        for fused in ((layer.gate_up_proj, layer.down_proj) if layout is not None else ()):
+            # (experts, outputs, inputs): GPT-OSS stores (experts, inputs, outputs)
+            per_expert = fused.detach() if layout == "concatenated" else fused.detach().transpose(1, 2)
+            weights.append(per_expert.reshape(-1, per_expert.shape[-1]))
     if not weights:
         return {}
     zeros = sum(int((w == 0).sum()) for w in weights)
