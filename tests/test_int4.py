@@ -373,12 +373,28 @@ def test_signed_max_grid_is_onnxruntimes_and_keeps_the_extreme_weight_exact(tiny
     assert len(ours) == len(theirs) == 14 and ours == theirs
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "qwen3", "mistral", "qwen3_moe", "mixtral"])
+# per family, the modules that absorb 1/s in each block (a parallel block's one norm feeds all its readers;
+# OLMo 2 norms outputs, so only up -> down; OPT's fc1 -> fc2 has ReLU between; v -> o only without GQA)
+AWQ_SMOOTHED = {
+    "phi3": ["input_layernorm", "post_attention_layernorm"],
+    "phi": ["input_layernorm"],  # its attention's output layer is `dense`, no o_proj
+    "gpt_oss": ["input_layernorm", "post_attention_layernorm"],  # no up -> down: (clamp(up) + 1) gating
+    "falcon": ["input_layernorm"],
+    "gpt_neox": ["input_layernorm", "post_attention_layernorm"],
+    "opt": ["self_attn_layer_norm", "final_layer_norm", "self_attn.v_proj", "fc1"],
+    "gpt2": ["ln_1", "ln_2"],
+    "olmo2": ["mlp.up_proj"],
+}
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "qwen3", "mistral", "qwen3_moe", "mixtral", "deepseek_v3",
+                                  *AWQ_SMOOTHED])
 def test_awq_scaling_keeps_the_float_function_of_other_llama_style_blocks(kind, tmp_path):
     """Gemma 2 / 3 norm the MLP's input with pre_feedforward_layernorm (post_attention_layernorm norms the
     attention's output) and multiply by (1 + w): balancing must divide that norm, that way. In a
     mixture-of-experts block every expert and the router read the norm's output: the router is scaled with
-    the experts (float), so the routing does not move."""
+    the experts (float), so the routing does not move. Other layouts: the groups of AWQ_SMOOTHED, scaled with
+    arbitrary factors, leave the model's function as it was."""
     import torch
 
     from compressor.anatomy import open_for_compression
@@ -388,13 +404,16 @@ def test_awq_scaling_keeps_the_float_function_of_other_llama_style_blocks(kind, 
     from .architectures import build_architecture
 
     model = load_torch_model(TorchModel(build_architecture(tmp_path / kind, kind), "text-generation"))
-    open_for_compression(model)  # experts one Linear each
+    parts = open_for_compression(model)  # experts one Linear each, GPT-2's Conv1D as Linear
     ids = torch.tensor([[2, 40, 41, 42, 43, 44, 45, 46]])
     with torch.no_grad():
         reference = model(ids).logits
-        for block in model.model.layers:
+        for block in parts.blocks:
             mappings = block_mappings(block)
-            assert len(mappings) >= 3
+            if kind in AWQ_SMOOTHED:
+                assert [m.smooth for m in mappings] == AWQ_SMOOTHED[kind]
+            else:
+                assert len(mappings) >= 3
             if kind.startswith("gemma"):
                 assert "pre_feedforward_layernorm" in [m.smooth for m in mappings]
             if kind in ("qwen3_moe", "mixtral"):  # 4 experts' gate and up; the router scaled alongside

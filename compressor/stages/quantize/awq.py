@@ -1,4 +1,4 @@
-"""AWQ, activation-aware weight quantization (Lin et al., 2023), for Llama-style decoder blocks.
+"""AWQ, activation-aware weight quantization (Lin et al., 2023), for decoder blocks of the mainstream layouts.
 
 Input channels that carry large activations matter most to a layer's output, so before rounding,
 AWQ scales those weight columns up by s (and the layer's input down by 1/s, folded into the norm or
@@ -8,14 +8,20 @@ searched over r in [0, 1] to minimise the squared error of the enclosing module'
 round-to-nearest weights on the calibration data.
 
 Groups (layers that share an input, the module whose output is compared, the layer that absorbs 1/s):
-  q, k, v projections <- input_layernorm          (compared at self_attn's output)
+  q, k, v projections <- the norm before attention (compared at the attention's output; fused qkv_proj,
+                         query_key_value and c_attn, and DeepSeek's q_a / kv_a projections, alike)
   o projection        <- v projection             (only when their widths match: no grouped KV heads)
-  gate, up            <- post_attention_layernorm (compared at mlp's output; Gemma 2 / 3: the
+  gate, up            <- the norm before the MLP  (compared at the MLP's output; Gemma 2 / 3: the
                          pre_feedforward_layernorm, since their post_attention_layernorm norms the
-                         attention's output)
-  down projection     <- up projection            (compared at down_proj's output)
-A norm's gain is divided by s (Gemma's x * (1 + w) as (1 + w) / s - 1, smoothquant.divide_norm).
-The walk is block by block, each block calibrated on the outputs of the blocks already quantized."""
+                         attention's output; fc1 / dense_h_to_4h / c_fc where there is no gate)
+  down projection     <- up projection            (compared at down_proj's output; OPT's fc2 <- fc1 when
+                         ReLU lies between, which commutes with a positive scale)
+Parallel blocks (Phi, Falcon), whose one norm feeds attention and MLP, balance all their readers together,
+compared at the block's output. Post-norm blocks (OLMo 2) have no norm before attention or MLP: only the
+linear -> linear groups apply there. Mixture-of-experts MLPs: _moe_mappings.
+A norm's gain (and bias) is divided by s (Gemma's x * (1 + w) as (1 + w) / s - 1, smoothquant.divide_norm).
+The walk is block by block, each block calibrated on the outputs of the blocks already quantized, and a
+block whose float function moved after balancing (a reader of a scaled input left out) is refused."""
 
 from __future__ import annotations
 
@@ -44,11 +50,33 @@ class Mapping:
     scaled_only: tuple = ()  # other readers of that input, kept float: multiplied by s so they compute as before
 
 
-LLAMA_MAPPINGS = (
+# The groups, per kind of block, as (module producing the input, layers reading it, module compared). For each
+# role the first entry whose modules all exist in the block is taken.
+# A norm feeding both attention and MLP (Phi, Falcon: parallel blocks), compared at the block's output ("").
+PARALLEL_INPUT = (
+    Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"), ""),
+    Mapping("input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h"), ""),
+)
+ATTENTION_INPUT = (
     Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    Mapping("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),                                # Phi-3
+    Mapping("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn"),  # DeepSeek MLA
+    Mapping("input_layernorm", ("attention.query_key_value",), "attention"),                         # GPT-NeoX
+    Mapping("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),  # OPT
+    Mapping("ln_1", ("attn.c_attn",), "attn"),                                                       # GPT-2
+)
+MLP_INPUT = (  # only in blocks whose attention reads a norm: post-norm blocks (OLMo 2) norm the outputs instead
     Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-    Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    Mapping("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),                               # Phi-3
+    Mapping("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),                              # GPT-NeoX
+    Mapping("final_layer_norm", ("fc1",), "fc1"),                                                    # OPT
+    Mapping("ln_2", ("mlp.c_fc",), "mlp"),                                                           # GPT-2
+)
+INNER = (  # a linear layer absorbs 1/s for the one after it
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    Mapping("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),                      # OPT
+    Mapping("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),                                     # act(gate) * up
+    Mapping("fc1", ("fc2",), "fc2"),  # OPT, only with ReLU between (relu(x / s) = relu(x) / s)
 )
 
 
@@ -75,27 +103,38 @@ def _moe_mappings(block, norm: str, experts: str) -> list[Mapping]:
     readers = [f"{experts}.{i}.{p}" for i in range(count) for p in ("gate_proj", "up_proj")]
     shared = [f"{moe}.{name}" for name in ("shared_expert", "shared_experts") if _has(block, f"{moe}.{name}.up_proj")]
     readers += [f"{s}.{p}" for s in shared for p in ("gate_proj", "up_proj")]
-    float_readers = tuple(f"{moe}.{name}" for name in ("gate", "shared_expert_gate")
+    float_readers = tuple(f"{moe}.{name}" for name in ("gate", "router", "shared_expert_gate")
                           if _has(block, f"{moe}.{name}")
                           and getattr(block.get_submodule(f"{moe}.{name}"), "weight", None) is not None)
     mappings = [Mapping(norm, tuple(readers), moe, float_readers)]
-    for owner in [f"{experts}.{i}" for i in range(count)] + shared:
+    # GPT-OSS's experts gate with (clamp(up) + 1): not proportional to up, so up cannot absorb 1/s for down
+    owners = [f"{experts}.{i}" for i in range(count)] \
+        if getattr(block.get_submodule(experts), "layout", "concatenated") == "concatenated" else []
+    for owner in owners + shared:
         mappings.append(Mapping(f"{owner}.up_proj", (f"{owner}.down_proj",), f"{owner}.down_proj"))
     return mappings
 
 
+def _first(block, mappings) -> Optional[Mapping]:
+    return next((m for m in mappings if all(_has(block, n) for n in (m.smooth,) + m.balance)), None)
+
+
 def block_mappings(block) -> list[Mapping]:
-    """The groups AWQ can balance in this block; a v -> o group only when widths match."""
+    """The groups AWQ can balance in this block (a module docstring lists them); a linear -> linear group only
+    when widths match (no grouped KV heads for v -> o). Refused when none applies."""
     experts = _experts_of(block)
-    wanted = LLAMA_MAPPINGS[:2] if experts else LLAMA_MAPPINGS
-    missing = [m.smooth for m in wanted if not _has(block, m.smooth)]
-    if experts and not _has(block, "post_attention_layernorm"):
-        missing.append("post_attention_layernorm")
-    if missing:
-        raise UserError(f"quantize int4 awq: knows Llama-style decoder blocks (input_layernorm, self_attn.q/k/v/o_proj, "
-                        f"post_attention_layernorm, mlp.gate/up/down_proj or routed experts); this block lacks "
-                        f"{missing}")
-    candidates = list(wanted) + (_moe_mappings(block, "post_attention_layernorm", experts) if experts else [])
+    parallel = _first(block, PARALLEL_INPUT)
+    attention = None if parallel else _first(block, ATTENTION_INPUT)
+    candidates = [m for m in (parallel, attention) if m is not None]
+    if attention is not None and experts:
+        candidates += _moe_mappings(block, "post_attention_layernorm", experts)
+    elif attention is not None:
+        mlp = _first(block, MLP_INPUT)
+        candidates += [mlp] if mlp is not None else []
+    for inner in INNER:
+        relu = type(getattr(block, "activation_fn", None)).__name__ == "ReLU"
+        if _first(block, (inner,)) is not None and (inner.smooth != "fc1" or relu):
+            candidates.append(inner)
     usable = []
     for mapping in candidates:
         if mapping.smooth == "post_attention_layernorm" and _has(block, "pre_feedforward_layernorm"):
@@ -106,6 +145,10 @@ def block_mappings(block) -> list[Mapping]:
         width = smooth.out_features if hasattr(smooth, "out_features") else smooth.weight.shape[0]
         if all(block.get_submodule(b).in_features == width for b in mapping.balance):
             usable.append(mapping)
+    if not usable:
+        raise UserError(f"quantize int4 awq: found no group of layers to balance in {type(block).__name__} (it knows "
+                        "a norm before attention and before the MLP, v -> o and up -> down, in the layouts of Llama, "
+                        "Phi, Phi-3, Falcon, GPT-NeoX, OPT, GPT-2 and DeepSeek); use algorithm gptq")
     return usable
 
 
