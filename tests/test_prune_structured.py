@@ -96,6 +96,30 @@ def test_bert_prunes_exactly_the_silent_channels(tiny_classifier, tmp_path):
     assert details["macs_after"] == 2 * 128 * (per_layer - 64 * 128) + 64 * 64 + 64 * 2  # half the FFN
 
 
+@pytest.mark.parametrize("kind", ["opt", "phi", "gpt_neox", "falcon"])
+def test_two_layer_ffn_families_prune_exactly_the_silent_channels(kind, tmp_path):
+    from compressor.stages.prune.prune_structured import FFN_PAIRS, find_blocks
+
+    from .architectures import build_architecture
+
+    up, down, field = FFN_PAIRS[kind]
+    built = build_architecture(tmp_path / kind, kind)
+
+    def silence(module):
+        for block in find_blocks(module)[1]:
+            block.get_submodule(down).weight[:, ::2] = 0  # every even FFN channel reads into nothing
+    silenced = silence_units(built, tmp_path / "silenced", "text-generation", silence)
+    result, details = structured(tmp_path / "silenced", "text-generation", tmp_path / "run", channels=0.5)
+    width = find_blocks(silenced)[1][0].get_submodule(up).weight.shape[0]  # 128; Falcon's 4 x hidden: 256
+    assert json.loads((result.path / "config.json").read_text())[field] == width // 2
+    assert torch.allclose(out(result.module), out(silenced), atol=1e-5)
+    reloaded = load_torch_model(TorchModel(result.path, "text-generation"))
+    assert all(block.get_submodule(up).weight.shape[0] == width // 2 for block in find_blocks(reloaded)[1])
+    assert torch.equal(out(reloaded), out(result.module)) and details["channels_after"] == width
+    with pytest.raises(UserError, match=f"heads of {kind.upper()}-family models cannot be removed"):
+        structured(built, "text-generation", tmp_path / "heads", heads=0.5)
+
+
 @pytest.mark.parametrize("fixture, task, family", [("tiny_classifier", "text-classification", "BERT"),
                                                    ("tiny_gpt2", "text-generation", "GPT2")])
 def test_heads_of_models_without_head_dim_are_refused(fixture, task, family, request, tmp_path):

@@ -12,7 +12,10 @@ Three block layouts are understood, found by module names rather than by class:
   so every remaining query head still has its KV head; the config's head counts change and
   `head_dim` is written explicitly, because it no longer equals hidden_size / num_attention_heads.
 
-Heads of BERT and GPT-2 models are refused: transformers 5 dropped `config.pruned_heads` and derives
+- two-layer FFN families (OPT's `fc1` / `fc2`, Phi's `mlp.fc1` / `mlp.fc2`, GPT-NeoX's and Falcon's
+  `mlp.dense_h_to_4h` / `mlp.dense_4h_to_h`, FFN_PAIRS): FFN channels, the config's width field set.
+
+Heads of BERT, GPT-2 and the two-layer FFN families are refused: transformers 5 dropped `config.pruned_heads` and derives
 their head size from hidden_size / num_attention_heads, so a model with fewer heads cannot be
 reloaded. A config holds one FFN width (and for Llama one head count) for all layers, so those are
 pruned by the same amount in every layer.
@@ -60,7 +63,28 @@ class Units:
     keep: list[int] = field(default_factory=list)
 
 
-def family(block) -> str:
+# Blocks whose FFN is one layer up and one down with an activation between: (layer whose output rows are the
+# channels, layer that reads them back, the config field holding their count). Their heads are not pruned.
+FFN_PAIRS = {
+    "opt": ("fc1", "fc2", "ffn_dim"),
+    "phi": ("mlp.fc1", "mlp.fc2", "intermediate_size"),
+    "gpt_neox": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "intermediate_size"),
+    "falcon": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "ffn_hidden_size"),
+}
+
+
+def _has_path(block, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def family(block, architecture: str = "") -> str:
+    pair = FFN_PAIRS.get(architecture)
+    if pair and all(_has_path(block, path) for path in pair[:2]):
+        return architecture
     if hasattr(block, "self_attn") and hasattr(block, "mlp") and hasattr(block.mlp, "down_proj"):
         if not all(hasattr(block.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
                 not all(hasattr(block.mlp, name) for name in ("gate_proj", "up_proj")):
@@ -73,8 +97,8 @@ def family(block) -> str:
     if hasattr(block, "attn") and hasattr(block.attn, "c_attn") and hasattr(getattr(block, "mlp", None), "c_fc"):
         return "gpt2"
     raise UserError(f"prune structured: blocks of type {type(block).__name__} are neither BERT-like "
-                    "(attention.self, intermediate, output), Llama-like (self_attn, mlp.down_proj) nor GPT-2-like "
-                    "(attn.c_attn, mlp.c_fc)")
+                    "(attention.self, intermediate, output), Llama-like (self_attn, mlp.down_proj), GPT-2-like "
+                    "(attn.c_attn, mlp.c_fc) nor a two-layer FFN of OPT, Phi, GPT-NeoX or Falcon")
 
 
 def find_blocks(module):
@@ -83,19 +107,28 @@ def find_blocks(module):
 
     lists = [(name, child) for name, child in module.named_modules()
              if isinstance(child, torch.nn.ModuleList) and len(child) and
-             any(hasattr(child[0], name) for name in ("self_attn", "attention", "attn"))]
+             any(hasattr(child[0], name) for name in ("self_attn", "self_attention", "attention", "attn"))]
     if not lists:
         raise UserError("prune structured: found no transformer blocks (an nn.ModuleList of attention blocks)")
     return max(lists, key=lambda item: len(item[1]))
 
 
+def architecture(module) -> str:
+    return getattr(getattr(module, "config", None), "model_type", "") or ""
+
+
 def plan_units(module, heads: Optional[float], channels: Optional[float]) -> list[Units]:
     prefix, blocks = find_blocks(module)
-    kind = family(blocks[0])
+    kind = family(blocks[0], architecture(module))
     units = []
     for index, block in enumerate(blocks):
         at = f"{prefix}.{index}"
-        if kind == "bert":
+        if kind in FFN_PAIRS:
+            up, down, _ = FFN_PAIRS[kind]
+            if channels:
+                units.append(Units("channels", index, shape_of(block.get_submodule(up))[1], 1, f"{at}.{down}",
+                                   [f"{at}.{up}"]))
+        elif kind == "bert":
             attention = block.attention.self
             if heads:
                 units.append(Units("heads", index, attention.num_attention_heads, attention.attention_head_size,
@@ -239,7 +272,9 @@ def apply(module, units: list[Units], kind: str) -> None:
             for path in unit.kv:
                 _replace(module, path, _rows(unit.count, head_dim, unit.keep), dim=0)
     channel_units = [u for u in units if u.kind == "channels"]
-    if channel_units and kind == "gpt2":
+    if channel_units and kind in FFN_PAIRS:
+        setattr(config, FFN_PAIRS[kind][2], len(channel_units[0].keep))
+    elif channel_units and kind == "gpt2":
         config.n_inner = len(channel_units[0].keep)
     elif channel_units:
         config.intermediate_size = len(channel_units[0].keep)
@@ -257,8 +292,8 @@ def prune_structured(module, config, task: str, feeds: Optional[list[dict]]) -> 
     return what the report shows about it."""
     import torch
 
-    kind = family(find_blocks(module)[1][0])
-    if config.heads and kind in ("bert", "gpt2"):
+    kind = family(find_blocks(module)[1][0], architecture(module))
+    if config.heads and (kind in ("bert", "gpt2") or kind in FFN_PAIRS):
         raise UserError(f"prune structured: heads of {kind.upper()}-family models cannot be removed: transformers 5 "
                         "dropped config.pruned_heads and derives their head size from hidden_size / "
                         "num_attention_heads, so the smaller model could not be reloaded; remove FFN channels "
