@@ -314,6 +314,15 @@ def overrides_linear_forward(layer) -> bool:
     return isinstance(layer, torch.nn.Linear) and type(layer).forward is not torch.nn.Linear.forward
 
 
+def has_submodule(module, path: str) -> bool:
+    """Whether `module` holds a submodule at the dotted `path`."""
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def architecture_of(module) -> str:
     config = getattr(module, "config", None)
     return getattr(config, "model_type", None) or type(module).__name__

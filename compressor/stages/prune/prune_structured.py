@@ -35,6 +35,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ...anatomy import has_submodule
 from ...checkpoint import model_class
 from ...data import torch_inputs
 from ...errors import StageFailed, UserError
@@ -73,17 +74,9 @@ FFN_PAIRS = {
 }
 
 
-def _has_path(block, path: str) -> bool:
-    try:
-        block.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
 def family(block, architecture: str = "") -> str:
     pair = FFN_PAIRS.get(architecture)
-    if pair and all(_has_path(block, path) for path in pair[:2]):
+    if pair and all(has_submodule(block, path) for path in pair[:2]):
         return architecture
     if hasattr(block, "self_attn") and hasattr(block, "mlp") and hasattr(block.mlp, "down_proj"):
         if not all(hasattr(block.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")) or \

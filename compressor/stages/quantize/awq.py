@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from ...anatomy import MIN_EXPERT_TOKENS, CalibratingExperts, is_linear_experts
+from ...anatomy import MIN_EXPERT_TOKENS, CalibratingExperts, has_submodule, is_linear_experts
 from ...errors import StageFailed, UserError
 from .int4_gptq import dequantize, rtn_quantize
 from .smoothquant import divide_norm
@@ -80,14 +80,6 @@ INNER = (  # a linear layer absorbs 1/s for the one after it
 )
 
 
-def _has(block, name: str) -> bool:
-    try:
-        block.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
 def _experts_of(block) -> Optional[str]:
     """The name, in the block, of its linearized routed experts (anatomy.LinearExperts), if it has them."""
     return next((name for name, child in block.named_modules() if is_linear_experts(child)), None)
@@ -101,10 +93,11 @@ def _moe_mappings(block, norm: str, experts: str) -> list[Mapping]:
     moe = experts.rpartition(".")[0]
     count = len(block.get_submodule(experts))
     readers = [f"{experts}.{i}.{p}" for i in range(count) for p in ("gate_proj", "up_proj")]
-    shared = [f"{moe}.{name}" for name in ("shared_expert", "shared_experts") if _has(block, f"{moe}.{name}.up_proj")]
+    shared = [f"{moe}.{name}" for name in ("shared_expert", "shared_experts")
+              if has_submodule(block, f"{moe}.{name}.up_proj")]
     readers += [f"{s}.{p}" for s in shared for p in ("gate_proj", "up_proj")]
     float_readers = tuple(f"{moe}.{name}" for name in ("gate", "router", "shared_expert_gate")
-                          if _has(block, f"{moe}.{name}")
+                          if has_submodule(block, f"{moe}.{name}")
                           and getattr(block.get_submodule(f"{moe}.{name}"), "weight", None) is not None)
     mappings = [Mapping(norm, tuple(readers), moe, float_readers)]
     # GPT-OSS's experts gate with (clamp(up) + 1): not proportional to up, so up cannot absorb 1/s for down
@@ -116,7 +109,7 @@ def _moe_mappings(block, norm: str, experts: str) -> list[Mapping]:
 
 
 def _first(block, mappings) -> Optional[Mapping]:
-    return next((m for m in mappings if all(_has(block, n) for n in (m.smooth,) + m.balance)), None)
+    return next((m for m in mappings if all(has_submodule(block, n) for n in (m.smooth,) + m.balance)), None)
 
 
 def block_mappings(block) -> list[Mapping]:
@@ -137,7 +130,7 @@ def block_mappings(block) -> list[Mapping]:
             candidates.append(inner)
     usable = []
     for mapping in candidates:
-        if mapping.smooth == "post_attention_layernorm" and _has(block, "pre_feedforward_layernorm"):
+        if mapping.smooth == "post_attention_layernorm" and has_submodule(block, "pre_feedforward_layernorm"):
             # Gemma 2 / 3 norm the attention's output with post_attention_layernorm and the MLP's input with
             # pre_feedforward_layernorm: the gate and up projections read the latter
             mapping = replace(mapping, smooth="pre_feedforward_layernorm")
