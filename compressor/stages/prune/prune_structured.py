@@ -15,9 +15,9 @@ Three block layouts are understood, found by module names rather than by class:
 - two-layer FFN families (OPT's `fc1` / `fc2`, Phi's `mlp.fc1` / `mlp.fc2`, GPT-NeoX's and Falcon's
   `mlp.dense_h_to_4h` / `mlp.dense_4h_to_h`, FFN_PAIRS): FFN channels, the config's width field set.
 
-Heads of BERT, GPT-2 and the two-layer FFN families are refused: transformers 5 dropped `config.pruned_heads` and derives
-their head size from hidden_size / num_attention_heads, so a model with fewer heads cannot be
-reloaded. A config holds one FFN width (and for Llama one head count) for all layers, so those are
+Heads of BERT, GPT-2 and the two-layer FFN families are refused: transformers 5 dropped
+`config.pruned_heads` and derives their head size from hidden_size / num_attention_heads, so a model
+with fewer heads cannot be reloaded. A config holds one FFN width (and for Llama one head count) for all layers, so those are
 pruned by the same amount in every layer.
 
 Importance of a unit (a head, a KV group or an FFN channel) is measured at the projection that
