@@ -110,7 +110,7 @@ def linear_experts_class():
 
     def _expert(fused, layout: str, index: int):
         if layout == "concatenated":
-            experts_count, double_intermediate, hidden = fused.gate_up_proj.shape
+            _, double_intermediate, hidden = fused.gate_up_proj.shape
             intermediate = double_intermediate // 2
             expert = ExpertMLP(hidden, intermediate, fused.act_fn, fused.gate_up_proj.dtype, fused.gate_up_proj.device)
             gate_up = fused.gate_up_proj[index]

@@ -59,10 +59,11 @@ def checkpoint_key(checkpoint: Path) -> str:
     """The first stage's input: every file in the checkpoint folder, weights, config and tokenizer.
     Remembered for the process while no file's size or modification time changes: a run asks for it
     for the stages and again for the baseline's scores, and a 7B checkpoint takes a minute to hash."""
-    stat = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoint.rglob("*") if p.is_file()))
-    if stat not in _checkpoint_keys:
-        _checkpoint_keys[stat] = _digest_folder(checkpoint)
-    return _checkpoint_keys[stat]
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    state = tuple((str(p), info.st_size, info.st_mtime_ns) for p, info in ((p, p.stat()) for p in files))
+    if state not in _checkpoint_keys:
+        _checkpoint_keys[state] = _digest_folder(checkpoint)
+    return _checkpoint_keys[state]
 
 
 _code_digest: Optional[str] = None

@@ -377,7 +377,8 @@ def cache_ls() -> None:
 def cache_clear() -> None:
     """Remove every stored stage and baseline score (and anything half-written by a killed run)."""
     removed, freed = clear()
-    stdout.print(f"removed {removed} stored stage(s) and baseline score(s) from {_escape(str(cache_root()))}, freed {freed:.1f} MB")
+    stdout.print(f"removed {removed} stored stage(s) and baseline score(s) from {_escape(str(cache_root()))}, "
+                 f"freed {freed:.1f} MB")
 
 
 def _validate_checkpoint(model: Path, allow_pickle: bool) -> bool:

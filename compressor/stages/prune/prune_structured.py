@@ -17,8 +17,8 @@ Three block layouts are understood, found by module names rather than by class:
 
 Heads of BERT, GPT-2 and the two-layer FFN families are refused: transformers 5 dropped
 `config.pruned_heads` and derives their head size from hidden_size / num_attention_heads, so a model
-with fewer heads cannot be reloaded. A config holds one FFN width (and for Llama one head count) for all layers, so those are
-pruned by the same amount in every layer.
+with fewer heads cannot be reloaded. A config holds one FFN width (and for Llama one head count) for
+all layers, so those are pruned by the same amount in every layer.
 
 Importance of a unit (a head, a KV group or an FFN channel) is measured at the projection that
 reads it back into the residual stream (`attention.output.dense` / `o_proj`, `output.dense` /
@@ -35,7 +35,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ...anatomy import has_submodule
+from ...anatomy import architecture_of, has_submodule
 from ...checkpoint import model_class
 from ...data import torch_inputs
 from ...errors import StageFailed, UserError
@@ -106,13 +106,9 @@ def find_blocks(module):
     return max(lists, key=lambda item: len(item[1]))
 
 
-def architecture(module) -> str:
-    return getattr(getattr(module, "config", None), "model_type", "") or ""
-
-
 def plan_units(module, heads: Optional[float], channels: Optional[float]) -> list[Units]:
     prefix, blocks = find_blocks(module)
-    kind = family(blocks[0], architecture(module))
+    kind = family(blocks[0], architecture_of(module))
     units = []
     for index, block in enumerate(blocks):
         at = f"{prefix}.{index}"
@@ -285,7 +281,7 @@ def prune_structured(module, config, task: str, feeds: Optional[list[dict]]) -> 
     return what the report shows about it."""
     import torch
 
-    kind = family(find_blocks(module)[1][0], architecture(module))
+    kind = family(find_blocks(module)[1][0], architecture_of(module))
     if config.heads and (kind in ("bert", "gpt2") or kind in FFN_PAIRS):
         raise UserError(f"prune structured: heads of {kind.upper()}-family models cannot be removed: transformers 5 "
                         "dropped config.pruned_heads and derives their head size from hidden_size / "
