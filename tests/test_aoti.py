@@ -2,6 +2,7 @@
 package loaded again in a fresh Python that imports torch alone; what planning refuses; the runner's
 refusal of a package from another torch. The CUDA path runs where a GPU is (marked gpu)."""
 
+import inspect
 import json
 import subprocess
 import sys
@@ -172,3 +173,19 @@ def test_cuda_bfloat16_package_end_to_end(tiny_llama, text_file, tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["result"]["backend"] == "aoti-cuda-bfloat16" and report["stages"][0]["gpu"]
     assert report["baseline"]["backend"] == "torch-cuda-float32"
+
+
+def test_a_causal_lm_package_takes_what_its_tokenizer_makes(tiny_gpt2, tiny_llama, tmp_path):
+    """GPT-2's forward accepts token_type_ids and adds their embeddings: a package taking them would be fed
+    zeros (token 0's embedding added at every position) while the model it is compared with gets none,
+    74% of the output range apart. Causal LMs take input_ids and attention_mask, as their ONNX graphs do;
+    encoders keep token_type_ids."""
+    from compressor.stages.export.export_aoti import package_inputs
+
+    from .conftest import build_tiny
+
+    gpt2 = load_torch_model(TorchModel(tiny_gpt2, "text-generation"))
+    assert "token_type_ids" in inspect.signature(gpt2.forward).parameters
+    assert package_inputs(gpt2, "text-generation") == ("input_ids", "attention_mask")
+    bert = load_torch_model(TorchModel(build_tiny(tmp_path / "bert", "text-classification"), "text-classification"))
+    assert package_inputs(bert, "text-classification") == ("input_ids", "attention_mask", "token_type_ids")

@@ -3,7 +3,7 @@ artifact for CPU and CUDA: torch.export captures the forward pass, AOTInductor c
 and packs them with the weights, and torch loads the package without transformers or the model's code.
 It is the GPU artifact that runs where TensorRT cannot be installed.
 
-The package takes the tokenizer's tensors (input_ids, attention_mask, and token_type_ids where the model
+The package takes the tokenizer's tensors (input_ids, attention_mask, and token_type_ids where an encoder
 takes them) with batch and sequence dynamic unless fixed, and returns the task's main output. A causal
 LM's forward is exported without the KV cache (use_cache=False): full-sequence logits for perplexity,
 not a decoder. Afterwards the package is loaded as a deployment would load it and compared with the
@@ -135,12 +135,20 @@ def _main_output_module(model, task: str, inputs: tuple[str, ...]):
     return MainOutput().eval()
 
 
+def package_inputs(model, task: str) -> tuple[str, ...]:
+    """The tensors the package takes. A causal LM takes input_ids and attention_mask, as its ONNX graph
+    does: GPT-2's forward also accepts token_type_ids and adds their embeddings (wte[0] for zeros, which a
+    runner would feed), but its tokenizer never makes them, and the model it is compared with gets none."""
+    accepted = set(inspect.signature(model.forward).parameters)
+    wanted = ("input_ids", "attention_mask") if task == "text-generation" else TOKEN_INPUTS
+    return tuple(name for name in wanted if name in accepted)
+
+
 def compile_package(model, task: str, config: ExportAotiConfig, out: AotiModel, ctx: StageContext) -> dict:
     """torch.export the main-output forward, AOTInductor it into `out`, write its metadata; return the metadata."""
     import torch
 
-    accepted = set(inspect.signature(model.forward).parameters)
-    inputs = tuple(name for name in TOKEN_INPUTS if name in accepted)
+    inputs = package_inputs(model, task)
     model = model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
     static = config.static_axes or {}
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
