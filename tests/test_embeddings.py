@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -105,6 +106,51 @@ def test_int4_table_keeps_gemmas_embedding_scale_and_an_untied_head_goes_int4(un
     assert type(reloaded.get_output_embeddings()).__name__ == "Int4WeightOnlyLinear"  # rtn quantizes the head
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, result.module(IDS).logits)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_a_quantized_table_and_untied_head_export_to_onnx_with_their_codes(untied_gemma3, scheme, tmp_path):
+    """export_onnx writes the table as GatherBlockQuantized and the untied head (round to nearest puts it
+    with the 4-bit blocks) as MatMulNBits with the torch stage's codes; int4 groups of 256 over 64 hidden
+    units pad each row, which the graph cuts off. ONNX Runtime's rows (Gemma's scale applied after them)
+    and logits are torch's to float rounding."""
+    import onnx
+    import onnxruntime as ort
+
+    from compressor.stages.export.export_onnx import ExportOnnxConfig
+
+    result, _ = quantize(untied_gemma3, {"scheme": "int4-weight-only", "block_size": 256, "embeddings": scheme},
+                         tmp_path)
+    ctx = StageContext(tmp_path / "export", TASK, threads=2)
+    ctx.workdir.mkdir(parents=True)
+    exported = REGISTRY["export_onnx"].run(ExportOnnxConfig(type="export_onnx", atol=1e-4), result, ctx)
+    # round to nearest quantizes the head with the blocks: one of the int4 MatMulNBits
+    assert ctx.details["embeddings"] == f"{scheme} (GatherBlockQuantized)" and ctx.details["int4_matmuls"] == 2 * 7 + 1
+    graph = onnx.load(str(exported.path))
+    table = result.module.get_input_embeddings()
+    vocabulary_shaped = [i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                         and sorted(i.dims) == sorted(table.dequantized_weight().shape)]
+    assert vocabulary_shaped == []  # neither the float table nor a float head is left
+    # int4 rows are padded to the group of 256 and cut; int8 rows are whole blocks of 64
+    assert any(n.op_type == "Slice" and n.input[0].endswith("_padded") for n in graph.graph.node) == (scheme == "int4")
+    # The looked-up rows, read as an extra output, equal torch's dequantized rows; the logits torch's
+    gather = next(n for n in graph.graph.node if n.op_type == "GatherBlockQuantized")
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(_reshaped_output(graph, gather),
+                                                                 onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString())
+    feed = {"input_ids": IDS.numpy(), "attention_mask": np.ones_like(IDS.numpy())}
+    logits, rows = session.run(None, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})
+    assert np.array_equal(rows[0], table.dequantized_weight()[IDS[0]].numpy())
+    with torch.no_grad():
+        expected = result.module(IDS).logits.numpy()
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def _reshaped_output(graph, gather) -> str:
+    """The output of the Reshape (and Slice, when padded) turning GatherBlockQuantized's blocks into rows."""
+    reshape = next(n for n in graph.graph.node if n.op_type == "Reshape" and n.input[0] == gather.output[0])
+    cut = next((n for n in graph.graph.node if n.op_type == "Slice" and n.input[0] == reshape.output[0]), None)
+    return (cut or reshape).output[0]
 
 
 def test_gptq_leaves_an_untied_head_out_of_4_bit_but_rounds_it_to_int8(untied_gemma3, text_file, tmp_path):

@@ -32,27 +32,32 @@ def float_weights(path) -> dict[str, np.ndarray]:
             if n.op_type == "MatMul" and n.input[1] in inits}
 
 
-def decode_matmulnbits(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """MatMulNBits node name -> (dequantized K x N weight, per-block step). Layout as documented for
-    the contrib op: B is [N, blocks, block_size / 2] uint8 with the low nibble first, scales are
-    [N * blocks], zero points are packed two per byte (8 when absent)."""
+def decode_matmulnbits(path, bits: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MatMulNBits node name -> (dequantized K x N weight, per-block step), for the nodes of `bits`. Layout
+    as documented for the contrib op: B is [N, blocks, block_size * bits / 8] uint8, 4-bit codes with the low
+    nibble first, scales are [N * blocks], 4-bit zero points are packed two per byte (the midpoint, 8 or 128,
+    when absent)."""
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     decoded = {}
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "MatMulNBits" or attrs["bits"] != bits:
+            continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-        packed = inits[node.input[1]].reshape(n, -1)
-        values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.float32)
         blocks = -(-k // block)
+
+        def unpacked(array, width):
+            array = array.reshape(n, -1)
+            if bits == 4:
+                array = np.stack([array & 0x0F, array >> 4], axis=-1).reshape(n, -1)
+            return array[:, :width].astype(np.float32)
+        values = unpacked(inits[node.input[1]], k)
         scales = inits[node.input[2]].reshape(n, blocks)
         if len(node.input) > 3 and node.input[3]:
-            zp_packed = inits[node.input[3]].reshape(n, -1)
-            zeros = np.stack([zp_packed & 0x0F, zp_packed >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+            zeros = unpacked(inits[node.input[3]], blocks)
         else:
-            zeros = np.full((n, blocks), 8.0, dtype=np.float32)
+            zeros = np.full((n, blocks), 2.0 ** (bits - 1), dtype=np.float32)
         step = np.repeat(scales, block, axis=1)[:, :k]
         weight = (values - np.repeat(zeros, block, axis=1)[:, :k]) * step
         decoded[node.name] = (weight.T, step.T)
@@ -329,9 +334,31 @@ def test_torch_int4_exports_to_matmulnbits_with_its_own_codes(tiny_llama, text_f
     graph = onnx.load(str(exported.path))
     zero_points = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3]
     assert len(zero_points) == (0 if symmetric else 14)
+    # The int8 table's tied head: 8-bit MatMulNBits is far slower than a float MatMul, so both stay one float matrix
+    assert details["embeddings"] == "float (dequantized)" and not decode_matmulnbits(exported.path, bits=8)
     assert not any(p.name.startswith("float-source") for p in (tmp_path / "e").iterdir())
     assert not list((tmp_path / "e").glob("*.safetensors"))
     assert sqnr_db(logits(exported), outputs(quantized, tiny_llama)[0]) > 40
+
+
+def test_an_int4_table_and_its_tied_head_export_as_one_set_of_codes(tiny_llama, tmp_path):
+    """With `embeddings: int4` the token table becomes GatherBlockQuantized and the head tied to it a 4-bit
+    MatMulNBits reading the very same initializer: no float copy of either is left, the looked-up rows are
+    torch's, and the logits torch's."""
+    quantized, _ = torch_quantize(tiny_llama, tmp_path / "q", algorithm="rtn", block_size=32, embeddings="int4")
+    exported, details = run_stage(ExportOnnxConfig(type="export_onnx", atol=1e-4), quantized, tmp_path / "e",
+                                  "text-generation")
+    assert details["embeddings"] == "int4 (GatherBlockQuantized)"
+    assert details["head"] == "int4 MatMulNBits, reading the table's codes" and details["int4_matmuls"] == 14
+    graph = onnx.load(str(exported.path))
+    gather = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+    head = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.input[1] == gather[0].input[0]]
+    assert len(gather) == len(head) == 1
+    table = quantized.module.get_input_embeddings().dequantized_weight().numpy()
+    assert np.array_equal(decode_matmulnbits(exported.path)[head[0].name][0].T, table)
+    assert not [i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                and sorted(i.dims) == sorted(table.shape)]
+    assert sqnr_db(logits(exported), outputs(quantized, tiny_llama)[0]) > 60
 
 
 def test_quantize_and_export_order_rules():

@@ -17,6 +17,7 @@ from ...errors import StageFailed, UserError
 from ...runners import make_runner
 from ..base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
 from .int4_export import int4_transform, pack_int4_matmuls, write_dequantized_checkpoint
+from .vocabulary_export import pack_vocabulary
 from .onnx_exporter import export_checkpoint
 from .w8a8_export import MIN_OPSET, eight_bit_transform, insert_qdq, onnx_problem
 from .w8a8_export import write_dequantized_checkpoint as write_dequantized_checkpoint_8bit
@@ -131,10 +132,15 @@ class ExportOnnx(Stage):
     def _export_int4(self, config: ExportOnnxConfig, artifact: TorchModel, transform: dict,
                      ctx: StageContext) -> OnnxModel:
         """Export the dequantized float copy, then put the torch stage's codes into MatMulNBits."""
-        def rewrite(model, grids):
+        def rewrite(model, written):
+            grids, vocabulary = written
             packed = pack_int4_matmuls(model, grids, transform["group_size"], transform["symmetric"])
             ctx.details.update({"int4_matmuls": packed, "int4_from": "the torch stage's codes (not refitted)",
                                 "block_size": transform["group_size"], "symmetric": transform["symmetric"]})
+            if vocabulary is not None:
+                _record_vocabulary(vocabulary, pack_vocabulary(model, vocabulary), transform["embeddings"]["head"], ctx)
+            elif transform.get("embeddings"):
+                ctx.details["embeddings"] = "float (dequantized)"
         return self._export_rewritten(config, artifact, lambda folder: write_dequantized_checkpoint(
             artifact, transform, folder, ctx), rewrite, ctx)
 
@@ -149,6 +155,19 @@ class ExportOnnx(Stage):
                                 "qdq_from": "the torch stage's codes and calibrated scales"})
         return self._export_rewritten(config, artifact, lambda folder: write_dequantized_checkpoint_8bit(
             artifact, transform, folder, ctx), rewrite, ctx)
+
+
+def _record_vocabulary(vocabulary, packed: dict, transform_head: Optional[str], ctx: StageContext) -> None:
+    ctx.details["embeddings"] = f"{vocabulary.scheme} (GatherBlockQuantized)"
+    if vocabulary.head:
+        ctx.details["head"] = (f"{vocabulary.scheme} MatMulNBits" + (", reading the table's codes"
+                                                                    if vocabulary.head_tied else ""))
+    elif transform_head:
+        ctx.details["head"] = "float (dequantized)"
+    if packed["float_weights_left"]:  # read by something besides the lookup and the head: kept, and said
+        ctx.details["float_vocabulary_left"] = packed["float_weights_left"]
+        ctx.notes.append(f"export_onnx: the float {vocabulary.table} is still read by other nodes of the graph "
+                         f"({packed['float_weights_left']}) and keeps its float size beside the quantized table")
 
 
 def _fix_axes(model: OnnxModel, axes: dict[str, int]) -> None:

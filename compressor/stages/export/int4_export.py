@@ -9,7 +9,6 @@ compute (code - zero point) * scale, so ONNX Runtime matches torch to float roun
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,7 @@ from ...embeddings import dequantized_table
 from ...errors import StageFailed, UserError
 from ...linear_layers import conv1d_names
 from ...torch_transforms import INT4_WEIGHT_ONLY, swap_modules
+from .vocabulary_export import BlockCodes, QuantizedVocabulary, codes_of, vocabulary_plan, weight_key
 
 
 def int4_transform(artifact: TorchModel) -> Optional[dict]:
@@ -36,14 +36,12 @@ def int4_transform(artifact: TorchModel) -> Optional[dict]:
     return None
 
 
-def _weight_key(weight: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(weight, dtype=np.float32).tobytes()).hexdigest()
-
-
-def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: Path, ctx) -> dict[str, tuple]:
-    """Save a float copy of the int4 model (each int4 layer an nn.Linear with its dequantized weight)
-    to `folder` as a plain safetensors checkpoint. Returns, per layer name, (weight key, codes,
-    scales, zero points) as numpy arrays, codes N x K."""
+def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: Path,
+                                 ctx) -> tuple[dict[str, tuple], Optional[QuantizedVocabulary]]:
+    """Save a float copy of the int4 model (each int4 layer an nn.Linear with its dequantized weight, the
+    quantized token table an nn.Embedding of its dequantized rows) to `folder` as a plain safetensors
+    checkpoint. Returns, per layer name, (weight key, codes, scales, zero points) as numpy arrays, codes
+    N x K; and the quantized table's and head's codes (None when the table is float)."""
     import torch
 
     skeleton = empty_model(artifact.path, artifact.task, ctx.trust_remote_code)
@@ -58,14 +56,16 @@ def write_dequantized_checkpoint(artifact: TorchModel, transform: dict, folder: 
         for name, (quantized, key) in swap_to_float(module, transform["layers"]).items():
             grids[name] = (key, quantized.codes().numpy(), quantized.weight_scale.numpy(),
                            quantized.weight_zero_point.numpy())
-        _float_table(module, transform.get("embeddings"), ctx)
+        vocabulary, note = _float_table(module, transform.get("embeddings"))
+    if note:
+        ctx.notes.append(f"export_onnx: {note}")
     # GPT-2's layers back to Conv1D, experts back to their fused tensors: the layout the model's class loads
     # (the exporter then writes a Conv1D as a Gemm or MatMul reading (inputs, outputs), matched below)
     restore_layout(module, describe(module), conv1d)
     folder.mkdir(parents=True)
     module.save_pretrained(folder, safe_serialization=True)
     copy_checkpoint_files(artifact.path, folder)
-    return grids
+    return grids, vocabulary
 
 
 def swap_to_float(module, names: list[str]) -> dict[str, tuple]:
@@ -85,35 +85,42 @@ def swap_to_float(module, names: list[str]) -> dict[str, tuple]:
             if quantized.bias is not None:
                 linear.bias.copy_(quantized.bias)
             setattr(parent, child_name, linear)
-            swapped[name] = (quantized, _weight_key(weight.numpy()))
+            swapped[name] = (quantized, weight_key(weight.numpy()))
     return swapped
 
 
-def _float_table(module, table: Optional[dict], ctx) -> None:
-    """A quantized embedding table (and the head tied to it) back to float, its dequantized values: the
-    exported graph looks rows up with a float Gather. Said in the record and the notes, since the table
-    then keeps its float size in the graph."""
+def _float_table(module, table: Optional[dict]) -> tuple[Optional[QuantizedVocabulary], Optional[str]]:
+    """A quantized embedding table (and the head quantized with it) back to float, their dequantized values,
+    for the exporter to trace. Returns the codes pack_vocabulary then puts into the graph in place of the
+    float Gather (and of the head's MatMul, where vocabulary_plan says so), or None; and a note on what stays
+    float, or None."""
     import torch
 
     if not table:
-        return
+        return None, None
     quantized = module.get_submodule(table["name"])
     weight = torch.nn.Parameter(dequantized_table(quantized), requires_grad=False)
     float_table = torch.nn.Embedding(quantized.num_embeddings, quantized.embedding_dim, quantized.padding_idx)
     float_table.weight = weight
     swap_modules(module, [table["name"]], lambda old: float_table)
+    lookup, quantized_head, note = vocabulary_plan(table["scheme"], table["head"], table["head_tied"])
+    vocabulary = QuantizedVocabulary(table["name"], weight_key(weight.numpy()), codes_of(quantized),
+                                     table["scheme"]) if lookup else None
     if table["head"]:
         head = module.get_submodule(table["head"])
         linear = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-        linear.weight = weight if table["head_tied"] else torch.nn.Parameter(
-            head.dequantized_weight(torch.float32), requires_grad=False)
+        if table["head_tied"]:
+            linear.weight = weight
+        else:
+            linear.weight = torch.nn.Parameter(head.dequantized_weight(torch.float32), requires_grad=False)
+        if quantized_head:
+            vocabulary.head, vocabulary.head_tied = table["head"], table["head_tied"]
+            if not table["head_tied"]:
+                vocabulary.head_key, vocabulary.head_codes = weight_key(linear.weight.numpy()), codes_of(head)
         if head.bias is not None:
             linear.bias.copy_(head.bias)
         swap_modules(module, [table["head"]], lambda old: linear)
-    ctx.details["embeddings"] = "float (dequantized)"
-    also = f" and the head {table['head']} a float MatMul" if table["head"] else ""
-    ctx.notes.append(f"export_onnx: the {table['scheme']} embedding table {table['name']} is a float Gather{also} in "
-                     "the graph (their dequantized values): the ONNX model keeps their float size")
+    return vocabulary, note
 
 
 def pack_int4_matmuls(model, grids: dict[str, tuple], group_size: int, symmetric: bool) -> int:
@@ -134,7 +141,7 @@ def pack_int4_matmuls(model, grids: dict[str, tuple], group_size: int, symmetric
         if init is None or len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT:
             continue
         weight = numpy_helper.to_array(init)
-        key = _weight_key(weight if gemm == "transposed" else weight.T)  # transB: (outputs, inputs)
+        key = weight_key(weight if gemm == "transposed" else weight.T)  # transB: (outputs, inputs)
         if key not in by_key:
             continue
         _, codes, scales, zeros = by_key[key]
@@ -173,28 +180,16 @@ def pack_matmulnbits(node, codes: np.ndarray, scales: np.ndarray, zeros, block_s
     from onnx import helper, numpy_helper
 
     n, k = codes.shape
-    blocks = scales.shape[1]
-    padded = np.zeros((n, blocks * block_size), dtype=np.uint8)
-    padded[:, :k] = codes
-    for b in range(blocks):  # rows past K decode to zero: code = zero point
-        tail = slice(max(k, b * block_size), (b + 1) * block_size)
-        padded[:, tail] = (zeros[:, b:b + 1] if zeros is not None else 8)
-    pairs = padded.reshape(n, blocks, block_size // 2, 2)
-    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
-    inits = [numpy_helper.from_array(packed, f"{prefix}_Q4"),
-             numpy_helper.from_array(scales.astype(np.float32).reshape(-1), f"{prefix}_scales")]
-    inputs = [node.input[0], inits[0].name, inits[1].name]
+    blocks = BlockCodes(codes, scales.astype(np.float32), zeros, 4, block_size)
+    inits = [numpy_helper.from_array(blocks.packed(), f"{prefix}_Q4"),
+             numpy_helper.from_array(blocks.scales.reshape(-1), f"{prefix}_scales")]
     if zeros is not None:
-        zp = np.zeros((n, blocks + blocks % 2), dtype=np.uint8)
-        zp[:, :blocks] = zeros
-        zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
-        inits.append(numpy_helper.from_array(zp.reshape(-1), f"{prefix}_zero_points"))
-        inputs.append(inits[-1].name)
+        inits.append(numpy_helper.from_array(blocks.packed_zeros(), f"{prefix}_zero_points"))
     attrs = {"K": k, "N": n, "bits": 4, "block_size": block_size}
     if accuracy_level is not None:
         attrs["accuracy_level"] = accuracy_level
-    new = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q4",
-                           domain="com.microsoft", **attrs)
+    new = helper.make_node("MatMulNBits", [node.input[0]] + [i.name for i in inits], list(node.output),
+                           name=f"{node.name}_Q4", domain="com.microsoft", **attrs)
     return new, inits
 
 

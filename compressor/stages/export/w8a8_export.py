@@ -29,7 +29,8 @@ from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, empty_model, m
 from ...errors import StageFailed, UserError
 from ...linear_layers import conv1d_names
 from ...torch_transforms import EIGHT_BIT_ACTIVATIONS, FP8
-from .int4_export import _plain_gemm, _weight_key, swap_to_float
+from .int4_export import _plain_gemm, swap_to_float
+from .vocabulary_export import weight_key
 
 MIN_OPSET = 19  # float8 QuantizeLinear / DequantizeLinear
 
@@ -134,7 +135,7 @@ def insert_qdq(model, layers: dict[str, tuple], transform: dict) -> int:
             order.append(node)
             continue
         weight = numpy_helper.to_array(init)
-        key = _weight_key(weight if gemm == "transposed" else weight.T)
+        key = weight_key(weight if gemm == "transposed" else weight.T)
         if key not in by_key:
             order.append(node)
             continue
