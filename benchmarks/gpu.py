@@ -193,14 +193,15 @@ def prune_2_4_and_swap(model) -> tuple[int, str]:
     """Magnitude 2:4 on every linear layer but lm_head, then the semi-structured kernels; returns the layers."""
     import torch
 
-    from compressor.sparse_kernels import candidate_layers, to_semi_structured_
+    from compressor.sparse_kernels import to_semi_structured_
     from compressor.sparsity import nm_mask
+    from compressor.stages.prune.sparsify import kernel_layers
 
     with torch.no_grad():
         for name, layer in model.named_modules():
             if isinstance(layer, torch.nn.Linear) and name != "lm_head":
                 layer.weight[nm_mask(layer.weight.abs().float(), 2, 4)] = 0
-    layers, _ = candidate_layers(model, "auto")
+    layers, _, _ = kernel_layers(model, "auto")
     return len(layers), to_semi_structured_(model, layers)
 
 

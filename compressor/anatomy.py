@@ -379,6 +379,17 @@ def find_blocks(module, linears: dict) -> tuple[Optional[str], Any]:
     return best
 
 
+def blocks_of(module) -> tuple[Optional[str], Any]:
+    """The repeated transformer blocks of a model as it is (fused experts and Conv1D layers not opened):
+    (name, nn.ModuleList), or (None, None)."""
+    return find_blocks(module, {name: child for name, child in module.named_modules() if is_linear_like(child)})
+
+
+def experts_in(module) -> list[str]:
+    """The names, inside `module`, of its expert groups (fused or linearized)."""
+    return [name for name, child in module.named_modules() if is_fused_experts(child) or is_linear_experts(child)]
+
+
 def describe(module) -> Anatomy:
     """The anatomy of a model whose experts are already linearized (or that has none)."""
     import torch

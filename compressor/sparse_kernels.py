@@ -57,16 +57,12 @@ def shape_problem(shape: tuple[int, int], backend: str) -> Optional[str]:
     return None
 
 
-def candidate_layers(module, backend: str) -> tuple[list[str], dict[str, str]]:
-    """(names of the nn.Linear layers whose weights are 2:4 sparse and fit the kernels, {name: why not} for
-    the others)."""
-    import torch
-
+def candidate_layers(layers: dict, backend: str) -> tuple[list[str], dict[str, str]]:
+    """Of `layers` (name -> nn.Linear), (the names whose weights are 2:4 sparse and fit the kernels, {name: why
+    not} for the others)."""
     chosen, skipped = [], {}
-    for name, child in module.named_modules():
-        if not isinstance(child, torch.nn.Linear):
-            continue
-        weight = child.weight.detach()
+    for name, layer in layers.items():
+        weight = layer.weight.detach()
         why = shape_problem(tuple(weight.shape), backend) or (None if is_2_4(weight) else "not 2:4 sparse")
         if why:
             skipped[name] = why

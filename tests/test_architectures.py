@@ -41,6 +41,7 @@ CELLS = {
     "prune sparsegpt 2:4": lambda cal: [{"type": "prune", "method": "sparsegpt", "pattern": "2:4",
                                          "calibration": cal}],
     "prune structured": lambda cal: [{"type": "prune", "kind": "structured", "channels": 0.25}],
+    "prune structured heads": lambda cal: [{"type": "prune", "kind": "structured", "heads": 0.5}],
     "int8 dynamic": lambda cal: [{"type": "quantize", "scheme": "int8-dynamic"}],
     "int8 weight-only": lambda cal: [{"type": "quantize", "scheme": "int8-weight-only"}],
     "int8 static (ONNX)": lambda cal: [{"type": "export_onnx"},
@@ -114,8 +115,8 @@ def _check(cell: str, kind: str, source: Path, result, records: list[dict]) -> s
                 counts = last["routed_tokens_per_expert"]
                 assert counts and all(sum(v) > 0 for v in counts.values())
         return "works"
-    if cell == "prune structured":
-        assert last["params_ratio"] < 0.99
+    if cell.startswith("prune structured"):
+        assert last["params_ratio"] < 0.99 and last["reload_max_abs_diff"] <= 1e-4, last
         return "works"
     if cell.startswith(("int4", "int8 weight", "int8 dynamic", "fp8", "w8a8")):
         quantized = records[0].get("quantized_linear_layers")

@@ -238,3 +238,39 @@ def test_smollm2_loses_a_kv_group_and_a_quarter_of_its_ffn_then_reloads_and_expo
     exported, export = run_stage(ExportOnnxConfig(type="export_onnx", atol=2.5e-3), pruned, tmp_path / "onnx",
                                  "text-generation")
     assert export["max_abs_diff"] <= 2.5e-3
+
+
+def test_heads_of_mixture_of_experts_models_and_their_per_head_vectors(tmp_path):
+    """GPT-OSS (experts, and one attention sink per query head): removing a silent KV group leaves the
+    function unchanged only if the kept heads keep their own sinks. OLMo 2 normalises whole q and k
+    projections: its q_norm / k_norm keep the kept heads' rows. The experts' channels are refused."""
+    from .architectures import build_architecture
+
+    def silence_with_sinks(module):
+        for layer in module.model.layers:
+            attention = layer.self_attn
+            attention.sinks.copy_(torch.linspace(-2, 2, attention.sinks.shape[0]))  # each head its own sink
+            width = attention.q_proj.out_features // (attention.k_proj.out_features // attention.head_dim)
+            attention.o_proj.weight[:, :width] = 0  # KV group 0 (of 2) reads into nothing
+
+    silenced = silence_units(build_architecture(tmp_path / "gpt_oss", "gpt_oss"), tmp_path / "silenced",
+                             "text-generation", silence_with_sinks)
+    result, details = structured(tmp_path / "silenced", "text-generation", tmp_path / "run", heads=0.5)
+    sinks = silenced.model.layers[0].self_attn.sinks
+    kept = result.module.model.layers[0].self_attn.sinks
+    assert torch.equal(kept, sinks[sinks.shape[0] // 2:]) and details["kv_groups_kept_by_layer"] == [1, 1]
+    assert torch.allclose(out(result.module), out(silenced), atol=1e-5)
+    assert details["reload_max_abs_diff"] == 0
+    with pytest.raises(UserError, match="mixture of experts .* their channels are not removed"):
+        structured(tmp_path / "silenced", "text-generation", tmp_path / "channels", channels=0.5)
+
+    olmo = build_architecture(tmp_path / "olmo2", "olmo2")
+    before = load_torch_model(TorchModel(olmo, "text-generation")).model.layers[0].self_attn
+    result, details = structured(olmo, "text-generation", tmp_path / "olmo", heads=0.5)
+    after = result.module.model.layers[0].self_attn
+    assert result.module.config.num_key_value_heads == 1
+    assert after.q_norm.weight.shape[0] == after.q_proj.out_features == 32
+    assert after.k_norm.weight.shape[0] == after.k_proj.out_features == 16
+    rows = [i for i in range(64) if torch.equal(before.q_proj.weight[i], after.q_proj.weight[0])]
+    assert rows and torch.equal(after.q_norm.weight, before.q_norm.weight[rows[0]:rows[0] + 32])
+    assert details["reload_max_abs_diff"] == 0

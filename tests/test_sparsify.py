@@ -54,11 +54,19 @@ def pruned_2_4(folder):
     return module
 
 
-def test_the_2_4_layers_with_kernel_shapes_are_chosen(tiny_llama):
+def test_the_2_4_layers_with_kernel_shapes_are_chosen(tiny_llama, tiny_gpt2):
+    from compressor.stages.prune.sparsify import kernel_layers
+
     module = pruned_2_4(tiny_llama)
-    chosen, skipped = sparse_kernels.candidate_layers(module, "auto")
+    chosen, skipped, _ = kernel_layers(module, "auto")
     assert len(chosen) == 2 * 7 and all(name.startswith("model.layers.") for name in chosen)
     assert set(skipped) == {"lm_head"} and "not a multiple of [32, 64]" in skipped["lm_head"]  # 93 x 64
+    # GPT-2's Conv1D layers have no kernel: named, and the model keeps them (the anatomy opens a view only)
+    gpt2 = load_torch_model(TorchModel(tiny_gpt2, "text-generation"))
+    chosen, skipped, parts = kernel_layers(gpt2, "auto")
+    assert set(parts.conv1d) <= set(skipped) and len(parts.conv1d) == 2 * 4
+    assert all("Conv1D" in skipped[name] for name in parts.conv1d) and "lm_head" not in chosen
+    assert type(gpt2.get_submodule(parts.conv1d[0])).__name__ == "Conv1D"
     dense = torch.nn.Linear(64, 64)
     assert not sparse_kernels.is_2_4(dense.weight) and sparse_kernels.is_2_4(torch.zeros(32, 64))
     assert sparse_kernels.shape_problem((32, 48), "cutlass")
@@ -138,18 +146,30 @@ def test_compress_run_on_cuda_converts_and_compares(tiny_llama, text_file, tmp_p
 
 
 def test_fused_experts_that_stay_dense_are_named_in_the_report(tmp_path):
-    """The kernels take nn.Linear weights; an MoE model's fused expert tensors run dense, and the record and a
-    note say so (the stage itself runs on CUDA only)."""
+    """The kernels take nn.Linear weights; an MoE model's fused expert tensors run dense, and the record's
+    coverage and a note say so (the stage itself runs on CUDA only). The model keeps its fused layout."""
+    from compressor.anatomy import is_fused_experts, record_coverage
     from compressor.stages import StageContext
-    from compressor.stages.prune.sparsify import _note_dense_experts
+    from compressor.stages.prune.sparsify import kernel_layers
 
     from .architectures import build_architecture
 
-    ctx = StageContext(tmp_path, "text-generation", threads=2)
     moe = load_torch_model(TorchModel(build_architecture(tmp_path / "moe", "qwen3_moe"), "text-generation"))
-    _note_dense_experts(moe, ctx)
-    assert ctx.details["dense_expert_groups"] == 2 and "experts not compressed" in ctx.notes[0]
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        for name, layer in moe.named_modules():  # 2:4 on every nn.Linear, the experts' fused tensors aside
+            if isinstance(layer, torch.nn.Linear) and name != "lm_head":
+                layer.weight[nm_mask(layer.weight.abs(), 2, 4)] = 0
+        before = moe(ids).logits
+    ctx = StageContext(tmp_path, "text-generation", threads=2)
+    chosen, skipped, parts = kernel_layers(moe, "cusparselt")
+    assert chosen and not any(parts.expert_group_of(name) for name in chosen)
+    record_coverage(parts, chosen, "sparsify", ctx)
+    assert ctx.details["experts_changed_share"] == 0 and "experts not compressed" in ctx.notes[0]
+    assert sum(is_fused_experts(child) for child in moe.modules()) == 2
+    with torch.no_grad():
+        assert torch.equal(moe(ids).logits, before)
     dense = StageContext(tmp_path, "text-generation", threads=2)
-    _note_dense_experts(load_torch_model(TorchModel(build_architecture(tmp_path / "llama", "llama"),
-                                                    "text-generation")), dense)
-    assert not dense.notes and "dense_expert_groups" not in dense.details
+    llama = pruned_2_4(build_architecture(tmp_path / "llama", "llama"))
+    record_coverage(kernel_layers(llama, "cusparselt")[2], kernel_layers(llama, "cusparselt")[0], "sparsify", dense)
+    assert not dense.notes and "experts_changed_share" not in dense.details

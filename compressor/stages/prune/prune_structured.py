@@ -35,7 +35,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ...anatomy import architecture_of, has_submodule
+from ...anatomy import architecture_of, blocks_of, experts_in, has_submodule
 from ...checkpoint import model_class
 from ...data import torch_inputs
 from ...errors import StageFailed, UserError
@@ -74,15 +74,20 @@ FFN_PAIRS = {
 }
 
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def family(block, architecture: str = "") -> str:
     pair = FFN_PAIRS.get(architecture)
     if pair and all(has_submodule(block, path) for path in pair[:2]):
         return architecture
-    if hasattr(block, "self_attn") and hasattr(block, "mlp") and hasattr(block.mlp, "down_proj"):
-        if not all(hasattr(block.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
-                not all(hasattr(block.mlp, name) for name in ("gate_proj", "up_proj")):
-            raise UserError(f"prune structured: {type(block).__name__} fuses its projections (Phi-3's qkv_proj and "
-                            "gate_up_proj) or lacks gate/up projections; heads and channels are removed from "
+    moe = bool(experts_in(block))
+    if hasattr(block, "self_attn") and hasattr(block, "mlp") and (moe or hasattr(block.mlp, "down_proj")):
+        if not all(hasattr(block.self_attn, name) for name in ATTENTION_PROJECTIONS) or \
+                not (moe or all(hasattr(block.mlp, name) for name in ("gate_proj", "up_proj"))):
+            raise UserError(f"prune structured: {type(block).__name__} has no separate q/k/v/o projections, or no "
+                            "gate/up projections (Phi-3 fuses qkv_proj and gate_up_proj; DeepSeek's latent "
+                            "attention projects keys and values together); heads and channels are removed from "
                             "separate q/k/v/o and gate/up/down layers; use unstructured pruning")
         return "llama"
     if hasattr(block, "attention") and hasattr(block, "intermediate") and hasattr(block.attention, "self"):
@@ -95,15 +100,22 @@ def family(block, architecture: str = "") -> str:
 
 
 def find_blocks(module):
-    """The base model's repeated transformer blocks and the path prefix they live under."""
-    import torch
+    """The base model's repeated transformer blocks and the path prefix they live under (the anatomy's)."""
+    prefix, blocks = blocks_of(module)
+    if blocks is None or not len(blocks):
+        raise UserError("prune structured: found no transformer blocks (an nn.ModuleList of blocks holding the "
+                        "model's linear layers)")
+    return prefix, blocks
 
-    lists = [(name, child) for name, child in module.named_modules()
-             if isinstance(child, torch.nn.ModuleList) and len(child) and
-             any(hasattr(child[0], name) for name in ("self_attn", "self_attention", "attention", "attn"))]
-    if not lists:
-        raise UserError("prune structured: found no transformer blocks (an nn.ModuleList of attention blocks)")
-    return max(lists, key=lambda item: len(item[1]))
+
+def _refuse_expert_channels(module, prefix: str, blocks, channels: Optional[float]) -> None:
+    """Mixture-of-experts blocks: heads can go, the experts' channels cannot (yet)."""
+    experts = experts_in(blocks[0])
+    if experts and channels:
+        raise UserError(f"prune structured: the feed-forward of {architecture_of(module)}'s blocks is a mixture of "
+                        f"experts ({prefix}.0.{experts[0]}); their channels are not removed (each expert would need "
+                        "its own cut of the fused tensors under one width in the config); remove attention heads "
+                        "(heads:), or prune the experts unstructured (kind: unstructured)")
 
 
 def plan_units(module, heads: Optional[float], channels: Optional[float]) -> list[Units]:
@@ -145,7 +157,7 @@ def plan_units(module, heads: Optional[float], channels: Optional[float]) -> lis
                 units.append(Units("heads", index, groups, per_group * head_dim, f"{at}.self_attn.o_proj",
                                    [f"{at}.self_attn.q_proj"], value=(f"{at}.self_attn.v_proj", head_dim),
                                    kv=[f"{at}.self_attn.k_proj", f"{at}.self_attn.v_proj"]))
-            if channels:
+            if channels:  # (a mixture-of-experts block was refused before)
                 units.append(Units("channels", index, block.mlp.down_proj.in_features, 1, f"{at}.mlp.down_proj",
                                    [f"{at}.mlp.gate_proj", f"{at}.mlp.up_proj"]))
     return units
@@ -260,6 +272,7 @@ def apply(module, units: list[Units], kind: str) -> None:
             head_dim = unit.value[1]
             for path in unit.kv:
                 _replace(module, path, _rows(unit.count, head_dim, unit.keep), dim=0)
+            _cut_per_head_parameters(module, unit, head_dim)
     channel_units = [u for u in units if u.kind == "channels"]
     if channel_units and kind in FFN_PAIRS:
         setattr(config, FFN_PAIRS[kind][2], len(channel_units[0].keep))
@@ -276,12 +289,39 @@ def apply(module, units: list[Units], kind: str) -> None:
         log.info("kept %d of %d KV groups per layer", len(unit.keep), unit.count)
 
 
+def _cut_per_head_parameters(module, unit: Units, head_dim: int) -> None:
+    """Vectors the attention module holds per head beside its projections, cut to the kept heads so that
+    none keeps the old head count: one value per query head (GPT-OSS's `sinks`), or one per query or
+    key row (OLMo 2 normalises the whole q and k projections: q_norm over heads x head_dim, k_norm over
+    KV heads x head_dim). Per-head_dim vectors (Qwen3's q_norm) are shared by all heads and stay."""
+    import torch
+
+    attention = module.get_submodule(unit.output.rpartition(".")[0])
+    per_group = unit.width // head_dim
+    query_heads = _rows(unit.count, per_group, unit.keep)
+    cuts = {module.config.num_attention_heads: query_heads,
+            unit.count * unit.width: _rows(unit.count, unit.width, unit.keep),
+            unit.count * head_dim: _rows(unit.count, head_dim, unit.keep)}
+    for name, parameter in list(attention.named_parameters()):
+        owner_path, _, key = name.rpartition(".")
+        if owner_path.split(".")[0] in ATTENTION_PROJECTIONS or parameter.ndim != 1 or parameter.shape[0] not in cuts:
+            continue
+        index = cuts[parameter.shape[0]]
+        if owner_path.startswith("k") and parameter.shape[0] == unit.count * head_dim:
+            index = _rows(unit.count, head_dim, unit.keep)  # a key norm: KV rows even when they equal query rows
+        owner = attention.get_submodule(owner_path) if owner_path else attention
+        kept = parameter.detach().index_select(0, index.to(parameter.device)).clone()
+        setattr(owner, key, torch.nn.Parameter(kept, requires_grad=parameter.requires_grad))
+
+
 def prune_structured(module, config, task: str, feeds: Optional[list[dict]]) -> dict:
     """Prune `module` in place (`feeds`: the calibration batches, for activation importance);
     return what the report shows about it."""
     import torch
 
-    kind = family(find_blocks(module)[1][0], architecture_of(module))
+    prefix, blocks = find_blocks(module)
+    _refuse_expert_channels(module, prefix, blocks, config.channels)
+    kind = family(blocks[0], architecture_of(module))
     if config.heads and (kind in ("bert", "gpt2") or kind in FFN_PAIRS):
         raise UserError(f"prune structured: heads of {kind.upper()}-family models cannot be removed: transformers 5 "
                         "dropped config.pruned_heads and derives their head size from hidden_size / "

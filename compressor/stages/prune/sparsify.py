@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from ... import aoti, sparse_kernels
-from ...anatomy import is_fused_experts
+from ...anatomy import Anatomy, open_for_compression, record_coverage, restore_layout
 from ...artifacts import TorchModel
 from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer, load_torch_model, module_to_change
 from ...data import encode
@@ -94,11 +94,13 @@ class Sparsify(Stage):
                             "give it the 2:4-pruned float model")
         refuse_quantized_checkpoint(artifact, "sparsify needs")
         module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
-        layers, skipped = sparse_kernels.candidate_layers(module, config.backend)
+        layers, skipped, parts = kernel_layers(module, config.backend)
         if not layers:
             raise StageFailed(f"sparsify: no nn.Linear layer is 2:4 sparse with a shape the kernels take "
                               f"({_first(skipped)}); prune with pattern 2:4 first")
-        _note_dense_experts(module, ctx)
+        record_coverage(parts, layers, "sparsify", ctx)
+        if parts.expert_groups:
+            ctx.details["dense_expert_groups"] = len(parts.expert_groups)
         out = ctx.workdir / "model"
         module = module.to(getattr(torch, config.dtype))
         module.save_pretrained(out, safe_serialization=True)
@@ -148,14 +150,17 @@ def _compare(artifact: TorchModel, module, record: dict, ctx: StageContext) -> d
             "max_abs_diff_sparse_vs_dense": float(np.max(np.abs(sparse - dense)))}
 
 
-def _note_dense_experts(module, ctx: StageContext) -> None:
-    """Fused expert tensors (transformers 5's mixture-of-experts layout) are 3-D parameters, not nn.Linear
-    layers: the semi-structured kernels cannot hold them, so they run dense, and the report says so."""
-    fused = [name for name, child in module.named_modules() if is_fused_experts(child)]
-    if not fused:
-        return
-    total = sum(p.numel() for p in module.parameters())
-    dense = sum(p.numel() for name in fused for p in module.get_submodule(name).parameters())
-    ctx.details["dense_expert_groups"] = len(fused)
-    ctx.notes.append(f"sparsify: experts not compressed: {len(fused)} fused expert groups ({dense / total:.0%} of "
-                     "the parameters) have no semi-structured kernel and run dense")
+def kernel_layers(module, backend: str) -> tuple[list[str], dict[str, str], Anatomy]:
+    """(the layers the kernels take, {layer: why not} for the others, the model's anatomy), from the model's
+    anatomy; `module` is left as it came. The runner swaps layers by name in the model as loaded, where
+    fused experts are 3-D tensors (no semi-structured form) and GPT-2's layers are Conv1D (the kernels take
+    nn.Linear): both run dense, experts counted in the record's coverage and noted, Conv1D layers listed."""
+    parts = open_for_compression(module)
+    try:
+        dense = {name: "GPT-2's Conv1D: the kernels take nn.Linear" for name in parts.conv1d}
+        layers = {name: layer for name, layer in parts.linears.items()
+                  if name not in dense and parts.expert_group_of(name) is None}
+        chosen, skipped = sparse_kernels.candidate_layers(layers, backend)
+    finally:
+        restore_layout(module, parts)
+    return chosen, {**dense, **skipped}, parts
