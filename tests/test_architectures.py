@@ -145,6 +145,13 @@ def _check(cell: str, kind: str, source: Path, result, records: list[dict]) -> s
     if cell == "export_aoti":  # the compiled package against the float model, on the same inputs
         assert last["relative_diff"] <= last["rtol"] and result.path.stat().st_size > 0, last
         return "works"
+    if cell == "cast bfloat16":  # every floating tensor, fused experts included
+        assert records[0]["cast_parameter_share"] == 1.0, records[0]
+    if cell == "merge_lora":  # every layer the adapter's target names match, as the anatomy sees them
+        targets = records[0]["adapters"][0]["target_modules"]
+        matched = [n for n in open_for_compression(load_torch_model(TorchModel(source, TASK))).linears
+                   if n.rsplit(".", 1)[-1] in targets]
+        assert records[0]["merged_layers"] == len(matched) >= 4 and records[0]["changed_parameter_share"] > 0
     # torch results: the outputs moved (the stage did something) but stayed finite
     before, after = _logits(TorchModel(source, TASK)), _logits(result)
     assert np.isfinite(after).all()

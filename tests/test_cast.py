@@ -32,6 +32,7 @@ def test_torch_cast_saves_half_precision_and_runs_in_it(tiny_llama, tmp_path, dt
     assert dtypes == {getattr(torch, dtype)}
     assert details["size_mb_after"] < 0.55 * details["size_mb_before"]
     assert 0 < details["relative_diff"] <= details["rtol"]  # really rounded, within tolerance
+    assert details["cast_parameter_share"] == 1.0
     # Loading the saved folder afresh keeps the dtype (the record replays the cast), and the runner says so.
     reloaded = TorchModel(result.path, "text-generation")
     module = load_torch_model(reloaded)

@@ -82,6 +82,17 @@ def test_weighted_merge_is_the_weighted_sum_of_updates(tiny_llama, llama_adapter
     assert details["max_abs_diff"] <= 1e-4
     assert details["adapter_effect_max_abs"] > 100 * max(details["max_abs_diff"], 1e-7)
     assert [a["weight"] for a in details["adapters"]] == [0.7, 0.3]
+    # The record's coverage: the layers either adapter updates, as a share of the model's parameters
+    from safetensors import safe_open
+
+    targets = set()
+    for folder in (first, second):
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
+            targets |= {key.removeprefix("base_model.model.").split(".lora_")[0] for key in handle.keys()}
+    updated = sum(base.get_submodule(name).weight.numel() for name in targets)
+    total = sum(p.numel() for p in base.parameters())  # named_parameters counts a tied tensor once
+    assert details["merged_layers"] == len(targets) >= 3
+    assert details["changed_parameter_share"] == round(updated / total, 4) > 0
 
 
 def test_merged_model_reproduces_the_unmerged_one(tiny_classifier, tmp_path):

@@ -119,12 +119,33 @@ def _cast_whole(config: CastConfig, artifact: TorchModel, ctx: StageContext) -> 
     import torch
 
     module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code).to(getattr(torch, config.dtype))
+    _record_cast_share(module, getattr(torch, config.dtype), ctx)
     out = ctx.workdir / "model"
     module.save_pretrained(out, safe_serialization=True)
     copy_checkpoint_files(artifact.path, out)
     transform = {"name": CAST, "dtype": config.dtype}
     (out / TRANSFORMS_FILE).write_text(json.dumps({"transforms": [transform]}, indent=2))
     return TorchModel(out, artifact.task, transforms=[transform], module=module.eval())
+
+
+def _record_cast_share(module, dtype, ctx: StageContext) -> None:
+    """The share of the model's floating-point parameters now in `dtype` (each shared tensor once): every one,
+    experts' fused tensors included, since `.to()` casts every tensor; a module keeping float32 on purpose
+    shows here and in a note rather than as a silent half-cast model."""
+    seen, total, cast, kept = set(), 0, 0, []
+    for name, parameter in module.named_parameters():
+        if id(parameter) in seen or not parameter.is_floating_point():
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        if parameter.dtype == dtype:
+            cast += parameter.numel()
+        else:
+            kept.append(name)
+    ctx.details["cast_parameter_share"] = round(cast / max(total, 1), 4)
+    if kept:
+        ctx.notes.append(f"cast: {len(kept)} parameter tensors stay {module.get_parameter(kept[0]).dtype} "
+                         f"(first: {kept[0]}): their module keeps its own dtype")
 
 
 def _cast_onnx(config: CastConfig, artifact: OnnxModel, ctx: StageContext) -> OnnxModel:

@@ -20,6 +20,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ... import fixtures
+from ...anatomy import open_for_compression, record_coverage, restore_layout
 from ...artifacts import TorchModel, files_size_mb
 from ...checkpoint import copy_checkpoint_files, load_torch_model, quantization_of
 from ...errors import StageFailed, UserError
@@ -123,6 +124,7 @@ class MergeLora(Stage):
             return TorchModel(out, artifact.task)
         merged_module, difference, effect = _merge_whole(config, artifact, adapters, ctx)
         _judge(config, adapters, difference, effect, ctx)
+        _record_merged_layers(merged_module, adapters, ctx)
         out = ctx.workdir / "model"
         merged_module.save_pretrained(out, safe_serialization=True)
         copy_checkpoint_files(artifact.path, out)
@@ -167,6 +169,27 @@ def _judge(config: MergeLoraConfig, adapters: list, difference: float, effect: f
     if effect == 0.0:
         ctx.notes.append("merge_lora: the adapters do not change the model's outputs on the check inputs "
                          "(an untrained adapter has lora_B = 0)")
+
+
+def adapter_layers(adapter: "Adapter") -> set[str]:
+    """The checkpoint's module names an adapter's LoRA matrices update."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter.folder / ADAPTER_WEIGHTS), framework="pt") as handle:
+        names = [key.removeprefix("base_model.model.") for key in handle.keys()]
+    return {name.split(marker)[0] for name in names for marker in (".lora_A.", ".lora_B.") if marker in name}
+
+
+def _record_merged_layers(module, adapters: list, ctx: StageContext) -> None:
+    """The anatomy's coverage of the merge: the layers the adapters updated, the rest of the model's linear
+    layers counted as left out on purpose (an adapter targets some projections, not all)."""
+    merged = set().union(*(adapter_layers(a) for a in adapters))
+    parts = open_for_compression(module)
+    try:
+        record_coverage(parts, merged, "merge_lora", ctx, excluded=[n for n in parts.linears if n not in merged])
+        ctx.details["merged_layers"] = len(merged & set(parts.linears))
+    finally:
+        restore_layout(module, parts)
 
 
 @dataclass
