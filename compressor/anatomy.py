@@ -306,6 +306,20 @@ def checkpoint_name(architecture: str, name: str) -> str:
     return f"{head}.{layers.get(last, last)}"
 
 
+# Module-name parts a family's checkpoints spell otherwise, beyond its experts (Mixtral's router)
+STORED_RENAMES = {"mixtral": ((".mlp.gate.", ".block_sparse_moe.gate."),)}
+
+
+def stored_tensor_name(architecture: str, name: str) -> str:
+    """The name a checkpoint of this family gives the tensor `name` of the model with its experts linearized
+    (`model.layers.0.mlp.experts.3.up_proj.weight`; Mixtral's `...block_sparse_moe.experts.3.w3.weight`)."""
+    owner, _, leaf = name.rpartition(".")
+    stored = f".{checkpoint_name(architecture, owner)}.{leaf}"
+    for module_part, stored_part in STORED_RENAMES.get(architecture, ()):
+        stored = stored.replace(module_part, stored_part, 1)
+    return stored[1:]
+
+
 def overrides_linear_forward(layer) -> bool:
     """An nn.Linear subclass computing with its own forward (Falcon's FalconLinear reads self.weight), which a
     loader that swaps Linear's weight for packed tensors cannot run."""

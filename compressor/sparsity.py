@@ -34,12 +34,9 @@ def row_mask(scores, sparsity: float):
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
 
 
-def select_linears(module, targets: list[str], ignore: list[str]) -> dict:
-    """name -> linear layer for the layers `targets` names and `ignore` does not (shell patterns, matched
-    against the full name or its last part), experts included and routers never (anatomy.py)."""
-    from .anatomy import describe
-
-    return describe(module).select(targets, ignore, "prune", head=True)
+def layer_sparsity(layers: dict) -> dict:
+    """name -> (zeros, weights) of each pruned layer, counted in memory."""
+    return {name: (int((layer.weight == 0).sum()), layer.weight.numel()) for name, layer in layers.items()}
 
 
 def prune_magnitude(layers: dict, config) -> None:

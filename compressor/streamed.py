@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .anatomy import is_fused_experts
+from .anatomy import (architecture_of, blocks_of, fused_experts_layout, is_fused_experts, linearize_experts,
+                      stored_tensor_name)
 from .checkpoint import model_class
 from .errors import UserError
 from .linear_layers import is_conv1d
@@ -51,14 +52,15 @@ class LayerwiseModel:
             self.module = model_class(task).from_config(config, dtype=torch.float32,
                                                         trust_remote_code=trust_remote_code)
         self.module.eval()
-        fused = next((name for name, child in self.module.named_modules() if is_fused_experts(child)), None)
-        if fused is not None:
-            raise UserError(f"{self.folder}: layer by layer does not handle mixture-of-experts models yet ({fused} "
-                            "holds fused experts, which the checkpoint stores one by one); use execution: whole")
-        self.float_names = set(self.module.state_dict())
         self.stored = set(self.checkpoint.names())
-        missing = sorted(n for n in self.float_names - self.stored
-                         if not self.tied(n) and not n.endswith("rotary_emb.inv_freq"))
+        self.architecture = architecture_of(self.module)
+        self._open_experts()
+        self.float_names = set(self.module.state_dict())  # module names, experts one by one
+        # module name -> checkpoint name, and back (they differ for some families' experts and routers)
+        self.stored_of = {name: stored_tensor_name(self.architecture, name) for name in self.float_names}
+        self.module_of = {stored: name for name, stored in self.stored_of.items()}
+        missing = sorted(self.stored_of[n] for n in self.float_names if self.stored_of[n] not in self.stored
+                         and not self.tied(n) and not n.endswith("rotary_emb.inv_freq"))
         if missing:
             raise UserError(f"{self.folder}: the checkpoint lacks {missing[:3]} (and {max(len(missing) - 3, 0)} "
                             "more) that its config's model has")
@@ -66,6 +68,29 @@ class LayerwiseModel:
         if any(is_conv1d(child) for child in self.module.modules()):
             raise UserError(f"{self.folder}: layer by layer handles nn.Linear models; this one stores its layers as "
                             "GPT-2's Conv1D (use execution: whole)")
+
+    def _open_experts(self) -> None:
+        """Fused experts become one nn.Linear each in the skeleton (anatomy.linearize_experts), as every stage
+        opens them, read from the checkpoint's per-expert tensors. Refused where the checkpoint does not hold
+        them one by one, or the layout is not gate and up concatenated."""
+        fused = {name: child for name, child in self.module.named_modules() if is_fused_experts(child)}
+        if not fused:
+            return
+        name, child = next(iter(fused.items()))
+        layout = fused_experts_layout(child)
+        first = stored_tensor_name(self.architecture, f"{name}.0.gate_proj.weight")
+        if layout != "concatenated" or first not in self.stored:
+            raise UserError(f"{self.folder}: layer by layer reads a mixture-of-experts model's experts one by one "
+                            f"from its shards ({first}); this {self.architecture} checkpoint stores them "
+                            f"fused ({name}, gate and up {layout}); use execution: whole")
+        linearize_experts(self.module)
+
+    def stored_name(self, name: str) -> str:
+        return self.stored_of.get(name, name)
+
+    def holds(self, stored: str) -> bool:
+        """Whether the checkpoint tensor `stored` is one the model's class has."""
+        return self.module_of.get(stored, stored) in self.float_names
 
     def tied(self, name: str) -> bool:
         """Whether the tensor `name` is a tied copy of the input embeddings (the checkpoint stores it once)."""
@@ -80,7 +105,7 @@ class LayerwiseModel:
         import torch
 
         dtype = dtype or torch.float32
-        state = {name: self.checkpoint.tensor(name).to(dtype) for name in names}
+        state = {self.module_of.get(name, name): self.checkpoint.tensor(name).to(dtype) for name in names}
         self.module.load_state_dict(state, strict=False, assign=True)
         self.checkpoint.close()  # unmap the shards: pages read stay out of the resident set
 
@@ -102,18 +127,21 @@ class LayerwiseModel:
         if getattr(self.module.config, "tie_word_embeddings", False):
             self.module.tie_weights()
 
-    def write(self, prefix: str, writer: ShardWriter, outside: bool = False) -> None:
+    def write(self, prefix: str, writer: ShardWriter, outside: bool = False, stored_names: bool = False) -> None:
         """Write the tensors under `prefix` (or all outside the blocks): float tensors the checkpoint held
-        go back in its dtype; new tensors (int8 codes and their scales) as they are."""
+        go back in its dtype; new tensors (int8 codes and their scales) as they are. Named as the module
+        names them (the layout compress's quantized loader reads, experts one by one), or with
+        `stored_names` as the checkpoint did (a float result, which transformers loads)."""
         for name, tensor in self.module.state_dict().items():
             inside = name.startswith(self.prefix + ".")
             if (outside and inside) or (not outside and not name.startswith(prefix)) or tensor.is_meta:
                 continue
-            if name in self.float_names and name not in self.stored:
+            stored = self.stored_name(name)
+            if name in self.float_names and stored not in self.stored:
                 continue  # a tied copy (lm_head of a model with tied embeddings): transformers ties it on load
-            if name in self.stored and tensor.is_floating_point():
+            if stored in self.stored and tensor.is_floating_point():
                 tensor = tensor.to(self.storage_dtype)
-            writer.add(name, tensor)
+            writer.add(stored if stored_names else name, tensor)
 
     def drop(self, module) -> None:
         """Release a part's weights (back to the meta device): parameters and stored buffers (int8 and int4
@@ -132,12 +160,11 @@ class LayerwiseModel:
 
 
 def _decoder_blocks(module):
-    import torch
-
-    lists = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.ModuleList)]
-    if not lists:
-        raise UserError("layer by layer: the model has no repeated blocks (an nn.ModuleList)")
-    return max(lists, key=lambda item: len(item[1]))
+    """The anatomy's blocks: the module list holding the most linear layers (not an expert group)."""
+    name, blocks = blocks_of(module)
+    if blocks is None:
+        raise UserError("layer by layer: the model has no repeated blocks (an nn.ModuleList of linear layers)")
+    return name, blocks
 
 
 def streamed_logits(model: LayerwiseModel, inputs: dict, dtype, buffers_in_dtype: bool = True):

@@ -53,7 +53,7 @@ def tensor_groups(model: LayerwiseModel) -> list[list[str]]:
     the loaded model's state, which leaves out tensors the class does not know."""
     groups = [model.checkpoint.names(model.block_prefix(index)) for index in range(len(model.blocks))]
     groups.append(model.outside_names())
-    return [[name for name in names if name in model.float_names] for names in groups]
+    return [[name for name in names if model.holds(name)] for names in groups]
 
 
 def stream_tensors(model: LayerwiseModel, writer: ShardWriter, convert, progress, description: str) -> None:

@@ -22,7 +22,7 @@ from ...artifacts import TorchModel
 from ...checkpoint import copy_checkpoint_files, load_tokenizer, load_torch_model, module_to_change
 from ...data import CalibrationConfig, calibration_batches
 from ...errors import StageFailed, UserError
-from ...sparsity import PATTERNS, prune_magnitude
+from ...sparsity import PATTERNS, layer_sparsity, prune_magnitude
 from ..base import Stage, StageConfigBase, StageContext, refuse_after_quantize, refuse_quantized_checkpoint
 from ..blockwise.layerwise import choose_execution
 from .prune_calibrated import prune_with_calibration
@@ -203,11 +203,6 @@ class Prune(Stage):
         if config.calibration is not None:
             ctx.details["calibration_samples"] = config.calibration.samples
         return TorchModel(out, artifact.task, module=module)
-
-
-def layer_sparsity(layers: dict) -> dict:
-    """name -> (zeros, weights) of each pruned layer, counted in memory."""
-    return {name: (int((layer.weight == 0).sum()), layer.weight.numel()) for name, layer in layers.items()}
 
 
 def measured_sparsity(artifact: TorchModel, names: list[str], in_memory: Optional[dict] = None) -> dict:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from ...checkpoint import copy_checkpoint_files, load_tokenizer
 from ...data import calibration_batches
 from ...errors import UserError
-from ...sparsity import prune_magnitude, select_linears
+from ...anatomy import describe, excluded_by, record_coverage
+from ...sparsity import layer_sparsity, prune_magnitude
 from ...streamed import LayerwiseModel
 from ..blockwise.layerwise import new_writer
 from .prune_calibrated import calibrated_layer_pruner, calibrated_layers_pruner
@@ -22,15 +23,19 @@ def prune_layerwise(config, artifact, ctx) -> tuple:
         raise UserError("prune: scope global ranks every weight of the model at once, which layer-by-layer "
                         "execution never holds; use scope per-layer or execution: whole")
     model = LayerwiseModel(artifact.path, artifact.task, ctx.trust_remote_code)
-    layers = select_linears(model.module, config.targets, config.ignore)
+    parts = describe(model.module)  # the skeleton's anatomy: experts one by one, routers known
+    layers = parts.select(config.targets, config.ignore, "prune", head=True)
     outside = [name for name in layers if not name.startswith(model.prefix + ".")]
     if outside and config.method != "magnitude":
         raise UserError(f"prune: {outside[:3]} lie outside the transformer blocks; add them to `ignore`")
     out = ctx.workdir / "model"
     writer = new_writer(out, model.checkpoint.nbytes(), "prune")  # same shapes, same dtype
+    counted: dict[str, tuple[int, int]] = {}
 
-    def done(index, block):
-        model.write(model.block_prefix(index), writer)
+    def done(index, block):  # a float result: under the checkpoint's names, which transformers loads
+        prefix = model.block_prefix(index)
+        counted.update(layer_sparsity({n: layer for n, layer in layers.items() if n.startswith(prefix)}))
+        model.write(prefix, writer, stored_names=True)
         model.drop(block)
 
     if config.method == "magnitude":
@@ -52,7 +57,11 @@ def prune_layerwise(config, artifact, ctx) -> tuple:
     if outside:  # magnitude only (checked above): an output head the recipe chose to prune
         with torch.no_grad():
             prune_magnitude({name: layers[name] for name in outside}, config)
-    model.write("", writer, outside=True)
+    counted.update(layer_sparsity({name: layers[name] for name in outside}))
+    reached = [name for name, (zeros, size) in counted.items() if zeros >= 0.9 * config.target_sparsity * size]
+    record_coverage(parts, reached, "prune", ctx, excluded_by(parts, layers))
+    model.write("", writer, outside=True, stored_names=True)
     writer.finish()
     copy_checkpoint_files(artifact.path, out)
-    return out, list(layers)
+    # the files name each layer as the checkpoint did (Mixtral's experts: block_sparse_moe.experts.N.w1)
+    return out, [model.stored_name(f"{name}.weight").removesuffix(".weight") for name in layers]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ... import distributed
-from ...anatomy import describe
+from ...anatomy import describe, excluded_by, record_coverage
 from ...artifacts import TorchModel
 from ...checkpoint import TRANSFORMS_FILE, copy_checkpoint_files, load_tokenizer
 from ...data import calibration_batches
@@ -29,7 +29,8 @@ def int4_layerwise(config, artifact: TorchModel, ctx: StageContext) -> TorchMode
     import torch
 
     model = LayerwiseModel(artifact.path, artifact.task, ctx.trust_remote_code)
-    layers, tied = quantized_targets(describe(model.module), config)
+    anatomy = describe(model.module)  # the skeleton's: experts one by one, routers known
+    layers, tied = quantized_targets(anatomy, config)
     # The skeleton's head is not tied to its (empty) embeddings as a loaded model's is: ask the config.
     tied += [name for name in layers if model.tied(f"{name}.weight")]
     layers = {name: layer for name, layer in layers.items() if name not in tied}
@@ -77,6 +78,7 @@ def int4_layerwise(config, artifact: TorchModel, ctx: StageContext) -> TorchMode
     result = TorchModel(out, artifact.task, transforms=[transform])
     kept = [name for name in tied if table is None or name != table["head"]]
     record_int4(config, artifact, result, list(layers), kept, ctx)
+    record_coverage(anatomy, list(layers), STAGE, ctx, excluded_by(anatomy, layers))
     return result
 
 
