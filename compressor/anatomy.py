@@ -306,18 +306,17 @@ def checkpoint_name(architecture: str, name: str) -> str:
     return f"{head}.{layers.get(last, last)}"
 
 
-# Module-name parts a family's checkpoints spell otherwise, beyond its experts (Mixtral's router)
-STORED_RENAMES = {"mixtral": ((".mlp.gate.", ".block_sparse_moe.gate."),)}
-
-
-def stored_tensor_name(architecture: str, name: str) -> str:
-    """The name a checkpoint of this family gives the tensor `name` of the model with its experts linearized
-    (`model.layers.0.mlp.experts.3.up_proj.weight`; Mixtral's `...block_sparse_moe.experts.3.w3.weight`)."""
-    owner, _, leaf = name.rpartition(".")
-    stored = f".{checkpoint_name(architecture, owner)}.{leaf}"
-    for module_part, stored_part in STORED_RENAMES.get(architecture, ()):
-        stored = stored.replace(module_part, stored_part, 1)
-    return stored[1:]
+def expert_module_name(architecture: str, name: str) -> str:
+    """The linearized expert tensor a checkpoint's per-expert tensor `name` is, once the family's own
+    renaming has run (Mixtral's `...mlp.experts.3.w3.weight` -> `...mlp.experts.3.up_proj.weight`);
+    other names unchanged."""
+    rename = EXPERT_CHECKPOINT_NAMES.get(architecture)
+    parts = name.split(".")
+    if rename is None or len(parts) < 4 or parts[-4] != "experts" or not parts[-3].isdigit():
+        return name
+    module_layers = {stored: module for module, stored in rename[2].items()}
+    parts[-2] = module_layers.get(parts[-2], parts[-2])
+    return ".".join(parts)
 
 
 def overrides_linear_forward(layer) -> bool:

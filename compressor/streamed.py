@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .anatomy import (architecture_of, blocks_of, fused_experts_layout, is_fused_experts, linearize_experts,
-                      stored_tensor_name)
+from .anatomy import (architecture_of, blocks_of, expert_module_name, fused_experts_layout, is_fused_experts,
+                      linearize_experts)
 from .checkpoint import model_class
 from .errors import UserError
 from .linear_layers import is_conv1d
@@ -56,10 +56,12 @@ class LayerwiseModel:
         self.architecture = architecture_of(self.module)
         self._open_experts()
         self.float_names = set(self.module.state_dict())  # module names, experts one by one
-        # module name -> checkpoint name, and back (they differ for some families' experts and routers)
-        self.stored_of = {name: stored_tensor_name(self.architecture, name) for name in self.float_names}
-        self.module_of = {stored: name for name, stored in self.stored_of.items()}
-        missing = sorted(self.stored_of[n] for n in self.float_names if self.stored_of[n] not in self.stored
+        # checkpoint name -> module name, and back: they differ where transformers renames on loading
+        # (GPT-NeoX's embed_out, Mixtral's block_sparse_moe) and for experts opened one by one
+        module_name = checkpoint_renamer(self.module)
+        self.module_of = {stored: module_name(stored) for stored in self.stored}
+        self.stored_of = {name: stored for stored, name in self.module_of.items()}
+        missing = sorted(n for n in self.float_names if n not in self.stored_of
                          and not self.tied(n) and not n.endswith("rotary_emb.inv_freq"))
         if missing:
             raise UserError(f"{self.folder}: the checkpoint lacks {missing[:3]} (and {max(len(missing) - 3, 0)} "
@@ -78,8 +80,9 @@ class LayerwiseModel:
             return
         name, child = next(iter(fused.items()))
         layout = fused_experts_layout(child)
-        first = stored_tensor_name(self.architecture, f"{name}.0.gate_proj.weight")
-        if layout != "concatenated" or first not in self.stored:
+        module_name = checkpoint_renamer(self.module)
+        first = f"{name}.0.gate_proj.weight"
+        if layout != "concatenated" or first not in {module_name(stored) for stored in self.stored}:
             raise UserError(f"{self.folder}: layer by layer reads a mixture-of-experts model's experts one by one "
                             f"from its shards ({first}); this {self.architecture} checkpoint stores them "
                             f"fused ({name}, gate and up {layout}); use execution: whole")
@@ -113,10 +116,12 @@ class LayerwiseModel:
         self.load(self.checkpoint.names(self.block_prefix(index)))
 
     def load_embeddings(self) -> None:
-        """The input embeddings alone: all the calibration forward needs before the first block."""
-        table = self.module.get_input_embeddings()
-        name = next(n for n, child in self.module.named_modules() if child is table)
-        self.load([f"{name}.weight"])
+        """What the calibration forward needs before the first block: the tensors outside the blocks but the
+        output head's (the token table, and OPT's learned positions and projection, the final norm)."""
+        head = self.module.get_output_embeddings()
+        head_names = {f"{name}.{key}" for name, child in self.module.named_modules() if child is head
+                      for key, _ in child.named_parameters(recurse=False)}
+        self.load([name for name in self.outside_names() if self.module_of.get(name, name) not in head_names])
 
     def outside_names(self) -> list[str]:
         return [n for n in self.checkpoint.names() if not n.startswith(self.prefix + ".")]
@@ -157,6 +162,20 @@ class LayerwiseModel:
                 if buffer is not None and name not in part._non_persistent_buffers_set:
                     part._buffers[name] = buffer.to("meta")
         return_freed_memory()
+
+
+def checkpoint_renamer(module):
+    """A function from a checkpoint's tensor name to the name the model's module gives it: transformers'
+    own renaming rules for this model (those from_pretrained applies), then compress's names for experts
+    opened one by one (anatomy.expert_module_name)."""
+    architecture = architecture_of(module)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # a transformers without conversion rules loads checkpoints under the module's names
+        return lambda name: expert_module_name(architecture, name)
+    renamings = [rule for rule in get_model_conversion_mapping(module) if isinstance(rule, WeightRenaming)]
+    return lambda name: expert_module_name(architecture, apply_renamings(name, renamings))
 
 
 def _decoder_blocks(module):

@@ -19,6 +19,7 @@ from compressor.artifacts import OnnxModel, TorchModel
 from compressor.checkpoint import load_torch_model
 from compressor.errors import CompressError
 from compressor.recipe import StageConfig
+from compressor.shards import read_state
 from compressor.stages import REGISTRY, StageContext
 
 from .architectures import ARCHITECTURES, MOE, build_architecture
@@ -51,6 +52,9 @@ CELLS = {
                                "block_size": 16, "symmetric": True, "calibration": cal}],
     "int4 awq": lambda cal: [{"type": "quantize", "scheme": "int4-weight-only", "algorithm": "awq",
                               "block_size": 16, "symmetric": True, "calibration": cal}],
+    "int4 gptq layer by layer": lambda cal: [{**CELLS["int4 gptq"](cal)[0], "execution": "layerwise"}],
+    "prune sparsegpt 2:4 layer by layer": lambda cal: [{**CELLS["prune sparsegpt 2:4"](cal)[0],
+                                                        "execution": "layerwise"}],
     "nf4": lambda cal: [{"type": "quantize", "scheme": "nf4"}],
     "fp8": lambda cal: [{"type": "quantize", "scheme": "fp8"}],
     "w8a8-int8": lambda cal: [{"type": "quantize", "scheme": "w8a8-int8", "calibration": cal}],
@@ -187,6 +191,16 @@ def _run_cell(kind: str, cell: str, source: Path, workdir: Path, text_file) -> s
         ctx.workdir.mkdir(parents=True)
         artifact = stage.run(config, artifact, ctx)
         records.append({"type": config.type, **ctx.details})
+    if cell.endswith("layer by layer"):  # the whole-model path's tensors, written block by block
+        assert records[0]["execution"] == "layerwise"
+        whole = adapter.validate_python({**configs[0], "execution": "whole"})
+        ctx = StageContext(workdir / "whole", TASK, threads=2)
+        ctx.workdir.mkdir(parents=True)
+        expected = read_state(REGISTRY[whole.type].run(whole, TorchModel(source, TASK), ctx).path)
+        written = read_state(artifact.path)
+        assert set(written) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.allclose(written[name].float(), tensor.float(), rtol=0, atol=1e-6), name
     return _check(cell, kind, source, artifact, records)
 
 
