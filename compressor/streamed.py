@@ -12,7 +12,7 @@ from .anatomy import (architecture_of, blocks_of, expert_module_name, fused_expe
                       linearize_experts)
 from .checkpoint import model_class
 from .errors import UserError
-from .linear_layers import is_conv1d
+from .linear_layers import conv1d_to_linear
 from .shards import ShardedCheckpoint, ShardWriter
 
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -55,6 +55,9 @@ class LayerwiseModel:
         self.stored = set(self.checkpoint.names())
         self.architecture = architecture_of(self.module)
         self._open_experts()
+        # GPT-2's Conv1D layers become the nn.Linear they equal, as every stage opens them; their weights are
+        # stored inputs x outputs, so they are transposed on reading and, for a float result, on writing
+        self.transposed = {f"{name}.weight" for name in conv1d_to_linear(self.module)}
         self.float_names = set(self.module.state_dict())  # module names, experts one by one
         # checkpoint name -> module name, and back: they differ where transformers renames on loading
         # (GPT-NeoX's embed_out, Mixtral's block_sparse_moe) and for experts opened one by one
@@ -67,9 +70,6 @@ class LayerwiseModel:
             raise UserError(f"{self.folder}: the checkpoint lacks {missing[:3]} (and {max(len(missing) - 3, 0)} "
                             "more) that its config's model has")
         self.prefix, self.blocks = _decoder_blocks(self.module)
-        if any(is_conv1d(child) for child in self.module.modules()):
-            raise UserError(f"{self.folder}: layer by layer handles nn.Linear models; this one stores its layers as "
-                            "GPT-2's Conv1D (use execution: whole)")
 
     def _open_experts(self) -> None:
         """Fused experts become one nn.Linear each in the skeleton (anatomy.linearize_experts), as every stage
@@ -108,7 +108,11 @@ class LayerwiseModel:
         import torch
 
         dtype = dtype or torch.float32
-        state = {self.module_of.get(name, name): self.checkpoint.tensor(name).to(dtype) for name in names}
+        state = {}
+        for name in names:
+            module_name = self.module_of.get(name, name)
+            tensor = self.checkpoint.tensor(name)
+            state[module_name] = (tensor.T.contiguous() if module_name in self.transposed else tensor).to(dtype)
         self.module.load_state_dict(state, strict=False, assign=True)
         self.checkpoint.close()  # unmap the shards: pages read stay out of the resident set
 
@@ -146,6 +150,8 @@ class LayerwiseModel:
                 continue  # a tied copy (lm_head of a model with tied embeddings): transformers ties it on load
             if stored in self.stored and tensor.is_floating_point():
                 tensor = tensor.to(self.storage_dtype)
+            if stored_names and name in self.transposed:  # back to Conv1D's inputs x outputs
+                tensor = tensor.T.contiguous()
             writer.add(stored if stored_names else name, tensor)
 
     def drop(self, module) -> None:

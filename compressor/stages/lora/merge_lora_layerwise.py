@@ -17,8 +17,8 @@ from ...streamed import LayerwiseModel, largest_difference, streamed_logits
 from ..blockwise.layerwise import new_writer, stream_tensors
 
 # LoRA settings whose merge is more than `scaling * B @ A` added to a linear layer's weight. The whole path
-# leaves them to PEFT; here they are refused by name. fan_in_fan_out needs nothing: it applies to GPT-2's
-# Conv1D, which layer by layer refuses, and PEFT turns it off for nn.Linear.
+# leaves them to PEFT; here they are refused by name. fan_in_fan_out needs nothing: it says GPT-2's Conv1D
+# stores inputs x outputs, which the merge below knows from the model (the update added transposed).
 UNSUPPORTED = ("use_dora", "modules_to_save", "bias", "lora_bias", "alpha_pattern", "layer_replication",
                "trainable_token_indices", "target_parameters", "use_qalora", "alora_invocation_tokens",
                "megatron_config")
@@ -70,21 +70,24 @@ def merge_layerwise(model: LayerwiseModel, task: str, adapters, inputs: dict, ou
         raise UserError(f"merge_lora: the adapters update {missing[:3]}, which the checkpoint does not store (a "
                         "weight tied to the embeddings?); use execution: whole")
     writer = new_writer(out, model.checkpoint.nbytes(), "merge_lora")  # same shapes, same dtype
-    stream_tensors(model, writer, lambda name, tensor: _merged(name, tensor, updates[name]) if name in updates
-                   else tensor, ctx.progress, "merge_lora: block by block")
+    stream_tensors(model, writer, lambda name, tensor: _merged(
+        name, tensor, updates[name], model.module_of.get(name, name) in model.transposed) if name in updates
+        else tensor, ctx.progress, "merge_lora: block by block")
     writer.finish()
     copy_checkpoint_files(model.folder, out)
     return _compare(model.folder, out, task, updates, inputs, ctx)
 
 
-def _merged(name: str, tensor, parts: list[tuple]):
-    """W + scaling * B @ A for each adapter in turn, in float32 as the whole path's float32 model merges
-    (PEFT's safe merge: a non-finite result stops the stage), stored back in the checkpoint's dtype."""
+def _merged(name: str, tensor, parts: list[tuple], inputs_first: bool = False):
+    """W + scaling * B @ A for each adapter in turn (transposed for a weight stored inputs x outputs, GPT-2's
+    Conv1D), in float32 as the whole path's float32 model merges (PEFT's safe merge: a non-finite result
+    stops the stage), stored back in the checkpoint's dtype."""
     import torch
 
     weight = tensor.to(torch.float32)
     for a, b, scaling in parts:
-        weight = weight + (b @ a) * scaling
+        update = (b @ a) * scaling
+        weight = weight + (update.T if inputs_first else update)
     if not torch.isfinite(weight).all():
         raise StageFailed(f"merge_lora: merging gives non-finite values in {name}; the adapter is broken")
     return weight.to(tensor.dtype)

@@ -1,7 +1,8 @@
-"""Layer by layer on mixture-of-experts models: the skeleton opens its fused experts one nn.Linear each and
-reads them from the checkpoint's per-expert tensors (Mixtral's under their own names), so every layer-by-layer
-stage compresses the experts block by block and writes what the whole-model path writes, bit for bit; a
-checkpoint storing its experts fused (GPT-OSS) is refused with the reason."""
+"""Layer by layer beyond dense Llamas. Mixture-of-experts models: the skeleton opens its fused experts one
+nn.Linear each and reads them from the checkpoint's per-expert tensors (Mixtral's under their own names), so
+every layer-by-layer stage compresses the experts block by block and writes what the whole-model path writes,
+bit for bit; a checkpoint storing its experts fused (GPT-OSS) is refused with the reason. GPT-2: its Conv1D
+layers (weights stored inputs x outputs) are opened as nn.Linear and transposed on reading and writing."""
 
 import pytest
 import torch
@@ -94,3 +95,19 @@ def test_experts_stored_fused_are_refused_layer_by_layer(tmp_path):
     gpt_oss = sharded_copy(build_architecture(tmp_path / "built", "gpt_oss"), tmp_path / "sharded")
     with pytest.raises(UserError, match="stores them fused .*gate and up interleaved.*execution: whole"):
         LayerwiseModel(gpt_oss, TASK)
+
+
+def test_gpt2_conv1d_layers_layer_by_layer(tiny_gpt2, tmp_path):
+    """Magnitude pruning writes Conv1D's inputs x outputs back (transformers loads it), int8 the whole path's
+    nn.Linear layout, and merge_lora adds the update transposed: c_attn (64 -> 192) would not even fit
+    otherwise, and the square attn.c_proj would be silently wrong."""
+    checkpoint = sharded_copy(tiny_gpt2, tmp_path / "sharded")
+    _, _, pruned, details = _both(PruneConfig(type="prune", method="magnitude", sparsity=0.5), checkpoint,
+                                  tmp_path / "magnitude")
+    assert read_state(pruned.path)["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D's layout
+    assert details["sparsity_pruned_layers"] == pytest.approx(0.5, abs=0.01)
+    _both(Int8WeightOnlyConfig(type="quantize", scheme="int8-weight-only"), checkpoint, tmp_path / "int8")
+    make_adapter(checkpoint, TASK, tmp_path / "adapter", ["c_attn", "c_proj"])
+    _, _, _, details = _both(MergeLoraConfig(type="merge_lora", adapters=[{"path": str(tmp_path / "adapter")}]),
+                             checkpoint, tmp_path / "merge")
+    assert details["max_abs_diff"] <= 1e-4 and details["adapter_effect_max_abs"] > 0.01
