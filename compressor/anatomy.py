@@ -71,6 +71,40 @@ def fused_experts_layout(module) -> Optional[str]:
     return None
 
 
+# The tensors of each fused layout, as the module (and a checkpoint storing them fused) names them
+FUSED_EXPERT_TENSORS = {"concatenated": ("gate_up_proj", "down_proj"),
+                        "interleaved": ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
+
+
+def split_fused_experts(tensors: dict, layout: str) -> list[dict]:
+    """Per expert, its layers' tensors as nn.Linear holds them ((out, in); `gate_proj.weight`, ...,
+    GPT-OSS's biases), from a fused module's (FUSED_EXPERT_TENSORS)."""
+    gate_up, down = tensors["gate_up_proj"], tensors["down_proj"]
+    if layout == "concatenated":  # gate_up (E, 2I, H) as [gate; up], down (E, H, I)
+        half = gate_up.shape[1] // 2
+        return [{"gate_proj.weight": gate_up[e][:half], "up_proj.weight": gate_up[e][half:],
+                 "down_proj.weight": down[e]} for e in range(gate_up.shape[0])]
+    bias, down_bias = tensors["gate_up_proj_bias"], tensors["down_proj_bias"]  # (E, H, 2I) alternating, (E, I, H)
+    return [{"gate_proj.weight": gate_up[e][:, ::2].T, "up_proj.weight": gate_up[e][:, 1::2].T,
+             "gate_proj.bias": bias[e][::2], "up_proj.bias": bias[e][1::2],
+             "down_proj.weight": down[e].T, "down_proj.bias": down_bias[e]} for e in range(gate_up.shape[0])]
+
+
+def fuse_expert_tensors(experts: list[dict], layout: str) -> dict:
+    """The fused module's tensors from its experts' (split_fused_experts' inverse)."""
+    import torch
+
+    if layout == "concatenated":
+        return {"gate_up_proj": torch.stack([torch.cat([e["gate_proj.weight"], e["up_proj.weight"]]) for e in experts]),
+                "down_proj": torch.stack([e["down_proj.weight"] for e in experts])}
+    gate_up = torch.stack([torch.stack([e["gate_proj.weight"].T, e["up_proj.weight"].T], -1).flatten(-2)
+                           for e in experts])
+    bias = torch.stack([torch.stack([e["gate_proj.bias"], e["up_proj.bias"]], -1).flatten(-2) for e in experts])
+    return {"gate_up_proj": gate_up, "gate_up_proj_bias": bias,
+            "down_proj": torch.stack([e["down_proj.weight"].T for e in experts]),
+            "down_proj_bias": torch.stack([e["down_proj.bias"] for e in experts])}
+
+
 def is_fused_experts(module) -> bool:
     return fused_experts_layout(module) is not None
 
@@ -108,40 +142,19 @@ def linear_experts_class():
             up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
             return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
 
-    def _expert(fused, layout: str, index: int):
+    def _expert(fused, layout: str, tensors: Optional[dict]):
+        """One expert module of `fused`'s layout, holding `tensors` (split_fused_experts), or empty."""
         if layout == "concatenated":
             _, double_intermediate, hidden = fused.gate_up_proj.shape
-            intermediate = double_intermediate // 2
-            expert = ExpertMLP(hidden, intermediate, fused.act_fn, fused.gate_up_proj.dtype, fused.gate_up_proj.device)
-            gate_up = fused.gate_up_proj[index]
-            if not gate_up.is_meta:  # an empty skeleton stays empty (loading fills it)
-                expert.gate_proj.weight.copy_(gate_up[:intermediate])
-                expert.up_proj.weight.copy_(gate_up[intermediate:])
-                expert.down_proj.weight.copy_(fused.down_proj[index])
-            return expert
-        _, hidden, double_intermediate = fused.gate_up_proj.shape
-        expert = ClampedSwiGLUExpert(hidden, double_intermediate // 2, fused.alpha, fused.limit,
-                                     fused.gate_up_proj.dtype, fused.gate_up_proj.device)
-        gate_up, bias = fused.gate_up_proj[index], fused.gate_up_proj_bias[index]
-        if not gate_up.is_meta:
-            expert.gate_proj.weight.copy_(gate_up[:, ::2].T)
-            expert.up_proj.weight.copy_(gate_up[:, 1::2].T)
-            expert.gate_proj.bias.copy_(bias[::2])
-            expert.up_proj.bias.copy_(bias[1::2])
-            expert.down_proj.weight.copy_(fused.down_proj[index].T)
-            expert.down_proj.bias.copy_(fused.down_proj_bias[index])
+            expert = ExpertMLP(hidden, double_intermediate // 2, fused.act_fn, fused.gate_up_proj.dtype,
+                               fused.gate_up_proj.device)
+        else:
+            _, hidden, double_intermediate = fused.gate_up_proj.shape
+            expert = ClampedSwiGLUExpert(hidden, double_intermediate // 2, fused.alpha, fused.limit,
+                                         fused.gate_up_proj.dtype, fused.gate_up_proj.device)
+        for key, tensor in (tensors or {}).items():  # an empty skeleton stays empty (loading fills it)
+            expert.get_parameter(key).copy_(tensor)
         return expert
-
-    def _fused_tensors(experts, layout: str) -> dict:
-        if layout == "concatenated":
-            return {"gate_up_proj": torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts]),
-                    "down_proj": torch.stack([e.down_proj.weight for e in experts])}
-        gate_up = torch.stack([torch.stack([e.gate_proj.weight.T, e.up_proj.weight.T], -1).flatten(-2)
-                               for e in experts])
-        bias = torch.stack([torch.stack([e.gate_proj.bias, e.up_proj.bias], -1).flatten(-2) for e in experts])
-        return {"gate_up_proj": gate_up, "gate_up_proj_bias": bias,
-                "down_proj": torch.stack([e.down_proj.weight.T for e in experts]),
-                "down_proj_bias": torch.stack([e.down_proj.bias for e in experts])}
 
     class LinearExperts(torch.nn.ModuleList):
         """A fused expert module's function with one ExpertMLP per expert, called as the fused one is:
@@ -166,7 +179,10 @@ def linear_experts_class():
         def from_fused(cls, fused):
             layout = fused_experts_layout(fused)
             with torch.no_grad():
-                experts = [_expert(fused, layout, index) for index in range(fused.gate_up_proj.shape[0])]
+                tensors = None if fused.gate_up_proj.is_meta else split_fused_experts(
+                    {key: getattr(fused, key) for key in FUSED_EXPERT_TENSORS[layout]}, layout)
+                experts = [_expert(fused, layout, tensors[index] if tensors else None)
+                           for index in range(fused.gate_up_proj.shape[0])]
             # Plain attributes (sizes, config, the dispatch flags), not nn.Module's own bookkeeping
             bookkeeping = set(vars(torch.nn.Module()))
             attributes = {key: value for key, value in vars(fused).items() if key not in bookkeeping}
@@ -181,7 +197,8 @@ def linear_experts_class():
             for key, value in attributes.items():
                 setattr(fused, key, value)
             with torch.no_grad():
-                for key, tensor in _fused_tensors(self, self.layout).items():
+                state = [dict(expert.named_parameters()) for expert in self]
+                for key, tensor in fuse_expert_tensors(state, self.layout).items():
                     setattr(fused, key, torch.nn.Parameter(tensor.contiguous()))
             return fused
 

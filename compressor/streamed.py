@@ -7,9 +7,10 @@ memory is one block, the tensors outside the blocks and activations."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-from .anatomy import (architecture_of, blocks_of, expert_module_name, fused_experts_layout, is_fused_experts,
-                      linearize_experts)
+from .anatomy import (FUSED_EXPERT_TENSORS, architecture_of, blocks_of, expert_module_name, fuse_expert_tensors,
+                      fused_experts_layout, is_fused_experts, linearize_experts, split_fused_experts)
 from .checkpoint import model_class
 from .errors import UserError
 from .linear_layers import conv1d_to_linear
@@ -64,7 +65,7 @@ class LayerwiseModel:
         module_name = checkpoint_renamer(self.module)
         self.module_of = {stored: module_name(stored) for stored in self.stored}
         self.stored_of = {name: stored for stored, name in self.module_of.items()}
-        missing = sorted(n for n in self.float_names if n not in self.stored_of
+        missing = sorted(n for n in self.float_names if n not in self.stored_of and self.fused_group(n) is None
                          and not self.tied(n) and not n.endswith("rotary_emb.inv_freq"))
         if missing:
             raise UserError(f"{self.folder}: the checkpoint lacks {missing[:3]} (and {max(len(missing) - 3, 0)} "
@@ -73,27 +74,39 @@ class LayerwiseModel:
 
     def _open_experts(self) -> None:
         """Fused experts become one nn.Linear each in the skeleton (anatomy.linearize_experts), as every stage
-        opens them, read from the checkpoint's per-expert tensors. Refused where the checkpoint does not hold
-        them one by one, or the layout is not gate and up concatenated."""
-        fused = {name: child for name, child in self.module.named_modules() if is_fused_experts(child)}
+        opens them. A checkpoint holds them one by one (Qwen3-MoE, Mixtral, DeepSeek: read as they are) or
+        fused (GPT-OSS: `fused_storage`, split into experts on reading and fused back for a float result)."""
+        fused = {name: fused_experts_layout(child) for name, child in self.module.named_modules()
+                 if is_fused_experts(child)}
+        self.fused_storage: dict[str, str] = {}  # expert group -> its layout, for groups the checkpoint stores fused
         if not fused:
             return
-        name, child = next(iter(fused.items()))
-        layout = fused_experts_layout(child)
         module_name = checkpoint_renamer(self.module)
-        first = f"{name}.0.gate_proj.weight"
-        if layout != "concatenated" or first not in {module_name(stored) for stored in self.stored}:
-            raise UserError(f"{self.folder}: layer by layer reads a mixture-of-experts model's experts one by one "
-                            f"from its shards ({first}); this {self.architecture} checkpoint stores them "
-                            f"fused ({name}, gate and up {layout}); use execution: whole")
+        held = {module_name(stored) for stored in self.stored}
+        for name, layout in fused.items():
+            if f"{name}.0.gate_proj.weight" in held:
+                continue
+            if not all(f"{name}.{key}" in held for key in FUSED_EXPERT_TENSORS[layout]):
+                raise UserError(f"{self.folder}: the experts of {name} are stored neither one by one nor as the "
+                                f"{layout} fused tensors {list(FUSED_EXPERT_TENSORS[layout])}; use execution: whole")
+            self.fused_storage[name] = layout
         linearize_experts(self.module)
+
+    def fused_group(self, name: str) -> Optional[str]:
+        """The expert group stored fused that the module tensor `name` belongs to, or None."""
+        head = name.split(".")
+        for cut in (len(head) - 3, len(head) - 1):  # group.N.proj.weight (an expert's), group.gate_up_proj
+            if cut > 0 and ".".join(head[:cut]) in self.fused_storage:
+                return ".".join(head[:cut])
+        return None
 
     def stored_name(self, name: str) -> str:
         return self.stored_of.get(name, name)
 
     def holds(self, stored: str) -> bool:
         """Whether the checkpoint tensor `stored` is one the model's class has."""
-        return self.module_of.get(stored, stored) in self.float_names
+        name = self.module_of.get(stored, stored)
+        return name in self.float_names or self.fused_group(name) is not None
 
     def tied(self, name: str) -> bool:
         """Whether the tensor `name` is a tied copy of the input embeddings (the checkpoint stores it once)."""
@@ -108,11 +121,19 @@ class LayerwiseModel:
         import torch
 
         dtype = dtype or torch.float32
-        state = {}
+        state, fused = {}, {}
         for name in names:
             module_name = self.module_of.get(name, name)
             tensor = self.checkpoint.tensor(name)
+            group = self.fused_group(module_name)
+            if group is not None:  # a fused expert tensor: split below, once the group's tensors are all read
+                fused.setdefault(group, {})[module_name[len(group) + 1:]] = tensor
+                continue
             state[module_name] = (tensor.T.contiguous() if module_name in self.transposed else tensor).to(dtype)
+        for group, tensors in fused.items():
+            for index, expert in enumerate(split_fused_experts(tensors, self.fused_storage[group])):
+                for key, tensor in expert.items():
+                    state[f"{group}.{index}.{key}"] = tensor.contiguous().to(dtype)
         self.module.load_state_dict(state, strict=False, assign=True)
         self.checkpoint.close()  # unmap the shards: pages read stay out of the resident set
 
@@ -141,18 +162,34 @@ class LayerwiseModel:
         go back in its dtype; new tensors (int8 codes and their scales) as they are. Named as the module
         names them (the layout compress's quantized loader reads, experts one by one), or with
         `stored_names` as the checkpoint did (a float result, which transformers loads)."""
-        for name, tensor in self.module.state_dict().items():
+        state, fused_done = self.module.state_dict(), set()
+        for name, tensor in state.items():
             inside = name.startswith(self.prefix + ".")
             if (outside and inside) or (not outside and not name.startswith(prefix)) or tensor.is_meta:
                 continue
+            group = self.fused_group(name)
+            if stored_names and group is not None:  # a float result stores the group fused, as the checkpoint did
+                if group not in fused_done:
+                    fused_done.add(group)
+                    self._write_fused(group, state, writer)
+                continue
             stored = self.stored_name(name)
-            if name in self.float_names and stored not in self.stored:
+            held = stored in self.stored or group is not None  # a checkpoint tensor, or part of a fused one
+            if name in self.float_names and not held:
                 continue  # a tied copy (lm_head of a model with tied embeddings): transformers ties it on load
-            if stored in self.stored and tensor.is_floating_point():
+            if held and name in self.float_names and tensor.is_floating_point():
                 tensor = tensor.to(self.storage_dtype)
             if stored_names and name in self.transposed:  # back to Conv1D's inputs x outputs
                 tensor = tensor.T.contiguous()
             writer.add(stored if stored_names else name, tensor)
+
+    def _write_fused(self, group: str, state: dict, writer: ShardWriter) -> None:
+        experts = len(self.module.get_submodule(group))
+        keys = [key[len(f"{group}.0."):] for key in state if key.startswith(f"{group}.0.")]
+        tensors = fuse_expert_tensors([{key: state[f"{group}.{index}.{key}"] for key in keys}
+                                       for index in range(experts)], self.fused_storage[group])
+        for key, tensor in tensors.items():
+            writer.add(self.stored_name(f"{group}.{key}"), tensor.to(self.storage_dtype).contiguous())
 
     def drop(self, module) -> None:
         """Release a part's weights (back to the meta device): parameters and stored buffers (int8 and int4

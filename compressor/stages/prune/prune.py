@@ -148,8 +148,8 @@ class Prune(Stage):
         execution, why = choose_execution(artifact.path, artifact.task, config.execution, "prune")
         ctx.details.update({"execution": execution, "execution_reason": why})
         if execution == "layerwise":
-            out, names = prune_layerwise(config, artifact, ctx)
-            return self._finish(config, TorchModel(out, artifact.task), names, ctx)
+            out, names, in_memory = prune_layerwise(config, artifact, ctx)
+            return self._finish(config, TorchModel(out, artifact.task), names, ctx, in_memory)
         module = module_to_change(artifact, ctx.allow_pickle, ctx.trust_remote_code)
         # GPT-2's Conv1D layers pruned as the nn.Linear they equal, fused experts one by one
         parts = open_for_compression(module)

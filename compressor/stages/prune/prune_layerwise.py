@@ -16,7 +16,8 @@ from ..blockwise.sequential import compress_sequentially
 
 
 def prune_layerwise(config, artifact, ctx) -> tuple:
-    """Prune `artifact` block by block into ctx.workdir/model; returns (folder, pruned layer names)."""
+    """Prune `artifact` block by block into ctx.workdir/model; returns (folder, pruned layer names as the files
+    name them, and for a model whose experts are stored fused the per-layer zero counts from memory)."""
     import torch
 
     if config.scope == "global":
@@ -63,5 +64,7 @@ def prune_layerwise(config, artifact, ctx) -> tuple:
     model.write("", writer, outside=True, stored_names=True)
     writer.finish()
     copy_checkpoint_files(artifact.path, out)
+    if model.fused_storage:  # experts written back fused: their layers are counted as pruned, in memory
+        return out, list(layers), counted
     # the files name each layer as the checkpoint did (Mixtral's experts: block_sparse_moe.experts.N.w1)
-    return out, [model.stored_name(f"{name}.weight").removesuffix(".weight") for name in layers]
+    return out, [model.stored_name(f"{name}.weight").removesuffix(".weight") for name in layers], None
