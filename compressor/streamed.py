@@ -55,16 +55,16 @@ class LayerwiseModel:
         self.module.eval()
         self.stored = set(self.checkpoint.names())
         self.architecture = architecture_of(self.module)
-        self._open_experts()
-        # GPT-2's Conv1D layers become the nn.Linear they equal, as every stage opens them; their weights are
-        # stored inputs x outputs, so they are transposed on reading and, for a float result, on writing
-        self.transposed = {f"{name}.weight" for name in conv1d_to_linear(self.module)}
-        self.float_names = set(self.module.state_dict())  # module names, experts one by one
         # checkpoint name -> module name, and back: they differ where transformers renames on loading
         # (GPT-NeoX's embed_out, Mixtral's block_sparse_moe) and for experts opened one by one
         module_name = checkpoint_renamer(self.module)
         self.module_of = {stored: module_name(stored) for stored in self.stored}
         self.stored_of = {name: stored for stored, name in self.module_of.items()}
+        self._open_experts()
+        # GPT-2's Conv1D layers become the nn.Linear they equal, as every stage opens them; their weights are
+        # stored inputs x outputs, so they are transposed on reading and, for a float result, on writing
+        self.transposed = {f"{name}.weight" for name in conv1d_to_linear(self.module)}
+        self.float_names = set(self.module.state_dict())  # module names, experts one by one
         missing = sorted(n for n in self.float_names if n not in self.stored_of and self.fused_group(n) is None
                          and not self.tied(n) and not n.endswith("rotary_emb.inv_freq"))
         if missing:
@@ -81,12 +81,10 @@ class LayerwiseModel:
         self.fused_storage: dict[str, str] = {}  # expert group -> its layout, for groups the checkpoint stores fused
         if not fused:
             return
-        module_name = checkpoint_renamer(self.module)
-        held = {module_name(stored) for stored in self.stored}
         for name, layout in fused.items():
-            if f"{name}.0.gate_proj.weight" in held:
+            if f"{name}.0.gate_proj.weight" in self.stored_of:
                 continue
-            if not all(f"{name}.{key}" in held for key in FUSED_EXPERT_TENSORS[layout]):
+            if not all(f"{name}.{key}" in self.stored_of for key in FUSED_EXPERT_TENSORS[layout]):
                 raise UserError(f"{self.folder}: the experts of {name} are stored neither one by one nor as the "
                                 f"{layout} fused tensors {list(FUSED_EXPERT_TENSORS[layout])}; use execution: whole")
             self.fused_storage[name] = layout

@@ -132,11 +132,10 @@ def _record_cast_share(module, dtype, ctx: StageContext) -> None:
     """The share of the model's floating-point parameters now in `dtype` (each shared tensor once): every one,
     experts' fused tensors included, since `.to()` casts every tensor; a module keeping float32 on purpose
     shows here and in a note rather than as a silent half-cast model."""
-    seen, total, cast, kept = set(), 0, 0, []
-    for name, parameter in module.named_parameters():
-        if id(parameter) in seen or not parameter.is_floating_point():
+    total, cast, kept = 0, 0, []
+    for name, parameter in module.named_parameters():  # a tied tensor is listed once
+        if not parameter.is_floating_point():
             continue
-        seen.add(id(parameter))
         total += parameter.numel()
         if parameter.dtype == dtype:
             cast += parameter.numel()

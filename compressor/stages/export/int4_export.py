@@ -22,7 +22,8 @@ from ...embeddings import dequantized_table
 from ...errors import StageFailed, UserError
 from ...linear_layers import conv1d_names
 from ...torch_transforms import INT4_WEIGHT_ONLY, swap_modules
-from .vocabulary_export import BlockCodes, QuantizedVocabulary, codes_of, vocabulary_plan, weight_key
+from .vocabulary_export import (BlockCodes, QuantizedVocabulary, codes_of, initializers, matmul_node,
+                                vocabulary_plan, weight_key)
 
 
 def int4_transform(artifact: TorchModel) -> Optional[dict]:
@@ -174,23 +175,12 @@ def _plain_gemm(node) -> Optional[str]:
 
 def pack_matmulnbits(node, codes: np.ndarray, scales: np.ndarray, zeros, block_size: int,
                      accuracy_level, prefix: str):
-    """The MatMulNBits node and its initializers: B [N, blocks, block/2] uint8 with the low nibble
-    first, scales [N * blocks], zero points packed two per byte per row (omitted when symmetric,
-    where the operator's default of 8 applies)."""
-    from onnx import helper, numpy_helper
-
-    n, k = codes.shape
+    """The MatMulNBits node and its initializers (vocabulary_export.BlockCodes' layout: B [N, blocks,
+    block/2] uint8 with the low nibble first, scales [N * blocks], zero points two per byte per row,
+    omitted when symmetric, where the operator's default of 8 applies)."""
     blocks = BlockCodes(codes, scales.astype(np.float32), zeros, 4, block_size)
-    inits = [numpy_helper.from_array(blocks.packed(), f"{prefix}_Q4"),
-             numpy_helper.from_array(blocks.scales.reshape(-1), f"{prefix}_scales")]
-    if zeros is not None:
-        inits.append(numpy_helper.from_array(blocks.packed_zeros(), f"{prefix}_zero_points"))
-    attrs = {"K": k, "N": n, "bits": 4, "block_size": block_size}
-    if accuracy_level is not None:
-        attrs["accuracy_level"] = accuracy_level
-    new = helper.make_node("MatMulNBits", [node.input[0]] + [i.name for i in inits], list(node.output),
-                           name=f"{node.name}_Q4", domain="com.microsoft", **attrs)
-    return new, inits
+    inits, names = initializers(blocks, prefix)
+    return matmul_node(node, blocks, names, accuracy_level), inits
 
 
 def swap_matmul_nodes(model, replaced: dict[str, tuple]) -> None:

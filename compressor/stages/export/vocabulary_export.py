@@ -64,13 +64,6 @@ class BlockCodes:
             zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
         return zeros.reshape(-1)
 
-    def dequantized(self) -> np.ndarray:
-        zeros = self.zeros if self.zeros is not None else np.full(self.scales.shape, 1 << (self.bits - 1))
-        width = self.codes.shape[1]
-        step = np.repeat(self.scales, self.block_size, axis=1)[:, :width]
-        offset = np.repeat(zeros.astype(np.float32), self.block_size, axis=1)[:, :width]
-        return (self.codes.astype(np.float32) - offset) * step
-
 
 def int8_rows(codes: np.ndarray, scales: np.ndarray) -> BlockCodes:
     """Symmetric int8 with one scale per row (compress's int8 table and head) as 8-bit blocks: the codes
@@ -147,7 +140,7 @@ def weight_key(weight: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(weight, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _initializers(codes: BlockCodes, prefix: str, matmul: bool = True) -> tuple[list, dict[str, str]]:
+def initializers(codes: BlockCodes, prefix: str, matmul: bool = True) -> tuple[list, dict[str, str]]:
     """The operators' shared initializers for one matrix: (tensors, role -> name). MatMulNBits' packed zero
     points only when a MatMulNBits reads them (`matmul`; GatherBlockQuantized has its own, one per byte)."""
     from onnx import numpy_helper
@@ -161,13 +154,16 @@ def _initializers(codes: BlockCodes, prefix: str, matmul: bool = True) -> tuple[
                      "zeros": tensors[2].name if zeros is not None else ""}
 
 
-def _matmul_node(node, codes: BlockCodes, names: dict[str, str]):
+def matmul_node(node, codes: BlockCodes, names: dict[str, str], accuracy_level: Optional[int] = None):
+    """MatMulNBits in place of the MatMul `node`, reading the initializers `names` (initializers)."""
     from onnx import helper
 
     rows, width = codes.shape
     inputs = [node.input[0], names["codes"], names["scales"]] + ([names["zeros"]] if names["zeros"] else [])
+    attributes = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
     return helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{codes.bits}",
-                            domain="com.microsoft", K=width, N=rows, bits=codes.bits, block_size=codes.block_size)
+                            domain="com.microsoft", K=width, N=rows, bits=codes.bits, block_size=codes.block_size,
+                            **attributes)
 
 
 def _gather_nodes(node, codes: BlockCodes, names: dict[str, str], prefix: str) -> tuple[list, list]:
@@ -225,11 +221,11 @@ def pack_vocabulary(model, vocabulary: QuantizedVocabulary) -> dict:
         return keys[name, transposed]
 
     tables = {name for name in inits if key_of(name) == vocabulary.table_key}
-    table_inits, table_names = _initializers(vocabulary.table_codes, "vocabulary",
+    table_inits, table_names = initializers(vocabulary.table_codes, "vocabulary",
                                              matmul=bool(vocabulary.head and vocabulary.head_tied))
     head_inits, head_names = [], table_names
     if vocabulary.head and not vocabulary.head_tied:
-        head_inits, head_names = _initializers(vocabulary.head_codes, "head")
+        head_inits, head_names = initializers(vocabulary.head_codes, "head")
     replaced, extra_inits, counts = {}, [], {"gathers": 0, "head_matmuls": 0}
     float_weights = set(tables)
     for index, node in enumerate(model.graph.node):
@@ -249,7 +245,7 @@ def pack_vocabulary(model, vocabulary: QuantizedVocabulary) -> dict:
                 hit = key_of(weight, transposed=True) == vocabulary.head_key
             if hit:
                 codes = vocabulary.table_codes if vocabulary.head_tied else vocabulary.head_codes
-                replaced[index] = [_matmul_node(node, codes, head_names)]
+                replaced[index] = [matmul_node(node, codes, head_names)]
                 counts["head_matmuls"] += 1
                 float_weights.add(weight)
     if not counts["gathers"]:
